@@ -1,0 +1,58 @@
+# kubetune: every install step lives here or in hack/. Caches (pip, the venv, Go modules and
+# builds, Kubernetes binaries) live outside the clone, keyed by version: warm machines are fast,
+# cold ones still work.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+export PYTHONSAFEPATH := 1
+
+VENV := $(shell bash hack/venv.sh)
+PY = $(VENV)/bin/python
+
+.PHONY: help venv crds lint typecheck test test-unit test-cluster test-e2e k8s-bin cluster-up cluster-down demo bench
+
+help:
+	@echo "make demo     - validate, train, serve and chat with the Daoist bot on the tiny model"
+	@echo "make test     - every test tier (unit, cluster, e2e), lint and types"
+	@echo "make crds     - regenerate crds/ and the chart's CRD from kubetune/api"
+	@echo "make cluster-up / cluster-down - the kwok test cluster"
+
+venv:
+	@echo $(VENV)
+
+crds:
+	$(PY) -m kubetune.api.crd
+
+lint:
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# mypy cannot follow setuptools' package-dir mapping, so it checks a tree of symlinks that
+# mirrors the installed layout (kubetune/ with operator/, trainer/, server/ inside).
+typecheck:
+	rm -rf build/typecheck && mkdir -p build/typecheck/kubetune
+	for f in kubetune/*; do ln -s "$$PWD/$$f" build/typecheck/kubetune/; done
+	for c in operator trainer server; do ln -s "$$PWD/$$c" build/typecheck/kubetune/$$c; done
+	cd build/typecheck && $(VENV)/bin/mypy --config-file ../../pyproject.toml -p kubetune
+
+test-unit:
+	$(PY) -m pytest tests/unit -q
+
+test-cluster: k8s-bin
+	$(PY) -m pytest tests/cluster -q -m cluster
+
+test-e2e:
+	$(PY) -m pytest tests/e2e -q -m e2e
+
+test: lint typecheck test-unit test-cluster test-e2e
+
+k8s-bin:
+	bash hack/k8s/build.sh
+
+cluster-up: k8s-bin
+	bash hack/cluster/cluster-up.sh
+
+cluster-down:
+	bash hack/cluster/cluster-down.sh
+
+demo:
+	bash hack/demo.sh

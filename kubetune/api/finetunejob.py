@@ -1,0 +1,541 @@
+"""The FineTuneJob resource (kubetune.io/v1alpha1): the one place where its fields are described.
+
+The CRD in ``crds/`` is generated from these models (``make crds``), so every
+``Field(description=...)`` here is what ``kubectl explain ftj.spec...`` prints. Cross-field
+rules are declared twice on purpose only in *effect*, never in text: as CEL (``CEL_RULES``
+below, enforced by the API server) and as pydantic validators (enforced for files and by the
+operator); ``tests/unit/api`` checks both agree on the same bad manifests.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from kubetune.api.types import (
+    AUTO,
+    ApiModel,
+    BatchSizeOrAuto,
+    ConfigKey,
+    DNSName,
+    EpochsOrAuto,
+    FloatOrAuto,
+    Quantity,
+)
+
+GROUP = "kubetune.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+
+
+class Provider(StrEnum):
+    LOCAL = "local"
+    OPENAI = "openai"
+
+
+class Method(StrEnum):
+    LORA = "lora"
+    QLORA = "qlora"
+
+
+class Phase(StrEnum):
+    PENDING = "Pending"
+    VALIDATING = "Validating"
+    QUEUED = "Queued"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    CANCELLED = "Cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (Phase.SUCCEEDED, Phase.FAILED, Phase.CANCELLED)
+
+
+# --------------------------------------------------------------------------- sources
+
+
+class PVCPath(ApiModel):
+    claim_name: DNSName = Field(
+        description="Name of a PersistentVolumeClaim in the job's namespace."
+    )
+    path: str = Field(
+        default="",
+        max_length=1024,
+        pattern=r"^[^\x00]*$",
+        description="Path inside the claim (a file for datasets, a folder for models/outputs).",
+    )
+
+    @model_validator(mode="after")
+    def _relative(self) -> PVCPath:
+        if self.path.startswith("/") or ".." in self.path.split("/"):
+            raise ValueError("`path` must be relative to the claim and must not contain `..`")
+        return self
+
+
+class ConfigMapKeyRef(ApiModel):
+    name: DNSName = Field(description="ConfigMap name, in the job's namespace.")
+    key: ConfigKey = Field(description="Key whose value is the JSONL text.")
+
+
+class SecretKeyRef(ApiModel):
+    name: DNSName = Field(description="Secret name, in the job's namespace.")
+    key: ConfigKey = Field(description="Key in the Secret that holds the value.")
+
+
+class DatasetSource(ApiModel):
+    """Exactly one of ``configMap``, ``pvc`` or ``url``."""
+
+    config_map: ConfigMapKeyRef | None = Field(
+        default=None, description="A ConfigMap key holding the JSONL (under 1 MiB)."
+    )
+    pvc: PVCPath | None = Field(default=None, description="A JSONL file on a PVC.")
+    url: str | None = Field(
+        default=None,
+        max_length=2048,
+        pattern=r"^https?://",
+        description="An http(s) URL of the JSONL file, fetched by the operator and the trainer.",
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> DatasetSource:
+        if sum(x is not None for x in (self.config_map, self.pvc, self.url)) != 1:
+            raise ValueError("set exactly one of `configMap`, `pvc` or `url`")
+        return self
+
+
+class ModelRef(ApiModel):
+    """The open base model: a Hugging Face id (with optional revision) or a folder on a PVC."""
+
+    id: str | None = Field(
+        default=None,
+        max_length=256,
+        pattern=r"^[A-Za-z0-9][-._A-Za-z0-9]*(/[-._A-Za-z0-9]+)?$",
+        description="Hugging Face model id, e.g. `Qwen/Qwen2.5-0.5B-Instruct`; downloaded "
+        "into the model cache (HF_HOME).",
+    )
+    revision: str | None = Field(
+        default=None, max_length=128, description="Branch, tag or commit of `id`."
+    )
+    pvc: PVCPath | None = Field(
+        default=None, description="A folder on a PVC holding the model in Hugging Face layout."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ModelRef:
+        if (self.id is None) == (self.pvc is None):
+            raise ValueError("set exactly one of `id` or `pvc`")
+        if self.revision is not None and self.id is None:
+            raise ValueError("`revision` applies only to `id`")
+        return self
+
+    @property
+    def display(self) -> str:
+        if self.id is not None:
+            return self.id if self.revision is None else f"{self.id}@{self.revision}"
+        assert self.pvc is not None
+        return f"pvc://{self.pvc.claim_name}/{self.pvc.path}"
+
+
+# --------------------------------------------------------------------------- training
+
+
+class LoraSpec(ApiModel):
+    r: int = Field(default=16, ge=1, le=256, description="LoRA rank.")
+    alpha: int = Field(default=32, ge=1, le=1024, description="LoRA scaling numerator (alpha/r).")
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["all-linear"],
+        min_length=1,
+        max_length=32,
+        description="Module names to adapt; `all-linear` adapts every linear layer but the "
+        "output head.",
+    )
+
+
+class Truncation(StrEnum):
+    TRUNCATE = "truncate"
+    DROP = "drop"
+
+
+class Hyperparameters(ApiModel):
+    epochs: EpochsOrAuto = Field(
+        default=AUTO,
+        description='Passes over the data, or "auto": 3, adjusted so that examples x epochs '
+        "stays within 100..25,000 and epochs within 1..25 (OpenAI's rule).",
+    )
+    batch_size: BatchSizeOrAuto = Field(
+        default=AUTO,
+        description='Examples per optimizer step, or "auto": about 0.2% of the examples, '
+        "clamped to 1..8 per GPU (the trainer packs short examples into each sequence).",
+    )
+    learning_rate: float = Field(default=2e-4, gt=0, le=1, description="Peak learning rate.")
+    max_seq_length: int = Field(
+        default=2048, ge=16, le=131072, description="Tokens per (packed) training sequence."
+    )
+    truncation: Truncation = Field(
+        default=Truncation.TRUNCATE,
+        description="What to do with examples longer than `maxSeqLength`: cut them "
+        "(`truncate`) or leave them out (`drop`); either way they are counted in the result.",
+    )
+    packing: bool = Field(
+        default=True,
+        description="Pack several examples per sequence without cross-attention between them.",
+    )
+    gradient_accumulation_steps: int = Field(
+        default=1, ge=1, le=1024, description="Micro-batches per step."
+    )
+    warmup_ratio: float = Field(
+        default=0.03, ge=0, le=0.5, description="Fraction of steps to warm up."
+    )
+    gradient_checkpointing: bool = Field(default=False, description="Trade compute for memory.")
+    seed: int = Field(default=42, ge=0, le=2**31 - 1, description="Seed for data order and init.")
+    checkpoint_every_steps: int = Field(
+        default=50, ge=1, le=100000, description="Write a resumable checkpoint this often."
+    )
+
+
+class Toleration(ApiModel):
+    key: str | None = Field(default=None, max_length=253, description="Taint key.")
+    operator: Literal["Exists", "Equal"] | None = Field(default=None, description="Match operator.")
+    value: str | None = Field(default=None, max_length=253, description="Taint value.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to tolerate."
+    )
+    toleration_seconds: int | None = Field(default=None, description="For NoExecute taints.")
+
+
+class Resources(ApiModel):
+    gpus: int = Field(default=1, ge=0, le=64, description="GPUs per pod (0 runs on CPU).")
+    gpu_resource_name: str = Field(
+        default="nvidia.com/gpu",
+        max_length=253,
+        pattern=r"^[a-z0-9.-]+/[a-z0-9.-]+$",
+        description="Extended resource name of the GPU.",
+    )
+    cpu: Quantity | None = Field(default=None, description="CPU request and limit.")
+    memory: Quantity | None = Field(default=None, description="Memory request and limit.")
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels the pod must match (the GPU pool)."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=16, description="Taints the pod tolerates."
+    )
+    priority_class_name: str | None = Field(
+        default=None, max_length=253, description="PriorityClass of the pod (preemption order)."
+    )
+
+
+class OutputSpec(ApiModel):
+    pvc: PVCPath | None = Field(
+        default=None,
+        description="Where adapters are written. Each job writes under "
+        "`<path>/<namespace>/<name>-<uid prefix>/`, so jobs never overwrite each other. "
+        "Without it, the chart's default output claim is used.",
+    )
+    keep_on_delete: bool = Field(
+        default=True, description="Keep the adapter files when the FineTuneJob is deleted."
+    )
+
+
+class ServeSpec(ApiModel):
+    enabled: bool = Field(default=True, description="Serve the result behind vLLM on success.")
+    replicas: int = Field(default=1, ge=0, le=64, description="vLLM server replicas.")
+    engine: Literal["vllm", "vllm-cpu"] = Field(
+        default="vllm", description="`vllm` on GPUs; `vllm-cpu` for CPU-only pools and tests."
+    )
+    resources: Resources = Field(default_factory=Resources, description="Per-replica resources.")
+    max_model_length: int | None = Field(
+        default=None, ge=16, le=1048576, description="vLLM `--max-model-len`."
+    )
+    api_key_secret_ref: SecretKeyRef | None = Field(
+        default=None, description="Secret key holding the API key clients must send."
+    )
+
+
+# --------------------------------------------------------------------------- openai
+
+
+class OpenAIKeyRef(ApiModel):
+    name: DNSName = Field(description="Secret holding the OpenAI credentials.")
+    key: ConfigKey = Field(default="api-key", description="Key of the API key in the Secret.")
+    organization_key: ConfigKey | None = Field(
+        default=None, description="Key of the organization id in the Secret, if any."
+    )
+    project_key: ConfigKey | None = Field(
+        default=None, description="Key of the project id in the Secret, if any."
+    )
+
+
+class OpenAIHyperparameters(ApiModel):
+    n_epochs: EpochsOrAuto = Field(default=AUTO, description='Epochs, or "auto".')
+    batch_size: BatchSizeOrAuto = Field(default=AUTO, description='Batch size, or "auto".')
+    learning_rate_multiplier: FloatOrAuto = Field(
+        default=AUTO, description='Learning-rate multiplier as a string such as "0.5", or "auto".'
+    )
+    beta: FloatOrAuto | None = Field(
+        default=None, description='DPO only: the beta, as a string, or "auto".'
+    )
+
+
+class OpenAISpec(ApiModel):
+    model: str = Field(
+        max_length=256, description="Base model to tune, e.g. `gpt-4o-mini-2024-07-18`."
+    )
+    api_key_secret_ref: OpenAIKeyRef = Field(description="Where the API key is read from.")
+    suffix: str | None = Field(
+        default=None, max_length=64, description="Up to 64 characters added to the `ft:` name."
+    )
+    method: Literal["supervised", "dpo"] = Field(default="supervised", description="Tuning method.")
+    hyperparameters: OpenAIHyperparameters = Field(
+        default_factory=OpenAIHyperparameters, description="OpenAI hyperparameters."
+    )
+    seed: int | None = Field(
+        default=None, ge=0, le=2**31 - 1, description="Seed of the remote job."
+    )
+    base_url: str | None = Field(
+        default=None,
+        alias="baseURL",
+        max_length=2048,
+        pattern=r"^https?://",
+        description="API base URL, for OpenAI-compatible providers (default api.openai.com/v1).",
+    )
+    keep_files: bool = Field(
+        default=False, description="Keep the uploaded files when the FineTuneJob is deleted."
+    )
+
+
+# --------------------------------------------------------------------------- spec
+
+
+class FineTuneJobSpec(ApiModel):
+    provider: Provider = Field(
+        default=Provider.LOCAL,
+        description="`local`: LoRA in trainer pods on the GPU pool. `openai`: OpenAI's "
+        "fine-tuning API.",
+    )
+    model: ModelRef | None = Field(default=None, description="Base model (provider `local`).")
+    dataset: DatasetSource = Field(description="Training data: OpenAI chat JSONL.")
+    validation: DatasetSource | None = Field(default=None, description="Optional validation data.")
+    method: Method = Field(
+        default=Method.LORA, description="`lora`, or `qlora` (4-bit base weights; GPUs only)."
+    )
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA adapter shape.")
+    hyperparameters: Hyperparameters = Field(
+        default_factory=Hyperparameters, description="Training hyperparameters (provider `local`)."
+    )
+    resources: Resources = Field(
+        default_factory=Resources, description="Trainer pod resources and placement."
+    )
+    queue: DNSName | None = Field(
+        default=None,
+        description="Kueue LocalQueue; set as the `kueue.x-k8s.io/queue-name` label on the Job.",
+    )
+    output: OutputSpec = Field(default_factory=OutputSpec, description="Where the adapter goes.")
+    serve: ServeSpec = Field(default_factory=ServeSpec, description="How the result is served.")
+    openai: OpenAISpec | None = Field(default=None, description="Settings for provider `openai`.")
+    suspend: bool = Field(
+        default=False,
+        description="Stop (or do not start) the job. A suspended running job is cancelled.",
+    )
+    active_deadline_seconds: int = Field(
+        default=86400, ge=60, le=30 * 86400, description="Wall-clock limit of the trainer Job."
+    )
+    backoff_limit: int = Field(
+        default=3, ge=0, le=100, description="Trainer pod retries (each resumes from a checkpoint)."
+    )
+
+    @model_validator(mode="after")
+    def _provider_fields(self) -> FineTuneJobSpec:
+        if self.provider == Provider.OPENAI:
+            if self.openai is None:
+                raise ValueError("`openai` is required when `provider` is `openai`")
+            for src, field in ((self.dataset, "dataset"), (self.validation, "validation")):
+                if src is not None and src.pvc is not None:
+                    raise ValueError(
+                        f"`{field}.pvc` cannot be used with provider `openai`: the file must be "
+                        "uploaded, so use `configMap` or `url`"
+                    )
+        else:
+            if self.model is None:
+                raise ValueError("`model` is required when `provider` is `local`")
+            if self.openai is not None:
+                raise ValueError("`openai` applies only to provider `openai`")
+        if self.method == Method.QLORA and self.resources.gpus < 1:
+            raise ValueError("`method: qlora` needs `resources.gpus` >= 1 (4-bit is CUDA-only)")
+        return self
+
+
+# CEL rules enforced by the API server. Each mirrors a pydantic validator above; the messages
+# name the fields the same way. Keys are the JSON-schema paths they attach to.
+CEL_RULES: dict[str, list[dict[str, str]]] = {
+    "spec": [
+        {
+            "rule": "self.provider != 'openai' || has(self.openai)",
+            "message": "`openai` is required when `provider` is `openai`",
+        },
+        {
+            "rule": "self.provider != 'local' || has(self.model)",
+            "message": "`model` is required when `provider` is `local`",
+        },
+        {
+            "rule": "self.provider == 'openai' || !has(self.openai)",
+            "message": "`openai` applies only to provider `openai`",
+        },
+        {
+            "rule": "self.provider != 'openai' || !has(self.dataset.pvc)",
+            "message": "`dataset.pvc` cannot be used with provider `openai`: "
+            "use `configMap` or `url`",
+        },
+        {
+            "rule": "self.provider != 'openai' || !has(self.validation) "
+            "|| !has(self.validation.pvc)",
+            "message": "`validation.pvc` cannot be used with provider `openai`: "
+            "use `configMap` or `url`",
+        },
+        {
+            "rule": "self.method != 'qlora' || self.resources.gpus >= 1",
+            "message": "`method: qlora` needs `resources.gpus` >= 1 (4-bit is CUDA-only)",
+        },
+    ],
+    "DatasetSource": [
+        {
+            "rule": "(has(self.configMap) ? 1 : 0) + (has(self.pvc) ? 1 : 0) "
+            "+ (has(self.url) ? 1 : 0) == 1",
+            "message": "set exactly one of `configMap`, `pvc` or `url`",
+        }
+    ],
+    "ModelRef": [
+        {"rule": "has(self.id) != has(self.pvc)", "message": "set exactly one of `id` or `pvc`"},
+        {
+            "rule": "!has(self.revision) || has(self.id)",
+            "message": "`revision` applies only to `id`",
+        },
+    ],
+    "PVCPath": [
+        {
+            "rule": "!self.path.startsWith('/') && !self.path.split('/').exists(p, p == '..')",
+            "message": "`path` must be relative to the claim and must not contain `..`",
+        }
+    ],
+}
+
+# Fields that may change after the job has started (status.startTime is set).
+MUTABLE_AFTER_START = ("suspend", "serve")
+
+
+def spec_field_names() -> list[str]:
+    """The camelCase names of every spec field, in declaration order."""
+    return [f.alias or n for n, f in FineTuneJobSpec.model_fields.items()]
+
+
+def immutability_rule() -> dict[str, str]:
+    """The root-level CEL transition rule that freezes a started job's spec."""
+    frozen = [name for name in spec_field_names() if name not in MUTABLE_AFTER_START]
+    checks = " && ".join(
+        f"(has(self.spec.{n}) == has(oldSelf.spec.{n}) && "
+        f"(!has(self.spec.{n}) || self.spec.{n} == oldSelf.spec.{n}))"
+        for n in frozen
+    )
+    return {
+        "rule": "!has(oldSelf.status) || !has(oldSelf.status.startTime) || (" + checks + ")",
+        "message": "spec is immutable once the job has started (status.startTime is set); "
+        "only spec.suspend and spec.serve may change",
+        "reason": "FieldValueForbidden",
+    }
+
+
+# --------------------------------------------------------------------------- status
+
+
+class Condition(ApiModel):
+    type: str = Field(max_length=316, description="Condition type, e.g. `Ready`, `ServingReady`.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(default="", max_length=1024, description="CamelCase reason.")
+    message: str = Field(default="", max_length=32768, description="Human-readable details.")
+    last_transition_time: str | None = Field(default=None, description="RFC 3339 time.")
+    observed_generation: int | None = Field(default=None, description="Spec generation seen.")
+
+
+class Progress(ApiModel):
+    step: int = Field(default=0, description="Optimizer steps done.")
+    total_steps: int | None = Field(default=None, description="Optimizer steps in all.")
+    epoch: float | None = Field(default=None, description="Fractional epoch.")
+    train_loss: float | None = Field(default=None, description="Latest training loss.")
+    valid_loss: float | None = Field(default=None, description="Latest validation loss.")
+    tokens_per_second: float | None = Field(default=None, description="Real (non-pad) tokens/s.")
+    eta: str | None = Field(default=None, description="Estimated finish time (RFC 3339).")
+    summary: str | None = Field(default=None, description="`step/total (pct%)`, for printing.")
+
+
+class AdapterStatus(ApiModel):
+    path: str = Field(description="Where the adapter was written (`pvc://claim/path`).")
+    rank: int = Field(description="LoRA rank of the adapter.")
+    base_model: str = Field(description="Base model the adapter belongs to.")
+
+
+class EndpointStatus(ApiModel):
+    base_url: str = Field(
+        alias="baseURL", description="OpenAI-compatible base URL (`OPENAI_BASE_URL`)."
+    )
+    model: str = Field(description="Model name clients send (`OPENAI_MODEL`).")
+    config_map: str = Field(description="ConfigMap with both, for `envFrom`.")
+
+
+class Estimate(ApiModel):
+    examples: int = Field(description="Examples in the training file.")
+    epochs: int = Field(description="Epochs after resolving `auto`.")
+    total_tokens: int | None = Field(default=None, description="Tokens per epoch.")
+    billed_tokens: int | None = Field(default=None, description="Billed training tokens.")
+    cost_usd: float | None = Field(default=None, description="Estimated cost in US dollars.")
+    total_steps: int | None = Field(default=None, description="Estimated optimizer steps.")
+    gpu_hours: float | None = Field(default=None, description="Estimated GPU hours (local).")
+
+
+class RemoteJob(ApiModel):
+    id: str | None = Field(default=None, description="OpenAI fine-tuning job id.")
+    status: str | None = Field(default=None, description="Status as OpenAI reports it.")
+    training_file: str | None = Field(default=None, description="Uploaded training file id.")
+    validation_file: str | None = Field(default=None, description="Uploaded validation file id.")
+    estimated_finish: str | None = Field(default=None, description="OpenAI's ETA (RFC 3339).")
+    last_event_id: str | None = Field(default=None, description="Newest event already applied.")
+
+
+class FineTuneJobStatus(ApiModel):
+    phase: Phase = Field(default=Phase.PENDING, description="Where the job is in its life.")
+    message: str | None = Field(
+        default=None, max_length=32768, description="What is wrong, or what the job waits for."
+    )
+    conditions: list[Condition] = Field(default_factory=list, description="Standard conditions.")
+    model: str | None = Field(default=None, description="Base model being tuned.")
+    progress: Progress | None = Field(default=None, description="Training progress.")
+    estimate: Estimate | None = Field(default=None, description="Dataset-based estimate.")
+    trained_tokens: int | None = Field(default=None, description="Tokens trained on.")
+    cost_usd: float | None = Field(default=None, description="Actual cost (provider `openai`).")
+    start_time: str | None = Field(default=None, description="When training was launched.")
+    completion_time: str | None = Field(default=None, description="When the job finished.")
+    adapter: AdapterStatus | None = Field(default=None, description="The adapter written.")
+    fine_tuned_model: str | None = Field(default=None, description="Name clients use.")
+    endpoint: EndpointStatus | None = Field(default=None, description="Where it is served.")
+    remote: RemoteJob | None = Field(
+        default=None, description="The OpenAI job (provider `openai`)."
+    )
+    trainer_job: str | None = Field(default=None, description="Name of the trainer batch Job.")
+    observed_generation: int | None = Field(
+        default=None, description="Last spec generation handled."
+    )
+
+
+PRINTER_COLUMNS: list[dict[str, Any]] = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Provider", "type": "string", "jsonPath": ".spec.provider"},
+    {"name": "Model", "type": "string", "jsonPath": ".status.model"},
+    {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary"},
+    {"name": "Loss", "type": "number", "jsonPath": ".status.progress.trainLoss"},
+    {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint.baseURL"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]

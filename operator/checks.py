@@ -1,0 +1,98 @@
+"""The Validating step shared by both providers: the spec, then the dataset, before any child.
+
+A bad spec or dataset is a permanent failure: the message names the field path or the JSONL
+line, and no pod, upload or remote job is created. The API server's schema and CEL rules catch
+most spec errors at ``kubectl apply``; this catches the rest (and objects written before a CRD
+upgrade). Dataset text comes from a ConfigMap (through ``kube``) or an http(s) URL; datasets on
+a PVC cannot be read from here and are checked by the trainer with the same validator.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from kubetune.operator import kube
+from pydantic import ValidationError
+
+from kubetune import data
+from kubetune.api import finetunejob as ftj
+
+MAX_DATASET_BYTES = 512 * 1024 * 1024
+MAX_LISTED_PROBLEMS = 5
+
+
+class InvalidJob(Exception):
+    """The FineTuneJob cannot run as written; the message says which field or line."""
+
+
+def parse_spec(raw: dict[str, Any]) -> ftj.FineTuneJobSpec:
+    try:
+        return ftj.FineTuneJobSpec.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_url=False)[:MAX_LISTED_PROBLEMS]:
+            path = ".".join(str(p) for p in ("spec", *err["loc"]))
+            problems.append(f"{path}: {err['msg']}")
+        raise InvalidJob("invalid spec: " + "; ".join(problems)) from None
+
+
+@dataclass(frozen=True)
+class DatasetCheck:
+    report: data.Report
+    text: bytes
+
+
+def fetch_dataset(src: ftj.DatasetSource, namespace: str, field: str) -> bytes | None:
+    """The dataset's bytes, or None for a PVC source (the trainer checks those)."""
+    if src.config_map is not None:
+        ref = src.config_map
+        value = kube.read_configmap_key(namespace, ref.name, ref.key)
+        if value is None:
+            raise InvalidJob(f"{field}.configMap: ConfigMap {ref.name!r} has no key {ref.key!r}")
+        return value.encode("utf-8")
+    if src.url is not None:
+        try:
+            with httpx.stream("GET", src.url, timeout=30, follow_redirects=True) as resp:
+                if resp.status_code in (404, 401, 403):
+                    raise InvalidJob(f"{field}.url: HTTP {resp.status_code} from {src.url}")
+                resp.raise_for_status()
+                chunks, size = [], 0
+                for chunk in resp.iter_bytes():
+                    size += len(chunk)
+                    if size > MAX_DATASET_BYTES:
+                        raise InvalidJob(f"{field}.url: larger than {MAX_DATASET_BYTES} bytes")
+                    chunks.append(chunk)
+                return b"".join(chunks)
+        except httpx.HTTPError as exc:
+            raise kube.TemporaryKubeError(f"{field}.url: {type(exc).__name__}", delay=30) from None
+    return None
+
+
+def describe_problems(report: data.Report, field: str) -> str:
+    listed = [
+        f"line {p.line}: {p.message} [{p.code}]" if p.line else f"{p.message} [{p.code}]"
+        for p in report.errors[:MAX_LISTED_PROBLEMS]
+    ]
+    more = len(report.errors) - len(listed)
+    tail = f"; and {more} more (run `kubetune validate` on the file)" if more > 0 else ""
+    return f"{field} has {len(report.errors)} error(s): " + "; ".join(listed) + tail
+
+
+def check_dataset(
+    src: ftj.DatasetSource, namespace: str, field: str, provider: ftj.Provider
+) -> DatasetCheck | None:
+    """Validates one dataset with the shared validator; raises InvalidJob on errors."""
+    text = fetch_dataset(src, namespace, field)
+    if text is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "dataset.jsonl"
+        path.write_bytes(text)
+        report = data.validate_file(path, provider=provider.value)
+    if not report.ok:
+        raise InvalidJob(describe_problems(report, field))
+    return DatasetCheck(report=report, text=text)

@@ -1,0 +1,173 @@
+"""kopf handlers for FineTuneJob: thin glue between watch events, the providers and status.
+
+One timer per FineTuneJob reconciles it level-triggered: parse the spec, validate the dataset
+(once, before anything is created), hand over to the provider, write the status it returns and
+post an Event when the phase changes. Children are read from watch indices (no GETs per tick),
+so hundreds of jobs cost little. kopf keeps its own bookkeeping in annotations, because the
+status schema is structural and would prune a ``status.kopf`` field.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import kopf
+from kubetune.operator import checks, kube, local_provider, manifests
+from kubetune.operator.settings import OperatorSettings
+
+from kubetune.api import finetunejob as ftj
+
+SETTINGS = OperatorSettings.from_env()
+MANAGED = {manifests.LABEL_MANAGED_BY: "kubetune"}
+Key = tuple[str, str]
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubetune.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="kubetune.io", key="last-handled-configuration"
+    )
+    settings.posting.level = logging.WARNING  # phase changes are posted explicitly below
+    settings.peering.standalone = True
+    settings.execution.max_workers = 32
+    settings.watching.server_timeout = 300
+
+
+# ----------------------------------------------------------------------------- indices
+
+
+def _owner_key(namespace: str | None, labels: Any) -> Key:
+    return (namespace or "", str(labels.get(manifests.LABEL_JOB, "")))
+
+
+def _component(value: str) -> dict[str, str]:
+    return {**MANAGED, manifests.LABEL_COMPONENT: value}
+
+
+@kopf.index("batch", "v1", "jobs", labels=_component("trainer"))
+def trainer_jobs(namespace: str, labels: Any, body: Any, **_: Any) -> dict[Key, Any]:
+    return {_owner_key(namespace, labels): copy.deepcopy(dict(body))}
+
+
+@kopf.index("v1", "pods", labels=_component("trainer"))
+def trainer_pods(namespace: str, labels: Any, body: Any, **_: Any) -> dict[Key, Any]:
+    return {_owner_key(namespace, labels): copy.deepcopy(dict(body))}
+
+
+@kopf.index("v1", "configmaps", labels=_component("progress"))
+def progress_maps(namespace: str, labels: Any, body: Any, **_: Any) -> dict[Key, Any]:
+    return {_owner_key(namespace, labels): copy.deepcopy(dict(body))}
+
+
+@kopf.index("apps", "v1", "deployments", labels=_component("server"))
+def servers(namespace: str, labels: Any, body: Any, **_: Any) -> dict[Key, Any]:
+    return {_owner_key(namespace, labels): copy.deepcopy(dict(body))}
+
+
+def _one(index: kopf.Index[Key, Any], key: Key) -> dict[str, Any] | None:
+    items = list(index.get(key, []))
+    return items[-1] if items else None
+
+
+# ----------------------------------------------------------------------------- status
+
+
+def _status_patch(old: dict[str, Any], new: ftj.FineTuneJobStatus) -> dict[str, Any]:
+    """A merge patch from the stored status to ``new``; removed fields become null."""
+    wire = new.to_wire()
+    patch: dict[str, Any] = {k: v for k, v in wire.items() if old.get(k) != v}
+    patch.update({k: None for k in old if k not in wire})
+    return patch
+
+
+def _fail(
+    status: ftj.FineTuneJobStatus, message: str, generation: int | None
+) -> ftj.FineTuneJobStatus:
+    from kubetune.operator import status as st
+
+    new = status.model_copy(deep=True)
+    new.phase = ftj.Phase.FAILED
+    new.message = message
+    new.completion_time = new.completion_time or st.now()
+    new.conditions = st.set_condition(
+        new.conditions, "Ready", False, "Invalid", message, generation
+    )
+    return new
+
+
+def _validate(
+    spec: ftj.FineTuneJobSpec, namespace: str, status: ftj.FineTuneJobStatus
+) -> ftj.FineTuneJobStatus:
+    """Checks the datasets and writes the estimate; raises checks.InvalidJob on bad data."""
+    new = status.model_copy(deep=True)
+    new.phase = ftj.Phase.VALIDATING
+    new.model = spec.openai.model if spec.openai else (spec.model.display if spec.model else None)
+    train = checks.check_dataset(
+        spec.dataset, namespace, "spec.dataset", ftj.Provider(spec.provider)
+    )
+    if spec.validation is not None:
+        checks.check_dataset(
+            spec.validation, namespace, "spec.validation", ftj.Provider(spec.provider)
+        )
+    if train is not None:
+        new.estimate = checks.estimate(spec, train.report, SETTINGS)
+    return new
+
+
+# ----------------------------------------------------------------------------- reconcile
+
+
+@kopf.timer(ftj.GROUP, ftj.VERSION, ftj.PLURAL, interval=SETTINGS.reconcile_interval, idle=None)
+def reconcile(
+    body: kopf.Body,
+    spec: kopf.Spec,
+    status: kopf.Status,
+    name: str,
+    namespace: str,
+    uid: str,
+    meta: kopf.Meta,
+    patch: kopf.Patch,
+    trainer_jobs: kopf.Index[Key, Any],
+    trainer_pods: kopf.Index[Key, Any],
+    progress_maps: kopf.Index[Key, Any],
+    servers: kopf.Index[Key, Any],
+    **_: Any,
+) -> None:
+    stored = {k: v for k, v in dict(status).items() if k != "kopf"}
+    old = ftj.FineTuneJobStatus.model_validate(stored)
+    generation = meta.get("generation")
+    if old.phase in (ftj.Phase.FAILED, ftj.Phase.CANCELLED):
+        return
+    owner = manifests.Owner(name=name, namespace=namespace, uid=uid)
+    key = (namespace, name)
+    try:
+        parsed = checks.parse_spec(dict(spec))
+        new = old
+        if old.start_time is None and old.phase in (ftj.Phase.PENDING, ftj.Phase.VALIDATING):
+            new = _validate(parsed, namespace, old)
+        if parsed.provider == ftj.Provider.OPENAI:
+            from kubetune.operator import openai_handlers
+
+            new = openai_handlers.reconcile(parsed, owner, new, SETTINGS, generation)
+        else:
+            children = local_provider.Children(
+                job=_one(trainer_jobs, key),
+                pods=list(trainer_pods.get(key, [])),
+                progress=_one(progress_maps, key),
+                deployment=_one(servers, key),
+            )
+            new = local_provider.reconcile(parsed, owner, new, children, SETTINGS, generation)
+    except (checks.InvalidJob, kube.PermanentKubeError) as exc:
+        new = _fail(old, str(exc), generation)
+    except kube.TemporaryKubeError as exc:
+        raise kopf.TemporaryError(str(exc), delay=exc.delay) from None
+
+    changes = _status_patch(stored, new)
+    if changes:
+        patch.status.update(changes)
+    if new.phase != old.phase:
+        kind = "Warning" if new.phase == ftj.Phase.FAILED else "Normal"
+        kopf.event(body, type=kind, reason=str(new.phase), message=new.message or str(new.phase))

@@ -1,0 +1,173 @@
+"""The only module of the operator that talks to the Kubernetes API server.
+
+Everything is plain dicts in and out, through the dynamic client, so the builders stay pure.
+Errors from the API are classified here, once:
+
+    ApiException 404            -> None (for reads) / NotFound
+    ApiException 409 on create  -> adopt the existing object if we own it, else NameTaken
+    ApiException 400/403/422    -> PermanentKubeError (retrying cannot help)
+    ApiException 429/5xx, I/O   -> TemporaryKubeError (kopf retries after a delay)
+
+Secret values are returned to the caller and never logged or put into an exception message.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import logging
+from typing import Any
+
+from kubernetes import client as k8s_client
+from kubernetes import config as k8s_config
+from kubernetes import dynamic
+from kubernetes.client.exceptions import ApiException
+
+log = logging.getLogger(__name__)
+
+
+class KubeError(Exception):
+    """Base of the API-server errors this module raises."""
+
+
+class PermanentKubeError(KubeError):
+    """The API server refused the request; retrying the same request cannot succeed."""
+
+
+class TemporaryKubeError(KubeError):
+    """The API server was busy or unreachable; try again later."""
+
+    def __init__(self, message: str, delay: float = 5.0) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
+class NameTaken(PermanentKubeError):
+    """A child's deterministic name is used by an object this FineTuneJob does not own."""
+
+
+def _classify(exc: ApiException, what: str) -> KubeError:
+    status = exc.status or 0
+    reason = exc.reason or ""
+    if status == 429 or status >= 500 or status == 0:
+        retry_after = (exc.headers or {}).get("Retry-After") if exc.headers else None
+        delay = float(retry_after) if retry_after and str(retry_after).isdigit() else 5.0
+        return TemporaryKubeError(f"{what}: API server answered {status} {reason}", delay)
+    body = str(exc.body or "")[:500]
+    return PermanentKubeError(f"{what}: API server answered {status} {reason}: {body}")
+
+
+@functools.cache
+def _client() -> dynamic.DynamicClient:
+    try:
+        k8s_config.load_incluster_config()
+    except k8s_config.ConfigException:
+        k8s_config.load_kube_config()
+    return dynamic.DynamicClient(k8s_client.ApiClient())
+
+
+@functools.cache
+def _resource(api_version: str, kind: str) -> Any:
+    return _client().resources.get(api_version=api_version, kind=kind)
+
+
+def _call(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except ApiException as exc:
+        raise _classify(exc, what) from None
+    except (OSError, ConnectionError) as exc:
+        raise TemporaryKubeError(f"{what}: {type(exc).__name__}") from None
+
+
+def get(api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+    try:
+        obj = _resource(api_version, kind).get(name=name, namespace=namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise _classify(exc, f"get {kind} {namespace}/{name}") from None
+    return dict(obj.to_dict())
+
+
+def list_objects(
+    api_version: str, kind: str, namespace: str, label_selector: str
+) -> list[dict[str, Any]]:
+    res = _call(
+        f"list {kind} in {namespace}",
+        _resource(api_version, kind).get,
+        namespace=namespace,
+        label_selector=label_selector,
+    )
+    return [dict(item) for item in res.to_dict().get("items", [])]
+
+
+def create_or_adopt(obj: dict[str, Any]) -> dict[str, Any]:
+    """Creates ``obj``; if it exists already and we own it, returns the existing one.
+
+    This is what makes restarts safe: names are deterministic, so a second attempt finds the
+    first one's object instead of making a duplicate.
+    """
+    meta = obj["metadata"]
+    what = f"create {obj['kind']} {meta['namespace']}/{meta['name']}"
+    resource = _resource(obj["apiVersion"], obj["kind"])
+    try:
+        return dict(resource.create(body=obj, namespace=meta["namespace"]).to_dict())
+    except ApiException as exc:
+        if exc.status != 409:
+            raise _classify(exc, what) from None
+    existing = get(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
+    if existing is None:  # deleted between the two calls; the next reconcile creates it
+        raise TemporaryKubeError(f"{what}: conflict, then gone", delay=1.0)
+    want = {r["uid"] for r in meta.get("ownerReferences", [])}
+    have = {r["uid"] for r in existing["metadata"].get("ownerReferences") or []}
+    if want and not want & have:
+        raise NameTaken(
+            f"{obj['kind']} {meta['namespace']}/{meta['name']} already exists and belongs to "
+            "something else; rename the FineTuneJob or remove that object"
+        )
+    return existing
+
+
+def patch_merge(
+    api_version: str, kind: str, namespace: str, name: str, body: dict[str, Any]
+) -> dict[str, Any]:
+    res = _call(
+        f"patch {kind} {namespace}/{name}",
+        _resource(api_version, kind).patch,
+        name=name,
+        namespace=namespace,
+        body=body,
+        content_type="application/merge-patch+json",
+    )
+    return dict(res.to_dict())
+
+
+def delete(api_version: str, kind: str, namespace: str, name: str) -> None:
+    try:
+        _resource(api_version, kind).delete(
+            name=name, namespace=namespace, body={"propagationPolicy": "Background"}
+        )
+    except ApiException as exc:
+        if exc.status != 404:
+            raise _classify(exc, f"delete {kind} {namespace}/{name}") from None
+
+
+def read_configmap_key(namespace: str, name: str, key: str) -> str | None:
+    """The value of one key, or None if the ConfigMap or the key is missing."""
+    cm = get("v1", "ConfigMap", namespace, name)
+    if cm is None:
+        return None
+    value = (cm.get("data") or {}).get(key)
+    return None if value is None else str(value)
+
+
+def read_secret_key(namespace: str, name: str, key: str) -> str:
+    """The decoded value of a Secret key. Raises PermanentKubeError naming what is missing."""
+    secret = get("v1", "Secret", namespace, name)
+    if secret is None:
+        raise PermanentKubeError(f"Secret {namespace}/{name} not found")
+    data = secret.get("data") or {}
+    if key not in data:
+        raise PermanentKubeError(f"Secret {namespace}/{name} has no key {key!r}")
+    return base64.b64decode(data[key]).decode("utf-8").strip()

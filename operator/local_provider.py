@@ -1,0 +1,160 @@
+"""Reconciles one ``provider: local`` FineTuneJob: trainer Job, progress, serving, endpoint.
+
+Level-triggered and idempotent: each call looks at what exists (``Children``, read from the
+operator's watch indices), creates what is missing with deterministic names, and returns the
+new status. Calling it twice, or after an operator restart, creates nothing twice.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubetune.operator import kube, manifests, serving_manifests
+from kubetune.operator import status as st
+from kubetune.operator.settings import OperatorSettings
+
+from kubetune.api import finetunejob as ftj
+from kubetune.progress import CONFIGMAP_KEY, RESULT_KEY, ProgressRecord
+
+SERVER_PORT = 8000
+
+
+@dataclass
+class Children:
+    """What the watch indices hold for one FineTuneJob."""
+
+    job: dict[str, Any] | None = None
+    pods: list[dict[str, Any]] = field(default_factory=list)
+    progress: dict[str, Any] | None = None
+    deployment: dict[str, Any] | None = None
+
+
+def server_name(owner: manifests.Owner) -> str:
+    return f"{owner.name}-server"
+
+
+def endpoint_url(owner: manifests.Owner) -> str:
+    return f"http://{server_name(owner)}.{owner.namespace}.svc:{SERVER_PORT}/v1"
+
+
+def ensure_trainer(
+    spec: ftj.FineTuneJobSpec, owner: manifests.Owner, settings: OperatorSettings
+) -> dict[str, Any]:
+    """Creates (or adopts) RBAC, ConfigMaps and the trainer Job, in dependency order."""
+    config = manifests.trainer_config(spec, owner)
+    for obj in manifests.trainer_rbac(owner):
+        kube.create_or_adopt(obj)
+    kube.create_or_adopt(manifests.progress_configmap(owner))
+    kube.create_or_adopt(manifests.trainer_configmap(config, owner))
+    return kube.create_or_adopt(manifests.trainer_job(spec, owner, settings, config))
+
+
+def sync_suspend(spec: ftj.FineTuneJobSpec, job: dict[str, Any], owner: manifests.Owner) -> None:
+    """`spec.suspend` maps onto the Job's suspend: pods go, a resume restarts from a checkpoint."""
+    if bool((job.get("spec") or {}).get("suspend")) != spec.suspend:
+        kube.patch_merge(
+            "batch/v1", "Job", owner.namespace, manifests.trainer_name(owner),
+            {"spec": {"suspend": spec.suspend}},
+        )  # fmt: skip
+
+
+def read_progress(
+    progress_cm: dict[str, Any] | None,
+) -> tuple[ProgressRecord | None, dict[str, Any] | None]:
+    data = (progress_cm or {}).get("data") or {}
+    record = ProgressRecord.from_json(data[CONFIGMAP_KEY]) if CONFIGMAP_KEY in data else None
+    result = json.loads(data[RESULT_KEY]) if RESULT_KEY in data else None
+    return record, result
+
+
+def ensure_serving(
+    spec: ftj.FineTuneJobSpec,
+    owner: manifests.Owner,
+    settings: OperatorSettings,
+) -> None:
+    assert spec.model is not None
+    for obj in serving_manifests.serving_objects(
+        owner=owner,
+        serve=spec.serve,
+        base_model=spec.model,
+        adapter_claim=manifests.output_claim(spec, settings),
+        adapter_subpath=manifests.output_subpath(spec, owner),
+        lora_rank=spec.lora.r,
+        settings=settings,
+    ):
+        kube.create_or_adopt(obj)
+    kube.create_or_adopt(manifests.endpoint_configmap(owner, endpoint_url(owner), owner.name))
+
+
+def remove_serving(owner: manifests.Owner) -> None:
+    """`spec.serve.enabled` turned off after success: take the server and endpoint away."""
+    kube.delete("apps/v1", "Deployment", owner.namespace, server_name(owner))
+    kube.delete("v1", "Service", owner.namespace, server_name(owner))
+    kube.delete("v1", "ConfigMap", owner.namespace, manifests.endpoint_name(owner))
+
+
+def reconcile(
+    spec: ftj.FineTuneJobSpec,
+    owner: manifests.Owner,
+    status: ftj.FineTuneJobStatus,
+    children: Children,
+    settings: OperatorSettings,
+    generation: int | None,
+) -> ftj.FineTuneJobStatus:
+    new = status.model_copy(deep=True)
+    new.trainer_job = manifests.trainer_name(owner)
+    job = children.job
+    if job is None and not ftj.Phase(new.phase).finished:
+        job = ensure_trainer(spec, owner, settings)
+        new.start_time = new.start_time or st.now()
+    if job is not None and not ftj.Phase(new.phase).finished:
+        sync_suspend(spec, job, owner)
+
+    record, result = read_progress(children.progress)
+    if record is not None:
+        new.progress = record.to_status()
+
+    if not ftj.Phase(new.phase).finished:
+        seen = st.observe_trainer(job, children.pods)
+        if seen.phase != ftj.Phase.PENDING:
+            new.phase = seen.phase
+        new.message = seen.message
+        new.conditions = st.set_condition(
+            new.conditions, "Ready", seen.phase == ftj.Phase.SUCCEEDED, seen.reason or "Pending",
+            seen.message, generation,
+        )  # fmt: skip
+        if seen.phase in (ftj.Phase.SUCCEEDED, ftj.Phase.FAILED):
+            new.completion_time = st.now()
+
+    if ftj.Phase(new.phase) == ftj.Phase.SUCCEEDED:
+        assert spec.model is not None
+        claim = manifests.output_claim(spec, settings)
+        new.adapter = ftj.AdapterStatus(
+            path=f"pvc://{claim}/{manifests.output_subpath(spec, owner)}/adapter",
+            rank=int((result or {}).get("adapterRank", spec.lora.r)),
+            base_model=spec.model.display,
+        )
+        if result and result.get("trainedTokens") is not None:
+            new.trained_tokens = int(result["trainedTokens"])
+        if spec.serve.enabled:
+            ensure_serving(spec, owner, settings)
+            ready, why = st.deployment_ready(children.deployment)
+            reason = "DeploymentReady" if ready else "DeploymentNotReady"
+            new.conditions = st.set_condition(
+                new.conditions, "ServingReady", ready, reason, why, generation
+            )
+            new.fine_tuned_model = owner.name
+            new.endpoint = ftj.EndpointStatus(
+                base_url=endpoint_url(owner),
+                model=owner.name,
+                config_map=manifests.endpoint_name(owner),
+            )
+            new.message = "serving" if ready else f"training finished; waiting for vLLM: {why}"
+        elif children.deployment is not None:
+            remove_serving(owner)
+            new.endpoint = None
+            new.conditions = [c for c in new.conditions if c.type != "ServingReady"]
+    new.observed_generation = generation
+    return new

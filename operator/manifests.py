@@ -1,0 +1,417 @@
+"""Pure builders for the children of a ``provider: local`` FineTuneJob.
+
+Every function takes the validated spec plus identity and settings, and returns plain dicts
+ready for the API server. Nothing here talks to Kubernetes or imports kopf: the handlers
+create what these return (``kube.create_or_adopt``), and ``tests/unit/operator`` checks them.
+Names are deterministic (derived from the FineTuneJob's name), so a restarted operator finds
+the children it made instead of making new ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from kubetune.operator.settings import OperatorSettings
+
+from kubetune.api import finetunejob as ftj
+from kubetune.api.jobconfig import (
+    BaseModelSource,
+    ConfigMapSink,
+    DataFile,
+    JobIdentity,
+    ProgressSink,
+    TrainerConfig,
+)
+
+LABEL_JOB = "kubetune.io/finetunejob"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+CONFIG_HASH_ANNOTATION = "kubetune.io/config-hash"
+
+CONFIG_DIR = "/kubetune/config"
+CONFIG_FILE = "trainer.yaml"
+DATA_DIR = "/kubetune/data"
+DATASET_PVC_DIR = "/kubetune/dataset"
+VALIDATION_PVC_DIR = "/kubetune/validation"
+MODEL_DIR = "/kubetune/model"
+OUTPUT_DIR = "/kubetune/output"
+CACHE_DIR = "/kubetune/cache"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The FineTuneJob that owns the children (from its metadata)."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    def reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": ftj.API_VERSION,
+            "kind": ftj.KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+    def metadata(self, name: str, component: str, **extra_labels: str) -> dict[str, Any]:
+        return {
+            "name": name,
+            "namespace": self.namespace,
+            "labels": {
+                LABEL_JOB: self.name,
+                LABEL_COMPONENT: component,
+                LABEL_MANAGED_BY: "kubetune",
+                **extra_labels,
+            },
+            "ownerReferences": [self.reference()],
+        }
+
+
+# ------------------------------------------------------------------------------ names
+
+
+def trainer_name(owner: Owner) -> str:
+    return f"{owner.name}-trainer"
+
+
+def config_name(owner: Owner) -> str:
+    return f"{owner.name}-trainer-config"
+
+
+def progress_name(owner: Owner) -> str:
+    return f"{owner.name}-progress"
+
+
+def endpoint_name(owner: Owner) -> str:
+    return f"{owner.name}-endpoint"
+
+
+def output_subpath(spec: ftj.FineTuneJobSpec, owner: Owner) -> str:
+    """The job's own folder on the output claim: nothing else is mounted into the trainer."""
+    base = spec.output.pvc.path.strip("/") if spec.output.pvc else ""
+    folder = f"{owner.namespace}/{owner.name}-{owner.uid[:8]}"
+    return f"{base}/{folder}" if base else folder
+
+
+def output_claim(spec: ftj.FineTuneJobSpec, settings: OperatorSettings) -> str:
+    return spec.output.pvc.claim_name if spec.output.pvc else settings.output_claim
+
+
+# ------------------------------------------------------------------------------ config
+
+
+def _data_file(src: ftj.DatasetSource, file_name: str, pvc_dir: str) -> DataFile:
+    if src.url is not None:
+        return DataFile(url=src.url)
+    if src.pvc is not None:
+        return DataFile(path=f"{pvc_dir}/{src.pvc.path}")
+    return DataFile(path=f"{DATA_DIR}/{file_name}")
+
+
+def trainer_config(spec: ftj.FineTuneJobSpec, owner: Owner) -> TrainerConfig:
+    """Resolves the spec into the document the trainer reads, with in-pod paths."""
+    assert spec.model is not None  # guaranteed for provider local by the spec validator
+    model_path = spec.model.id if spec.model.id else f"{MODEL_DIR}/{spec.model.pvc.path}"  # type: ignore[union-attr]
+    return TrainerConfig(
+        job=JobIdentity(namespace=owner.namespace, name=owner.name, uid=owner.uid),
+        model=BaseModelSource(
+            id_or_path=model_path, revision=spec.model.revision, display=spec.model.display
+        ),
+        dataset=_data_file(spec.dataset, "train.jsonl", DATASET_PVC_DIR),
+        validation=None
+        if spec.validation is None
+        else _data_file(spec.validation, "validation.jsonl", VALIDATION_PVC_DIR),
+        method=ftj.Method(spec.method),
+        lora=spec.lora,
+        hyperparameters=spec.hyperparameters,
+        output_dir=OUTPUT_DIR,
+        progress=ProgressSink(
+            config_map=ConfigMapSink(namespace=owner.namespace, name=progress_name(owner))
+        ),
+        gpus=spec.resources.gpus,
+    )
+
+
+def config_hash(config: TrainerConfig) -> str:
+    return hashlib.sha256(config.dump_yaml().encode()).hexdigest()[:16]
+
+
+def trainer_configmap(config: TrainerConfig, owner: Owner) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": owner.metadata(config_name(owner), "trainer"),
+        "data": {CONFIG_FILE: config.dump_yaml()},
+    }
+
+
+def progress_configmap(owner: Owner) -> dict[str, Any]:
+    """Empty at first; the trainer patches the latest progress record into it."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": owner.metadata(progress_name(owner), "progress"),
+        "data": {},
+    }
+
+
+# ------------------------------------------------------------------------------ RBAC
+
+
+def trainer_rbac(owner: Owner) -> list[dict[str, Any]]:
+    """A ServiceAccount that may patch its own progress ConfigMap, and nothing else."""
+    name = trainer_name(owner)
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": owner.metadata(name, "trainer"),
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": owner.metadata(name, "trainer"),
+            "rules": [
+                {
+                    "apiGroups": [""],
+                    "resources": ["configmaps"],
+                    "resourceNames": [progress_name(owner)],
+                    "verbs": ["get", "patch"],
+                }
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": owner.metadata(name, "trainer"),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": owner.namespace}],
+        },
+    ]
+
+
+# ------------------------------------------------------------------------------ pod parts
+
+
+def pod_security_context(settings: OperatorSettings) -> dict[str, Any]:
+    uid = settings.trainer_run_as_user
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": uid,
+        "runAsGroup": uid,
+        "fsGroup": uid,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security_context() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def resource_requirements(res: ftj.Resources) -> dict[str, Any]:
+    amounts: dict[str, str] = {}
+    if res.cpu:
+        amounts["cpu"] = res.cpu
+    if res.memory:
+        amounts["memory"] = res.memory
+    if res.gpus:
+        amounts[res.gpu_resource_name] = str(res.gpus)
+    return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
+
+
+def tolerations(res: ftj.Resources) -> list[dict[str, Any]]:
+    """The spec's tolerations, plus one for the GPU taint when GPUs are requested.
+
+    GPU pools are tainted with the GPU resource name (as the ExtendedResourceToleration
+    admission plugin assumes); a pod that asks for GPUs should not also have to say so.
+    """
+    out = [t.to_wire() for t in res.tolerations]
+    if res.gpus and not any(t.get("key") == res.gpu_resource_name for t in out):
+        out.append({"key": res.gpu_resource_name, "operator": "Exists", "effect": "NoSchedule"})
+    return out
+
+
+def cache_volume(settings: OperatorSettings) -> dict[str, Any]:
+    if settings.model_cache_claim:
+        return {"name": "cache", "persistentVolumeClaim": {"claimName": settings.model_cache_claim}}
+    return {"name": "cache", "emptyDir": {}}
+
+
+def shm_volume(res: ftj.Resources) -> dict[str, Any]:
+    # PyTorch data loaders and NCCL use /dev/shm; the container default (64 MiB) is too small.
+    return {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": res.memory or "8Gi"}}
+
+
+# ------------------------------------------------------------------------------ trainer Job
+
+
+def _dataset_volumes(
+    spec: ftj.FineTuneJobSpec,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    volumes: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = []
+    items: list[dict[str, Any]] = []
+    cm_name: str | None = None
+    for src, file_name, pvc_dir, vol in (
+        (spec.dataset, "train.jsonl", DATASET_PVC_DIR, "dataset"),
+        (spec.validation, "validation.jsonl", VALIDATION_PVC_DIR, "validation"),
+    ):
+        if src is None:
+            continue
+        if src.pvc is not None:
+            volumes.append(
+                {
+                    "name": vol,
+                    "persistentVolumeClaim": {"claimName": src.pvc.claim_name, "readOnly": True},
+                }
+            )
+            mounts.append({"name": vol, "mountPath": pvc_dir, "readOnly": True})
+        elif src.config_map is not None:
+            if cm_name not in (None, src.config_map.name):
+                # Two ConfigMaps: mount the second one on its own.
+                volumes.append(
+                    {
+                        "name": vol,
+                        "configMap": {
+                            "name": src.config_map.name,
+                            "items": [{"key": src.config_map.key, "path": file_name}],
+                        },
+                    }
+                )
+                mounts.append(
+                    {
+                        "name": vol,
+                        "mountPath": f"{DATA_DIR}/{file_name}",
+                        "subPath": file_name,
+                        "readOnly": True,
+                    }
+                )
+                continue
+            cm_name = src.config_map.name
+            items.append({"key": src.config_map.key, "path": file_name})
+    if cm_name is not None:
+        volumes.append({"name": "data", "configMap": {"name": cm_name, "items": items}})
+        mounts.append({"name": "data", "mountPath": DATA_DIR, "readOnly": True})
+    return volumes, mounts
+
+
+def trainer_job(
+    spec: ftj.FineTuneJobSpec,
+    owner: Owner,
+    settings: OperatorSettings,
+    config: TrainerConfig,
+) -> dict[str, Any]:
+    """The batch/v1 Job that runs ``python -m kubetune.trainer`` once (with resumable retries)."""
+    name = trainer_name(owner)
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": config_name(owner)}},
+        {"name": "output", "persistentVolumeClaim": {"claimName": output_claim(spec, settings)}},
+        cache_volume(settings),
+        shm_volume(spec.resources),
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "output", "mountPath": OUTPUT_DIR, "subPath": output_subpath(spec, owner)},
+        {"name": "cache", "mountPath": CACHE_DIR},
+        {"name": "shm", "mountPath": "/dev/shm"},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    data_volumes, data_mounts = _dataset_volumes(spec)
+    volumes += data_volumes
+    mounts += data_mounts
+    if spec.model is not None and spec.model.pvc is not None:
+        volumes.append(
+            {
+                "name": "model",
+                "persistentVolumeClaim": {"claimName": spec.model.pvc.claim_name, "readOnly": True},
+            }
+        )
+        mounts.append({"name": "model", "mountPath": MODEL_DIR, "readOnly": True})
+
+    labels = {LABEL_JOB: owner.name, LABEL_COMPONENT: "trainer", LABEL_MANAGED_BY: "kubetune"}
+    extra = {KUEUE_QUEUE_LABEL: spec.queue} if spec.queue else {}
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "serviceAccountName": trainer_name(owner),
+        "securityContext": pod_security_context(settings),
+        "containers": [
+            {
+                "name": "trainer",
+                "image": settings.trainer_image,
+                "command": [
+                    "python",
+                    "-m",
+                    "kubetune.trainer",
+                    "--config",
+                    f"{CONFIG_DIR}/{CONFIG_FILE}",
+                ],
+                "env": [
+                    {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
+                    {"name": "PYTHONUNBUFFERED", "value": "1"},
+                    {"name": "PYTHONSAFEPATH", "value": "1"},
+                ],
+                "resources": resource_requirements(spec.resources),
+                "volumeMounts": mounts,
+                "securityContext": container_security_context(),
+                "terminationMessagePolicy": "FallbackToLogsOnError",
+            }
+        ],
+        "volumes": volumes,
+        "tolerations": tolerations(spec.resources),
+        # Checkpointing on SIGTERM needs a moment; preemption grants this much.
+        "terminationGracePeriodSeconds": 120,
+    }
+    if spec.resources.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.resources.node_selector)
+    if spec.resources.priority_class_name:
+        pod_spec["priorityClassName"] = spec.resources.priority_class_name
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            **owner.metadata(name, "trainer", **extra),
+            "annotations": {CONFIG_HASH_ANNOTATION: config_hash(config)},
+        },
+        "spec": {
+            "backoffLimit": spec.backoff_limit,
+            "activeDeadlineSeconds": spec.active_deadline_seconds,
+            "suspend": spec.suspend,
+            "podFailurePolicy": {
+                "rules": [
+                    # Exit code 2: the trainer refused its input (bad data or config).
+                    # Retrying cannot help, so the Job fails at once.
+                    {
+                        "action": "FailJob",
+                        "onExitCodes": {
+                            "containerName": "trainer",
+                            "operator": "In",
+                            "values": [2],
+                        },
+                    },
+                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                ]
+            },
+            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+        },
+    }
+
+
+def endpoint_configmap(owner: Owner, base_url: str, model: str) -> dict[str, Any]:
+    """What apps ``envFrom``: the OpenAI-compatible base URL and model name. No API key."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": owner.metadata(endpoint_name(owner), "endpoint"),
+        "data": {"OPENAI_BASE_URL": base_url, "OPENAI_MODEL": model},
+    }

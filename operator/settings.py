@@ -1,0 +1,64 @@
+"""Operator settings: what the Helm chart decides for every FineTuneJob in the cluster.
+
+Read once at start-up from environment variables (the chart sets them from its values), so the
+handlers and builders receive one frozen object instead of reading the environment themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from kubetune.data import estimate as data_estimate
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    trainer_image: str = "ghcr.io/kubetune/trainer:0.1.0"
+    """Image of the trainer pods (runs ``python -m kubetune.trainer``)."""
+
+    server_image: str = "ghcr.io/kubetune/server:0.1.0"
+    """Image of the vLLM server pods (runs ``python -m kubetune.server``)."""
+
+    output_claim: str = "kubetune-output"
+    """PVC that adapters are written to when a job names none (``spec.output.pvc``)."""
+
+    model_cache_claim: str | None = None
+    """PVC mounted as HF_HOME in trainer and server pods; an emptyDir when unset."""
+
+    reconcile_interval: float = 10.0
+    """Seconds between two looks at a running job (lower in tests)."""
+
+    openai_poll_interval: float = 30.0
+    """Seconds between two polls of a remote OpenAI job."""
+
+    trainer_run_as_user: int = 1000
+    """UID of trainer and server containers (non-root)."""
+
+    prices_per_million: dict[str, float] = field(
+        default_factory=lambda: dict(data_estimate.DEFAULT_PRICES_PER_MILLION)
+    )
+    """OpenAI training price per 1M tokens, by model prefix (chart value ``openai.prices``)."""
+
+    @classmethod
+    def from_env(cls) -> OperatorSettings:
+        default = cls()
+        prices = os.environ.get("KUBETUNE_OPENAI_PRICES")
+        return cls(
+            trainer_image=_env("KUBETUNE_TRAINER_IMAGE", default.trainer_image),
+            server_image=_env("KUBETUNE_SERVER_IMAGE", default.server_image),
+            output_claim=_env("KUBETUNE_OUTPUT_CLAIM", default.output_claim),
+            model_cache_claim=os.environ.get("KUBETUNE_MODEL_CACHE_CLAIM") or None,
+            reconcile_interval=float(
+                _env("KUBETUNE_RECONCILE_INTERVAL", str(default.reconcile_interval))
+            ),
+            openai_poll_interval=float(
+                _env("KUBETUNE_OPENAI_POLL_INTERVAL", str(default.openai_poll_interval))
+            ),
+            prices_per_million=json.loads(prices) if prices else default.prices_per_million,
+        )

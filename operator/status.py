@@ -1,0 +1,151 @@
+"""Pure status logic: what a trainer Job, its pods and a serving Deployment mean for the phase.
+
+The handlers read children from the API server and hand their dicts to these functions; the
+functions decide ``phase``, ``message`` and conditions. No I/O, no kopf.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from kubetune.api.finetunejob import Condition, Phase
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class Observation:
+    phase: Phase
+    message: str
+    reason: str = ""
+
+
+def _conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["type"]: c for c in (obj.get("status") or {}).get("conditions") or []}
+
+
+def _terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        state = cs.get("state") or {}
+        last = cs.get("lastState") or {}
+        term = state.get("terminated") or last.get("terminated")
+        if term:
+            return dict(term)
+    return None
+
+
+def _newest(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "", reverse=True)
+
+
+def failure_message(job: dict[str, Any], pods: list[dict[str, Any]]) -> tuple[str, str]:
+    """(reason, message) for a failed trainer Job: deadline, OOMKilled, exit code, last line."""
+    cond = _conditions(job).get("Failed") or {}
+    reason = cond.get("reason") or "Failed"
+    parts = [cond.get("message") or "trainer Job failed"]
+    for pod in _newest(pods):
+        term = _terminated(pod)
+        if not term:
+            continue
+        code = term.get("exitCode")
+        why = term.get("reason") or "Error"
+        if why == "OOMKilled":
+            reason = "OOMKilled"
+        parts.append(f"last trainer pod: {why}, exit code {code}")
+        last_line = (term.get("message") or "").strip().splitlines()
+        if last_line:
+            parts.append(f"trainer said: {last_line[-1][:500]}")
+        break
+    return reason, "; ".join(parts)
+
+
+def pending_reason(pods: list[dict[str, Any]]) -> str | None:
+    """The scheduler's message for an unschedulable pod (e.g. ``Insufficient nvidia.com/gpu``)."""
+    for pod in _newest(pods):
+        sched = _conditions(pod).get("PodScheduled")
+        if sched and sched.get("status") == "False":
+            return str(sched.get("message") or sched.get("reason") or "pod is not scheduled")
+    return None
+
+
+def observe_trainer(job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> Observation:
+    """Maps a trainer Job and its pods to a phase."""
+    if job is None:
+        return Observation(Phase.PENDING, "creating the trainer Job")
+    conds = _conditions(job)
+    if conds.get("Complete", {}).get("status") == "True":
+        return Observation(Phase.SUCCEEDED, "training finished", "Completed")
+    if conds.get("Failed", {}).get("status") == "True":
+        reason, message = failure_message(job, pods)
+        return Observation(Phase.FAILED, message, reason)
+    if (job.get("spec") or {}).get("suspend"):
+        return Observation(
+            Phase.QUEUED,
+            "trainer Job is suspended (spec.suspend, or waiting for its Kueue queue)",
+            "Suspended",
+        )
+    active = [p for p in pods if (p.get("status") or {}).get("phase") in ("Pending", "Running")]
+    if any((p.get("status") or {}).get("phase") == "Running" for p in active):
+        return Observation(Phase.RUNNING, "training", "Running")
+    unschedulable = pending_reason(active)
+    if unschedulable:
+        return Observation(Phase.QUEUED, f"waiting for GPUs: {unschedulable}", "Unschedulable")
+    if active:
+        return Observation(Phase.QUEUED, "trainer pod is starting", "PodPending")
+    return Observation(Phase.QUEUED, "waiting for the trainer pod", "JobCreated")
+
+
+def deployment_ready(deploy: dict[str, Any] | None) -> tuple[bool, str]:
+    if deploy is None:
+        return False, "serving Deployment not created yet"
+    want = (deploy.get("spec") or {}).get("replicas", 1)
+    ready = (deploy.get("status") or {}).get("readyReplicas") or 0
+    if want and ready >= want:
+        return True, f"{ready}/{want} replicas ready"
+    return False, f"{ready}/{want} replicas ready"
+
+
+def set_condition(
+    conditions: list[Condition],
+    type_: str,
+    status: bool | None,
+    reason: str,
+    message: str,
+    generation: int | None = None,
+) -> list[Condition]:
+    """Returns the list with one condition set; its transition time moves only on a change."""
+    value = "Unknown" if status is None else ("True" if status else "False")
+    out: list[Condition] = []
+    found = False
+    for c in conditions:
+        if c.type != type_:
+            out.append(c)
+            continue
+        found = True
+        changed = c.status != value
+        out.append(
+            Condition(
+                type=type_,
+                status=value,  # type: ignore[arg-type]
+                reason=reason,
+                message=message,
+                last_transition_time=now() if changed else c.last_transition_time,
+                observed_generation=generation,
+            )
+        )
+    if not found:
+        out.append(
+            Condition(
+                type=type_,
+                status=value,  # type: ignore[arg-type]
+                reason=reason,
+                message=message,
+                last_transition_time=now(),
+                observed_generation=generation,
+            )
+        )
+    return out
