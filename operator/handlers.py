@@ -48,22 +48,22 @@ def _component(value: str) -> dict[str, str]:
 
 
 @kopf.index("batch", "v1", "jobs", labels=_component("trainer"))
-def trainer_jobs(namespace: str, labels: Any, body: Any, **_: Any) -> dict[Key, Any]:
+def trainer_jobs(namespace: str | None, labels: Any, body: Any, **_: Any) -> dict[Key, Any]:
     return {_owner_key(namespace, labels): copy.deepcopy(dict(body))}
 
 
 @kopf.index("v1", "pods", labels=_component("trainer"))
-def trainer_pods(namespace: str, labels: Any, body: Any, **_: Any) -> dict[Key, Any]:
+def trainer_pods(namespace: str | None, labels: Any, body: Any, **_: Any) -> dict[Key, Any]:
     return {_owner_key(namespace, labels): copy.deepcopy(dict(body))}
 
 
 @kopf.index("v1", "configmaps", labels=_component("progress"))
-def progress_maps(namespace: str, labels: Any, body: Any, **_: Any) -> dict[Key, Any]:
+def progress_maps(namespace: str | None, labels: Any, body: Any, **_: Any) -> dict[Key, Any]:
     return {_owner_key(namespace, labels): copy.deepcopy(dict(body))}
 
 
 @kopf.index("apps", "v1", "deployments", labels=_component("server"))
-def servers(namespace: str, labels: Any, body: Any, **_: Any) -> dict[Key, Any]:
+def servers(namespace: str | None, labels: Any, body: Any, **_: Any) -> dict[Key, Any]:
     return {_owner_key(namespace, labels): copy.deepcopy(dict(body))}
 
 
@@ -126,16 +126,14 @@ def reconcile(
     spec: kopf.Spec,
     status: kopf.Status,
     name: str,
-    namespace: str,
+    namespace: str | None,
     uid: str,
     meta: kopf.Meta,
     patch: kopf.Patch,
-    trainer_jobs: kopf.Index[Key, Any],
-    trainer_pods: kopf.Index[Key, Any],
-    progress_maps: kopf.Index[Key, Any],
-    servers: kopf.Index[Key, Any],
-    **_: Any,
+    **kwargs: Any,
 ) -> None:
+    indices: dict[str, kopf.Index[Key, Any]] = kwargs  # kopf passes each index by its name
+    namespace = namespace or "default"
     stored = {k: v for k, v in dict(status).items() if k != "kopf"}
     old = ftj.FineTuneJobStatus.model_validate(stored)
     generation = meta.get("generation")
@@ -154,10 +152,10 @@ def reconcile(
             new = openai_handlers.reconcile(parsed, owner, new, SETTINGS, generation)
         else:
             children = local_provider.Children(
-                job=_one(trainer_jobs, key),
-                pods=list(trainer_pods.get(key, [])),
-                progress=_one(progress_maps, key),
-                deployment=_one(servers, key),
+                job=_one(indices["trainer_jobs"], key),
+                pods=list(indices["trainer_pods"].get(key, [])),
+                progress=_one(indices["progress_maps"], key),
+                deployment=_one(indices["servers"], key),
             )
             new = local_provider.reconcile(parsed, owner, new, children, SETTINGS, generation)
     except (checks.InvalidJob, kube.PermanentKubeError) as exc:

@@ -60,10 +60,10 @@ def _classify(exc: ApiException, what: str) -> KubeError:
 @functools.cache
 def _client() -> dynamic.DynamicClient:
     try:
-        k8s_config.load_incluster_config()
+        k8s_config.load_incluster_config()  # type: ignore[no-untyped-call]
     except k8s_config.ConfigException:
-        k8s_config.load_kube_config()
-    return dynamic.DynamicClient(k8s_client.ApiClient())
+        k8s_config.load_kube_config()  # type: ignore[no-untyped-call]
+    return dynamic.DynamicClient(k8s_client.ApiClient())  # type: ignore[no-untyped-call]
 
 
 @functools.cache

@@ -10,7 +10,6 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from kubetune.data import estimate as data_estimate
 
 
 def _env(name: str, default: str) -> str:
@@ -40,10 +39,9 @@ class OperatorSettings:
     trainer_run_as_user: int = 1000
     """UID of trainer and server containers (non-root)."""
 
-    prices_per_million: dict[str, float] = field(
-        default_factory=lambda: dict(data_estimate.DEFAULT_PRICES_PER_MILLION)
-    )
-    """OpenAI training price per 1M tokens, by model prefix (chart value ``openai.prices``)."""
+    prices_per_million: dict[str, float] = field(default_factory=lambda: {})
+    """OpenAI training price per 1M tokens, by model prefix (chart value ``openai.prices``).
+    Empty: the dataset doctor's own table (``kubetune.data``) applies."""
 
     @classmethod
     def from_env(cls) -> OperatorSettings:

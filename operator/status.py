@@ -130,7 +130,7 @@ def set_condition(
         out.append(
             Condition(
                 type=type_,
-                status=value,  # type: ignore[arg-type]
+                status=value,
                 reason=reason,
                 message=message,
                 last_transition_time=now() if changed else c.last_transition_time,
@@ -141,7 +141,7 @@ def set_condition(
         out.append(
             Condition(
                 type=type_,
-                status=value,  # type: ignore[arg-type]
+                status=value,
                 reason=reason,
                 message=message,
                 last_transition_time=now(),

@@ -59,7 +59,7 @@ class ProgressSink(ApiModel):
 
 class TrainerConfig(ApiModel):
     api_version: Literal["kubetune.io/v1alpha1"] = "kubetune.io/v1alpha1"
-    kind: Literal["TrainerConfig"] = CONFIG_KIND
+    kind: Literal["TrainerConfig"] = "TrainerConfig"
     job: JobIdentity
     model: BaseModelSource
     dataset: DataFile

@@ -1,0 +1,153 @@
+"""Pure builders for a local FineTuneJob's children."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from kubetune.api import finetunejob as ftj
+from kubetune.api.jobconfig import TrainerConfig
+from kubetune.operator import manifests
+from kubetune.operator.settings import OperatorSettings
+
+OWNER = manifests.Owner(name="daoyan", namespace="team-a", uid="0123456789abcdef")
+SETTINGS = OperatorSettings()
+
+
+def spec(**over: Any) -> ftj.FineTuneJobSpec:
+    base: dict[str, Any] = {
+        "model": {"id": "Qwen/Qwen2.5-0.5B-Instruct"},
+        "dataset": {"configMap": {"name": "daoyan-data", "key": "train.jsonl"}},
+        "resources": {"gpus": 2, "cpu": "8", "memory": "32Gi",
+                      "nodeSelector": {"kubetune.io/gpu-pool": "a100"},
+                      "priorityClassName": "team-a-batch"},
+        "queue": "team-a",
+    }  # fmt: skip
+    base.update(over)
+    return ftj.FineTuneJobSpec.model_validate(base)
+
+
+def job(s: ftj.FineTuneJobSpec | None = None) -> dict[str, Any]:
+    s = s or spec()
+    return manifests.trainer_job(s, OWNER, SETTINGS, manifests.trainer_config(s, OWNER))
+
+
+def container(j: dict[str, Any]) -> dict[str, Any]:
+    c: dict[str, Any] = j["spec"]["template"]["spec"]["containers"][0]
+    return c
+
+
+def test_job_is_owned_named_and_labelled() -> None:
+    j = job()
+    meta = j["metadata"]
+    assert meta["name"] == "daoyan-trainer" and meta["namespace"] == "team-a"
+    assert meta["ownerReferences"][0]["uid"] == OWNER.uid
+    assert meta["ownerReferences"][0]["controller"] is True
+    assert meta["labels"][manifests.KUEUE_QUEUE_LABEL] == "team-a"
+    assert j["spec"]["template"]["metadata"]["labels"][manifests.LABEL_JOB] == "daoyan"
+
+
+def test_gpu_requests_placement_and_toleration() -> None:
+    j = job()
+    pod = j["spec"]["template"]["spec"]
+    res = container(j)["resources"]
+    assert res["limits"]["nvidia.com/gpu"] == "2" and res["requests"]["nvidia.com/gpu"] == "2"
+    assert res["limits"]["memory"] == "32Gi"
+    assert pod["nodeSelector"] == {"kubetune.io/gpu-pool": "a100"}
+    assert pod["priorityClassName"] == "team-a-batch"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
+        "tolerations"
+    ]
+
+
+def test_cpu_only_job_asks_for_no_gpu_and_no_toleration() -> None:
+    j = job(spec(resources={"gpus": 0}))
+    assert "nvidia.com/gpu" not in container(j).get("resources", {}).get("limits", {})
+    assert j["spec"]["template"]["spec"]["tolerations"] == []
+
+
+def test_output_is_the_jobs_own_subpath() -> None:
+    s = spec(output={"pvc": {"claimName": "adapters", "path": "tuned"}})
+    mounts = {m["name"]: m for m in container(job(s))["volumeMounts"]}
+    assert mounts["output"]["subPath"] == "tuned/team-a/daoyan-01234567"
+    assert mounts["output"]["mountPath"] == manifests.OUTPUT_DIR
+    other = manifests.Owner(name="daoyan", namespace="team-b", uid="fedcba9876543210")
+    assert manifests.output_subpath(s, other) != manifests.output_subpath(s, OWNER)
+
+
+def test_security_context_is_non_root_with_shm() -> None:
+    j = job()
+    pod = j["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container(j)["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container(j)["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    shm = next(v for v in pod["volumes"] if v["name"] == "shm")
+    assert shm["emptyDir"]["medium"] == "Memory"
+
+
+def test_deadline_backoff_and_bad_input_fails_fast() -> None:
+    j = job(spec(activeDeadlineSeconds=3600, backoffLimit=1))
+    assert j["spec"]["activeDeadlineSeconds"] == 3600 and j["spec"]["backoffLimit"] == 1
+    rules = j["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0]["action"] == "FailJob" and rules[0]["onExitCodes"]["values"] == [2]
+
+
+def test_suspend_carries_to_the_job() -> None:
+    assert job(spec(suspend=True))["spec"]["suspend"] is True
+
+
+@pytest.mark.parametrize(
+    ("dataset", "expected"),
+    [
+        ({"configMap": {"name": "d", "key": "k.jsonl"}}, {"path": "/kubetune/data/train.jsonl"}),
+        (
+            {"pvc": {"claimName": "d", "path": "sets/t.jsonl"}},
+            {"path": "/kubetune/dataset/sets/t.jsonl"},
+        ),
+        ({"url": "https://example.com/t.jsonl"}, {"url": "https://example.com/t.jsonl"}),
+    ],
+)
+def test_config_resolves_dataset_to_pod_paths(
+    dataset: dict[str, Any], expected: dict[str, str]
+) -> None:
+    s = spec(dataset=dataset)
+    config = manifests.trainer_config(s, OWNER)
+    assert config.dataset.to_wire() == expected
+    mounts = [m["mountPath"] for m in container(job(s))["volumeMounts"]]
+    if "path" in expected:
+        assert any(expected["path"].startswith(m) for m in mounts)
+
+
+def test_config_is_a_valid_trainer_config_with_progress_sink() -> None:
+    s = spec()
+    config = manifests.trainer_config(s, OWNER)
+    again = TrainerConfig.model_validate(config.to_wire())
+    assert again == config
+    assert config.progress.config_map is not None
+    assert config.progress.config_map.name == "daoyan-progress"
+    cm = manifests.trainer_configmap(config, OWNER)
+    assert manifests.CONFIG_FILE in cm["data"]
+
+
+def test_trainer_may_only_patch_its_progress_configmap() -> None:
+    sa, role, binding = manifests.trainer_rbac(OWNER)
+    assert sa["kind"] == "ServiceAccount"
+    assert role["rules"] == [
+        {
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "resourceNames": ["daoyan-progress"],
+            "verbs": ["get", "patch"],
+        }
+    ]
+    assert binding["subjects"][0]["name"] == sa["metadata"]["name"]
+    assert job()["spec"]["template"]["spec"]["serviceAccountName"] == sa["metadata"]["name"]
+
+
+def test_endpoint_configmap_has_no_secret() -> None:
+    cm = manifests.endpoint_configmap(OWNER, "http://daoyan-server.team-a.svc:8000/v1", "daoyan")
+    assert cm["data"] == {
+        "OPENAI_BASE_URL": "http://daoyan-server.team-a.svc:8000/v1",
+        "OPENAI_MODEL": "daoyan",
+    }

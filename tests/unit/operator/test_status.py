@@ -1,0 +1,76 @@
+"""Trainer Job + pods -> phase and message."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubetune.api.finetunejob import Phase
+from kubetune.operator import status as st
+
+
+def job(*conds: dict[str, Any], suspend: bool = False) -> dict[str, Any]:
+    return {"spec": {"suspend": suspend}, "status": {"conditions": list(conds)}}
+
+
+def pod(phase: str, **status: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"creationTimestamp": "2026-01-01T00:00:00Z"},
+        "status": {"phase": phase, **status},
+    }
+
+
+def test_no_job_is_pending() -> None:
+    assert st.observe_trainer(None, []).phase == Phase.PENDING
+
+
+def test_unschedulable_pod_is_queued_with_the_schedulers_reason() -> None:
+    p = pod("Pending", conditions=[{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+        "message": "0/3 nodes are available: 2 Insufficient nvidia.com/gpu."}])  # fmt: skip
+    seen = st.observe_trainer(job(), [p])
+    assert seen.phase == Phase.QUEUED
+    assert "Insufficient nvidia.com/gpu" in seen.message
+
+
+def test_running_pod_is_running() -> None:
+    assert st.observe_trainer(job(), [pod("Running")]).phase == Phase.RUNNING
+
+
+def test_suspended_job_is_queued() -> None:
+    seen = st.observe_trainer(job(suspend=True), [])
+    assert seen.phase == Phase.QUEUED and "suspended" in seen.message
+
+
+def test_complete_job_succeeds() -> None:
+    assert (
+        st.observe_trainer(job({"type": "Complete", "status": "True"}), []).phase == Phase.SUCCEEDED
+    )
+
+
+def test_failure_names_oom_exit_code_and_last_line() -> None:
+    p = pod("Failed", containerStatuses=[{"state": {"terminated": {
+        "exitCode": 137, "reason": "OOMKilled", "message": "loading\nCUDA out of memory"}}}])  # fmt: skip
+    seen = st.observe_trainer(
+        job({"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}), [p]
+    )
+    assert seen.phase == Phase.FAILED and seen.reason == "OOMKilled"
+    assert "exit code 137" in seen.message and "CUDA out of memory" in seen.message
+
+
+def test_deadline_is_the_reason() -> None:
+    seen = st.observe_trainer(
+        job({"type": "Failed", "status": "True", "reason": "DeadlineExceeded",
+             "message": "Job was active longer than specified deadline"}), [])  # fmt: skip
+    assert seen.reason == "DeadlineExceeded" and "deadline" in seen.message
+
+
+def test_condition_transition_time_moves_only_on_change() -> None:
+    conds = st.set_condition([], "Ready", False, "Running", "training")
+    first = conds[0].last_transition_time
+    conds[0] = conds[0].model_copy(update={"last_transition_time": "2000-01-01T00:00:00Z"})
+    same = st.set_condition(conds, "Ready", False, "Running", "still training")
+    assert (
+        same[0].last_transition_time == "2000-01-01T00:00:00Z"
+        and same[0].message == "still training"
+    )
+    flipped = st.set_condition(same, "Ready", True, "Completed", "done")
+    assert flipped[0].last_transition_time != "2000-01-01T00:00:00Z" and first is not None
