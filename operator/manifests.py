@@ -402,7 +402,10 @@ def trainer_job(
                     {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
                 ]
             },
-            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+            "template": {
+                "metadata": {"labels": labels, "annotations": dict(spec.resources.pod_annotations)},
+                "spec": pod_spec,
+            },
         },
     }
 

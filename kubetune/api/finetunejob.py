@@ -228,6 +228,10 @@ class Resources(ApiModel):
     priority_class_name: str | None = Field(
         default=None, max_length=253, description="PriorityClass of the pod (preemption order)."
     )
+    pod_annotations: dict[str, str] = Field(
+        default_factory=dict,
+        description="Annotations added to the pods (service mesh, cluster autoscaler, ...).",
+    )
 
 
 class OutputSpec(ApiModel):

@@ -1,0 +1,228 @@
+"""The operator, as a real process, runs ``provider: local`` FineTuneJobs on the real control plane.
+
+kwok simulates the GPU nodes and the pods' lives; everything else (CRD validation, the Job
+controller, the scheduler, the garbage collector, RBAC) is the real Kubernetes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support import ftj
+from support.cluster import Cluster, wait_until
+from support.operator import OperatorProcess, running_operator
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture(scope="module")
+def operator(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    ftj.install_crd(cluster)
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    with running_operator(cluster.kubeconfig, log) as op:
+        yield op
+
+
+@pytest.fixture
+def team(cluster: Cluster, namespace: str) -> str:
+    ftj.output_volume(cluster, namespace)
+    ftj.dataset_configmap(cluster, namespace, ftj.dataset_text())
+    return namespace
+
+
+def children(cluster: Cluster, ns: str, name: str) -> dict[str, object]:
+    return {
+        "job": cluster.get("job", f"{name}-trainer", "-n", ns),
+        "config": cluster.get("configmap", f"{name}-trainer-config", "-n", ns),
+        "progress": cluster.get("configmap", f"{name}-progress", "-n", ns),
+        "sa": cluster.get("serviceaccount", f"{name}-trainer", "-n", ns),
+    }
+
+
+def test_full_lifecycle_to_a_ready_endpoint(
+    cluster: Cluster, operator: OperatorProcess, team: str
+) -> None:
+    cluster.apply(ftj.local_job("daoyan", run_seconds=8), namespace=team)
+    running = ftj.wait_phase(cluster, team, "daoyan", "Running")
+    assert running["status"]["startTime"]
+    assert running["status"]["model"] == "Qwen/Qwen2.5-0.5B-Instruct"
+
+    trainer = ftj.SimulatedTrainer(cluster, team, "daoyan")
+    trainer.step(5, 20, 1.75)
+
+    def progress_seen() -> dict[str, object] | None:
+        p = ftj.get_ftj(cluster, team, "daoyan")["status"].get("progress") or {}
+        return p if p.get("step") == 5 else None
+
+    progress = wait_until(progress_seen, timeout=30, description="progress in status")
+    assert progress["totalSteps"] == 20 and progress["trainLoss"] == 1.75
+    assert progress["summary"] == "5/20 (25%)" and progress["eta"]
+
+    trainer.step(20, 20, 0.42)
+    trainer.finish(trained_tokens=98765)
+    ftj.wait_phase(cluster, team, "daoyan", "Succeeded", timeout=60)
+    status = wait_until(
+        lambda: (s := ftj.get_ftj(cluster, team, "daoyan")["status"]).get("trainedTokens") and s,
+        timeout=30,
+        description="the trainer's result in status",
+    )
+    assert status["trainedTokens"] == 98765
+    assert status["adapter"]["rank"] == 16
+    assert status["adapter"]["path"].startswith("pvc://kubetune-output/")
+
+    endpoint = wait_until(
+        lambda: cluster.get("configmap", "daoyan-endpoint", "-n", team),
+        timeout=30,
+        description="the endpoint ConfigMap",
+    )
+    assert endpoint["data"] == {
+        "OPENAI_BASE_URL": f"http://daoyan-server.{team}.svc:8000/v1",
+        "OPENAI_MODEL": "daoyan",
+    }
+
+    def serving_ready() -> dict[str, object] | None:
+        st = ftj.get_ftj(cluster, team, "daoyan")["status"]
+        conds = {c["type"]: c for c in st.get("conditions", [])}
+        ok = conds.get("ServingReady", {}).get("status") == "True"
+        return st if ok else None
+
+    st = wait_until(serving_ready, timeout=60, description="ServingReady=True")
+    assert st["endpoint"]["baseURL"] == endpoint["data"]["OPENAI_BASE_URL"]
+    assert st["fineTunedModel"] == "daoyan"
+    deploy = cluster.get("deployment", "daoyan-server", "-n", team)
+    assert deploy["metadata"]["ownerReferences"][0]["name"] == "daoyan"
+
+    reasons = [e["reason"] for e in ftj.events_for(cluster, team, "daoyan")]
+    assert {"Running", "Succeeded"} <= set(reasons), reasons
+    columns = cluster.kubectl("get", "ftj", "daoyan", "-n", team).stdout
+    assert "Succeeded" in columns and "20/20 (100%)" in columns and "daoyan-server" in columns
+
+
+def test_api_server_rejects_invalid_specs_naming_the_field(
+    cluster: Cluster, operator: OperatorProcess, team: str
+) -> None:
+    bad = ftj.local_job("nomodel")
+    del bad["spec"]["model"]
+    proc = cluster.kubectl("apply", "-n", team, "-f", "-", input=json.dumps(bad), check=False)
+    assert proc.returncode != 0
+    assert "`model` is required when `provider` is `local`" in proc.stderr
+
+    bad = ftj.local_job("badrank", lora={"r": 0})
+    proc = cluster.kubectl("apply", "-n", team, "-f", "-", input=json.dumps(bad), check=False)
+    assert proc.returncode != 0 and "spec.lora.r" in proc.stderr
+
+
+def test_bad_dataset_fails_with_the_line_and_creates_no_pods(
+    cluster: Cluster, operator: OperatorProcess, team: str
+) -> None:
+    text = ftj.dataset_text().splitlines()
+    text[2] = '{"messages": [{"role": "user", "content": "no answer"}]}'
+    text[6] = "{not json"
+    ftj.dataset_configmap(cluster, team, "\n".join(text) + "\n", name="broken")
+    job = ftj.local_job("broken", dataset={"configMap": {"name": "broken", "key": "train.jsonl"}})
+    cluster.apply(job, namespace=team)
+    failed = ftj.wait_phase(cluster, team, "broken", "Failed")
+    message = failed["status"]["message"]
+    assert "line 3" in message and "line 7" in message
+    assert children(cluster, team, "broken")["job"] is None
+    assert "Failed" in [e["reason"] for e in ftj.events_for(cluster, team, "broken")]
+
+
+def test_gpu_exhaustion_queues_with_the_schedulers_reason(
+    cluster: Cluster, operator: OperatorProcess, team: str
+) -> None:
+    for name in ("big-a", "big-b"):
+        cluster.apply(ftj.local_job(name, gpus=8, run_seconds=120, serve=False), namespace=team)
+    for name in ("big-a", "big-b"):
+        ftj.wait_phase(cluster, team, name, "Running")
+    cluster.apply(ftj.local_job("waiting", gpus=1, serve=False), namespace=team)
+    queued = ftj.wait_phase(cluster, team, "waiting", "Queued")
+    wait_until(
+        lambda: "nvidia.com/gpu" in (ftj.get_ftj(cluster, team, "waiting")["status"].get("message") or ""),
+        timeout=30,
+        description="the scheduler's reason in status.message",
+    )
+    assert queued["status"]["phase"] == "Queued"
+    cluster.kubectl("delete", "ftj", "big-a", "big-b", "-n", team, "--wait=false")
+    ftj.wait_phase(cluster, team, "waiting", "Running", "Succeeded", timeout=90)
+
+
+def test_failure_reports_oomkilled_and_the_last_line(
+    cluster: Cluster, operator: OperatorProcess, team: str
+) -> None:
+    job = ftj.local_job(
+        "oom", run_seconds=1, exit_code=137, reason="OOMKilled", message="step 3\nCUDA out of memory"
+    )
+    cluster.apply(job, namespace=team)
+    failed = ftj.wait_phase(cluster, team, "oom", "Failed")
+    msg = failed["status"]["message"]
+    assert "OOMKilled" in msg and "137" in msg and "CUDA out of memory" in msg
+
+
+def test_delete_mid_run_removes_every_child(
+    cluster: Cluster, operator: OperatorProcess, team: str
+) -> None:
+    cluster.apply(ftj.local_job("gone", run_seconds=120), namespace=team)
+    ftj.wait_phase(cluster, team, "gone", "Running")
+    assert all(v is not None for v in children(cluster, team, "gone").values())
+    cluster.kubectl("delete", "ftj", "gone", "-n", team)
+    wait_until(
+        lambda: all(v is None for v in children(cluster, team, "gone").values()),
+        timeout=60,
+        description="the garbage collector to delete the children",
+    )
+
+
+def test_spec_is_immutable_once_started_but_suspend_is_not(
+    cluster: Cluster, operator: OperatorProcess, team: str
+) -> None:
+    cluster.apply(ftj.local_job("frozen", run_seconds=120, serve=False), namespace=team)
+    ftj.wait_phase(cluster, team, "frozen", "Running")
+    proc = cluster.kubectl(
+        "patch", "ftj", "frozen", "-n", team, "--type=merge", "-p", '{"spec":{"lora":{"r":8}}}',
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "immutable once the job has started" in proc.stderr
+    cluster.kubectl("patch", "ftj", "frozen", "-n", team, "--type=merge", "-p", '{"spec":{"suspend":true}}')
+    wait_until(
+        lambda: (cluster.get("job", "frozen-trainer", "-n", team)["spec"].get("suspend")),
+        timeout=30,
+        description="the trainer Job to be suspended",
+    )
+    ftj.wait_phase(cluster, team, "frozen", "Queued")
+
+
+def test_operator_restart_mid_run_makes_no_duplicates(
+    cluster: Cluster, operator: OperatorProcess, team: str
+) -> None:
+    cluster.apply(ftj.local_job("restart", run_seconds=10, serve=False), namespace=team)
+    ftj.wait_phase(cluster, team, "restart", "Running")
+    before = {k: v["metadata"]["uid"] for k, v in children(cluster, team, "restart").items()}  # type: ignore[index]
+    operator.restart(kill=True)
+    done = ftj.wait_phase(cluster, team, "restart", "Succeeded", timeout=90)
+    after = {k: v["metadata"]["uid"] for k, v in children(cluster, team, "restart").items()}  # type: ignore[index]
+    assert before == after
+    jobs = cluster.get("jobs", "-n", team, "-l", "kubetune.io/finetunejob=restart")
+    assert len(jobs["items"]) == 1
+    reasons = [e["reason"] for e in ftj.events_for(cluster, team, "restart")]
+    assert reasons.count("Succeeded") == 1, reasons
+    assert done["status"]["completionTime"]
+
+
+def test_two_teams_run_side_by_side(
+    cluster: Cluster, operator: OperatorProcess, team: str, tmp_path: Path
+) -> None:
+    other = cluster.create_namespace("kt-team-b-")
+    try:
+        ftj.output_volume(cluster, other)
+        ftj.dataset_configmap(cluster, other, ftj.dataset_text())
+        for ns in (team, other):
+            cluster.apply(ftj.local_job("shared-name", run_seconds=2, serve=False), namespace=ns)
+        a = ftj.wait_phase(cluster, team, "shared-name", "Succeeded", timeout=90)
+        b = ftj.wait_phase(cluster, other, "shared-name", "Succeeded", timeout=90)
+        assert a["status"]["adapter"]["path"] != b["status"]["adapter"]["path"]
+    finally:
+        cluster.kubectl("delete", "namespace", other, "--wait=false", check=False)

@@ -1,0 +1,180 @@
+"""Helpers for cluster tests of FineTuneJobs: manifests, a simulated trainer, waiting on phases.
+
+kwok runs no containers, so a trainer pod never writes progress. ``SimulatedTrainer`` does what
+the real trainer does through the API (patch its progress ConfigMap with ProgressRecords and the
+final result), so the operator's reading side is tested against the real contract.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from support.cluster import (
+    EXIT_CODE_ANNOTATION,
+    MESSAGE_ANNOTATION,
+    REASON_ANNOTATION,
+    RUN_SECONDS_ANNOTATION,
+    Cluster,
+    wait_until,
+)
+
+from kubetune.api import crd
+from kubetune.progress import CONFIGMAP_KEY, RESULT_KEY, ProgressRecord
+
+REPO = Path(__file__).resolve().parents[2]
+CHAT_LINE = {
+    "messages": [
+        {"role": "system", "content": "你是一位以老庄口吻作答的道家智者。"},
+        {"role": "user", "content": "如何应对压力?"},
+        {"role": "assistant", "content": "《道德经》第八章:上善若水。水不争,故无尤。"},
+    ]
+}
+
+
+def install_crd(cluster: Cluster) -> None:
+    cluster.kubectl("apply", "--server-side", "-f", "-", input=crd.render())
+    cluster.kubectl(
+        "wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s"
+    )
+
+
+def dataset_text(n: int = 12) -> str:
+    lines = []
+    for i in range(n):
+        line = json.loads(json.dumps(CHAT_LINE, ensure_ascii=False))
+        line["messages"][1]["content"] += f" ({i})"
+        lines.append(json.dumps(line, ensure_ascii=False))
+    return "\n".join(lines) + "\n"
+
+
+def output_volume(cluster: Cluster, namespace: str, claim: str = "kubetune-output") -> None:
+    """A statically bound PV + PVC, so trainer pods pass the scheduler's volume check."""
+    pv_name = f"{namespace}-{claim}"
+    cluster.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": pv_name},
+            "spec": {
+                "capacity": {"storage": "10Gi"},
+                "accessModes": ["ReadWriteMany"],
+                "storageClassName": "",
+                "hostPath": {"path": f"/tmp/{pv_name}"},
+                "claimRef": {"namespace": namespace, "name": claim},
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": claim, "namespace": namespace},
+            "spec": {
+                "accessModes": ["ReadWriteMany"],
+                "storageClassName": "",
+                "volumeName": pv_name,
+                "resources": {"requests": {"storage": "10Gi"}},
+            },
+        },
+    )
+
+
+def dataset_configmap(cluster: Cluster, namespace: str, text: str, name: str = "data") -> None:
+    cluster.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": name, "namespace": namespace},
+            "data": {"train.jsonl": text},
+        }
+    )
+
+
+def local_job(
+    name: str,
+    *,
+    gpus: int = 1,
+    run_seconds: float = 3,
+    exit_code: int = 0,
+    reason: str | None = None,
+    message: str | None = None,
+    serve: bool = True,
+    **spec: Any,
+) -> dict[str, Any]:
+    annotations = {RUN_SECONDS_ANNOTATION: str(run_seconds), EXIT_CODE_ANNOTATION: str(exit_code)}
+    if reason:
+        annotations[REASON_ANNOTATION] = reason
+    if message:
+        annotations[MESSAGE_ANNOTATION] = message
+    body: dict[str, Any] = {
+        "model": {"id": "Qwen/Qwen2.5-0.5B-Instruct"},
+        "dataset": {"configMap": {"name": "data", "key": "train.jsonl"}},
+        "resources": {
+            "gpus": gpus,
+            "nodeSelector": {"kubetune.io/gpu-pool": "a100"} if gpus else {},
+            "podAnnotations": annotations,
+        },
+        "serve": {
+            "enabled": serve,
+            "engine": "vllm",
+            "resources": {"gpus": 0},
+        },
+        "backoffLimit": 0,
+    }
+    body.update(spec)
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": body,
+    }
+
+
+def get_ftj(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
+    obj = cluster.get("finetunejob", name, "-n", namespace)
+    assert obj is not None, f"FineTuneJob {namespace}/{name} is gone"
+    return dict(obj)
+
+
+def wait_phase(
+    cluster: Cluster, namespace: str, name: str, *phases: str, timeout: float = 60
+) -> dict[str, Any]:
+    def seen() -> dict[str, Any] | None:
+        obj = get_ftj(cluster, namespace, name)
+        return obj if (obj.get("status") or {}).get("phase") in phases else None
+
+    try:
+        return wait_until(seen, timeout=timeout, description=f"{name} to reach {phases}")
+    except TimeoutError as exc:
+        status = (get_ftj(cluster, namespace, name).get("status")) or {}
+        raise AssertionError(f"{exc}; status: {json.dumps(status, indent=1)}") from None
+
+
+def events_for(cluster: Cluster, namespace: str, name: str) -> list[dict[str, Any]]:
+    items = cluster.get("events", "-n", namespace, "--field-selector", f"involvedObject.name={name}")
+    return list((items or {}).get("items", []))
+
+
+class SimulatedTrainer:
+    """Writes what ``kubetune.trainer`` writes into its progress ConfigMap."""
+
+    def __init__(self, cluster: Cluster, namespace: str, job: str) -> None:
+        self.cluster, self.namespace, self.cm = cluster, namespace, f"{job}-progress"
+
+    def _patch(self, data: dict[str, str]) -> None:
+        self.cluster.kubectl(
+            "patch", "configmap", self.cm, "-n", self.namespace, "--type=merge",
+            "-p", json.dumps({"data": data}),
+        )  # fmt: skip
+
+    def step(self, step: int, total: int, loss: float) -> None:
+        record = ProgressRecord(
+            step=step, total_steps=total, epoch=step / total * 3, train_loss=loss,
+            tokens_per_second=1234.5, elapsed_seconds=float(step),
+        )  # fmt: skip
+        self._patch({CONFIGMAP_KEY: record.to_json()})
+
+    def finish(self, trained_tokens: int, rank: int = 16) -> None:
+        self._patch(
+            {RESULT_KEY: json.dumps({"trainedTokens": trained_tokens, "adapterRank": rank})}
+        )
