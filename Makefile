@@ -21,6 +21,7 @@ venv:
 
 crds:
 	$(PY) -m kubetune.api.crd
+	$(PY) -m kubetune.api.reference
 
 lint:
 	$(VENV)/bin/ruff check .

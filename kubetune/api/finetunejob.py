@@ -428,6 +428,15 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
     ],
 }
 
+MAX_NAME_LENGTH = 48
+"""Children are named `<name>-trainer-config` and so on, and names of labels stop at 63."""
+
+NAME_RULE = {
+    "rule": f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
+    "message": f"metadata.name must be at most {MAX_NAME_LENGTH} characters "
+    "(its children's names add up to 15)",
+}
+
 # Fields that may change after the job has started (status.startTime is set).
 MUTABLE_AFTER_START = ("suspend", "serve")
 

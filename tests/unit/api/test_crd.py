@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from kubetune.api import crd
+from kubetune.api import crd, reference
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -59,3 +59,9 @@ def test_field_descriptions_reach_kubectl_explain() -> None:
 def test_printer_columns() -> None:
     cols = [c["name"] for c in crd.crd()["spec"]["versions"][0]["additionalPrinterColumns"]]
     assert cols == ["Phase", "Provider", "Model", "Progress", "Loss", "Endpoint", "Age"]
+
+
+def test_committed_api_reference_matches_the_model() -> None:
+    actual = (ROOT / reference.TARGET).read_text(encoding="utf-8")
+    assert actual == reference.render(), "docs/api-reference.md drifted; run `make crds`"
+    assert "| `spec.lora.r` | integer | LoRA rank. Default: `16`. |" in actual
