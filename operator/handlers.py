@@ -169,3 +169,21 @@ def reconcile(
     if new.phase != old.phase:
         kind = "Warning" if new.phase == ftj.Phase.FAILED else "Normal"
         kopf.event(body, type=kind, reason=str(new.phase), message=new.message or str(new.phase))
+
+
+def _drops_output(spec: kopf.Spec, **_: Any) -> bool:
+    return (
+        spec.get("provider", "local") == "local"
+        and (spec.get("output") or {}).get("keepOnDelete") is False
+    )
+
+
+@kopf.on.delete(ftj.GROUP, ftj.VERSION, ftj.PLURAL, when=_drops_output)
+def delete_output(spec: kopf.Spec, name: str, namespace: str | None, uid: str, **_: Any) -> None:
+    """Children go with the owner references; the adapter folder goes only when asked."""
+    parsed = checks.parse_spec(dict(spec))
+    owner = manifests.Owner(name=name, namespace=namespace or "default", uid=uid)
+    try:
+        kube.create_or_adopt(manifests.cleanup_job(parsed, owner, SETTINGS))
+    except kube.TemporaryKubeError as exc:
+        raise kopf.TemporaryError(str(exc), delay=exc.delay) from None

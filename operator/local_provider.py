@@ -55,9 +55,12 @@ def sync_suspend(spec: ftj.FineTuneJobSpec, job: dict[str, Any], owner: manifest
     """`spec.suspend` maps onto the Job's suspend: pods go, a resume restarts from a checkpoint."""
     if bool((job.get("spec") or {}).get("suspend")) != spec.suspend:
         kube.patch_merge(
-            "batch/v1", "Job", owner.namespace, manifests.trainer_name(owner),
+            "batch/v1",
+            "Job",
+            owner.namespace,
+            manifests.trainer_name(owner),
             {"spec": {"suspend": spec.suspend}},
-        )  # fmt: skip
+        )
 
 
 def read_progress(
@@ -122,9 +125,13 @@ def reconcile(
             new.phase = seen.phase
         new.message = seen.message
         new.conditions = st.set_condition(
-            new.conditions, "Ready", seen.phase == ftj.Phase.SUCCEEDED, seen.reason or "Pending",
-            seen.message, generation,
-        )  # fmt: skip
+            new.conditions,
+            "Ready",
+            seen.phase == ftj.Phase.SUCCEEDED,
+            seen.reason or "Pending",
+            seen.message,
+            generation,
+        )
         if seen.phase in (ftj.Phase.SUCCEEDED, ftj.Phase.FAILED):
             new.completion_time = st.now()
 

@@ -418,3 +418,59 @@ def endpoint_configmap(owner: Owner, base_url: str, model: str) -> dict[str, Any
         "metadata": owner.metadata(endpoint_name(owner), "endpoint"),
         "data": {"OPENAI_BASE_URL": base_url, "OPENAI_MODEL": model},
     }
+
+
+def cleanup_job(
+    spec: ftj.FineTuneJobSpec, owner: Owner, settings: OperatorSettings
+) -> dict[str, Any]:
+    """A Job that empties a deleted FineTuneJob's output folder (`output.keepOnDelete: false`).
+
+    It is not owned by the FineTuneJob (which is going away) and removes itself when done.
+    It mounts only that job's folder, so it cannot touch another job's adapters.
+    """
+    name = f"{owner.name}-cleanup-{owner.uid[:8]}"
+    script = (
+        "import pathlib, shutil\n"
+        f"for p in pathlib.Path({OUTPUT_DIR!r}).iterdir():\n"
+        "    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()\n"
+    )
+    meta = owner.metadata(name, "cleanup")
+    del meta["ownerReferences"]
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": meta,
+        "spec": {
+            "backoffLimit": 2,
+            "ttlSecondsAfterFinished": 600,
+            "template": {
+                "metadata": {"labels": {LABEL_JOB: owner.name, LABEL_COMPONENT: "cleanup"}},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "automountServiceAccountToken": False,
+                    "securityContext": pod_security_context(settings),
+                    "containers": [
+                        {
+                            "name": "cleanup",
+                            "image": settings.trainer_image,
+                            "command": ["python", "-c", script],
+                            "volumeMounts": [
+                                {
+                                    "name": "output",
+                                    "mountPath": OUTPUT_DIR,
+                                    "subPath": output_subpath(spec, owner),
+                                }
+                            ],
+                            "securityContext": container_security_context(),
+                        }
+                    ],
+                    "volumes": [
+                        {
+                            "name": "output",
+                            "persistentVolumeClaim": {"claimName": output_claim(spec, settings)},
+                        }
+                    ],
+                },
+            },
+        },
+    }

@@ -11,7 +11,6 @@ import os
 from dataclasses import dataclass, field
 
 
-
 def _env(name: str, default: str) -> str:
     return os.environ.get(name, default)
 

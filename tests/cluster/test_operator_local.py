@@ -19,7 +19,9 @@ pytestmark = pytest.mark.cluster
 
 
 @pytest.fixture(scope="module")
-def operator(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+def operator(
+    cluster: Cluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
     ftj.install_crd(cluster)
     log = tmp_path_factory.mktemp("operator") / "operator.log"
     with running_operator(cluster.kubeconfig, log) as op:
@@ -141,7 +143,10 @@ def test_gpu_exhaustion_queues_with_the_schedulers_reason(
     cluster.apply(ftj.local_job("waiting", gpus=1, serve=False), namespace=team)
     queued = ftj.wait_phase(cluster, team, "waiting", "Queued")
     wait_until(
-        lambda: "nvidia.com/gpu" in (ftj.get_ftj(cluster, team, "waiting")["status"].get("message") or ""),
+        lambda: (
+            "nvidia.com/gpu"
+            in (ftj.get_ftj(cluster, team, "waiting")["status"].get("message") or "")
+        ),
         timeout=30,
         description="the scheduler's reason in status.message",
     )
@@ -154,7 +159,11 @@ def test_failure_reports_oomkilled_and_the_last_line(
     cluster: Cluster, operator: OperatorProcess, team: str
 ) -> None:
     job = ftj.local_job(
-        "oom", run_seconds=1, exit_code=137, reason="OOMKilled", message="step 3\nCUDA out of memory"
+        "oom",
+        run_seconds=1,
+        exit_code=137,
+        reason="OOMKilled",
+        message="step 3\nCUDA out of memory",
     )
     cluster.apply(job, namespace=team)
     failed = ftj.wait_phase(cluster, team, "oom", "Failed")
@@ -182,13 +191,22 @@ def test_spec_is_immutable_once_started_but_suspend_is_not(
     cluster.apply(ftj.local_job("frozen", run_seconds=120, serve=False), namespace=team)
     ftj.wait_phase(cluster, team, "frozen", "Running")
     proc = cluster.kubectl(
-        "patch", "ftj", "frozen", "-n", team, "--type=merge", "-p", '{"spec":{"lora":{"r":8}}}',
+        "patch",
+        "ftj",
+        "frozen",
+        "-n",
+        team,
+        "--type=merge",
+        "-p",
+        '{"spec":{"lora":{"r":8}}}',
         check=False,
-    )  # fmt: skip
+    )
     assert proc.returncode != 0 and "immutable once the job has started" in proc.stderr
-    cluster.kubectl("patch", "ftj", "frozen", "-n", team, "--type=merge", "-p", '{"spec":{"suspend":true}}')
+    cluster.kubectl(
+        "patch", "ftj", "frozen", "-n", team, "--type=merge", "-p", '{"spec":{"suspend":true}}'
+    )
     wait_until(
-        lambda: (cluster.get("job", "frozen-trainer", "-n", team)["spec"].get("suspend")),
+        lambda: cluster.get("job", "frozen-trainer", "-n", team)["spec"].get("suspend"),
         timeout=30,
         description="the trainer Job to be suspended",
     )

@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from kubetune.api import crd
+from kubetune.progress import CONFIGMAP_KEY, RESULT_KEY, ProgressRecord
 from support.cluster import (
     EXIT_CODE_ANNOTATION,
     MESSAGE_ANNOTATION,
@@ -19,9 +21,6 @@ from support.cluster import (
     Cluster,
     wait_until,
 )
-
-from kubetune.api import crd
-from kubetune.progress import CONFIGMAP_KEY, RESULT_KEY, ProgressRecord
 
 REPO = Path(__file__).resolve().parents[2]
 CHAT_LINE = {
@@ -151,7 +150,9 @@ def wait_phase(
 
 
 def events_for(cluster: Cluster, namespace: str, name: str) -> list[dict[str, Any]]:
-    items = cluster.get("events", "-n", namespace, "--field-selector", f"involvedObject.name={name}")
+    items = cluster.get(
+        "events", "-n", namespace, "--field-selector", f"involvedObject.name={name}"
+    )
     return list((items or {}).get("items", []))
 
 
@@ -163,15 +164,25 @@ class SimulatedTrainer:
 
     def _patch(self, data: dict[str, str]) -> None:
         self.cluster.kubectl(
-            "patch", "configmap", self.cm, "-n", self.namespace, "--type=merge",
-            "-p", json.dumps({"data": data}),
-        )  # fmt: skip
+            "patch",
+            "configmap",
+            self.cm,
+            "-n",
+            self.namespace,
+            "--type=merge",
+            "-p",
+            json.dumps({"data": data}),
+        )
 
     def step(self, step: int, total: int, loss: float) -> None:
         record = ProgressRecord(
-            step=step, total_steps=total, epoch=step / total * 3, train_loss=loss,
-            tokens_per_second=1234.5, elapsed_seconds=float(step),
-        )  # fmt: skip
+            step=step,
+            total_steps=total,
+            epoch=step / total * 3,
+            train_loss=loss,
+            tokens_per_second=1234.5,
+            elapsed_seconds=float(step),
+        )
         self._patch({CONFIGMAP_KEY: record.to_json()})
 
     def finish(self, trained_tokens: int, rank: int = 16) -> None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from kubetune.operator import manifests
+from kubetune.operator.settings import OperatorSettings
 
 from kubetune.api import finetunejob as ftj
 from kubetune.api.jobconfig import TrainerConfig
-from kubetune.operator import manifests
-from kubetune.operator.settings import OperatorSettings
 
 OWNER = manifests.Owner(name="daoyan", namespace="team-a", uid="0123456789abcdef")
 SETTINGS = OperatorSettings()
@@ -19,11 +19,15 @@ def spec(**over: Any) -> ftj.FineTuneJobSpec:
     base: dict[str, Any] = {
         "model": {"id": "Qwen/Qwen2.5-0.5B-Instruct"},
         "dataset": {"configMap": {"name": "daoyan-data", "key": "train.jsonl"}},
-        "resources": {"gpus": 2, "cpu": "8", "memory": "32Gi",
-                      "nodeSelector": {"kubetune.io/gpu-pool": "a100"},
-                      "priorityClassName": "team-a-batch"},
+        "resources": {
+            "gpus": 2,
+            "cpu": "8",
+            "memory": "32Gi",
+            "nodeSelector": {"kubetune.io/gpu-pool": "a100"},
+            "priorityClassName": "team-a-batch",
+        },
         "queue": "team-a",
-    }  # fmt: skip
+    }
     base.update(over)
     return ftj.FineTuneJobSpec.model_validate(base)
 
@@ -151,3 +155,12 @@ def test_endpoint_configmap_has_no_secret() -> None:
         "OPENAI_BASE_URL": "http://daoyan-server.team-a.svc:8000/v1",
         "OPENAI_MODEL": "daoyan",
     }
+
+
+def test_cleanup_job_mounts_only_the_jobs_folder_and_outlives_its_owner() -> None:
+    s = spec(output={"pvc": {"claimName": "adapters", "path": "tuned"}, "keepOnDelete": False})
+    j = manifests.cleanup_job(s, OWNER, SETTINGS)
+    assert "ownerReferences" not in j["metadata"]
+    mount = j["spec"]["template"]["spec"]["containers"][0]["volumeMounts"][0]
+    assert mount["subPath"] == "tuned/team-a/daoyan-01234567"
+    assert j["spec"]["ttlSecondsAfterFinished"] > 0

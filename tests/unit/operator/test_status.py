@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubetune.api.finetunejob import Phase
 from kubetune.operator import status as st
+
+from kubetune.api.finetunejob import Phase
 
 
 def job(*conds: dict[str, Any], suspend: bool = False) -> dict[str, Any]:
@@ -24,8 +25,17 @@ def test_no_job_is_pending() -> None:
 
 
 def test_unschedulable_pod_is_queued_with_the_schedulers_reason() -> None:
-    p = pod("Pending", conditions=[{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-        "message": "0/3 nodes are available: 2 Insufficient nvidia.com/gpu."}])  # fmt: skip
+    p = pod(
+        "Pending",
+        conditions=[
+            {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "Unschedulable",
+                "message": "0/3 nodes are available: 2 Insufficient nvidia.com/gpu.",
+            }
+        ],
+    )
     seen = st.observe_trainer(job(), [p])
     assert seen.phase == Phase.QUEUED
     assert "Insufficient nvidia.com/gpu" in seen.message
@@ -47,8 +57,20 @@ def test_complete_job_succeeds() -> None:
 
 
 def test_failure_names_oom_exit_code_and_last_line() -> None:
-    p = pod("Failed", containerStatuses=[{"state": {"terminated": {
-        "exitCode": 137, "reason": "OOMKilled", "message": "loading\nCUDA out of memory"}}}])  # fmt: skip
+    p = pod(
+        "Failed",
+        containerStatuses=[
+            {
+                "state": {
+                    "terminated": {
+                        "exitCode": 137,
+                        "reason": "OOMKilled",
+                        "message": "loading\nCUDA out of memory",
+                    }
+                }
+            }
+        ],
+    )
     seen = st.observe_trainer(
         job({"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}), [p]
     )
@@ -58,8 +80,16 @@ def test_failure_names_oom_exit_code_and_last_line() -> None:
 
 def test_deadline_is_the_reason() -> None:
     seen = st.observe_trainer(
-        job({"type": "Failed", "status": "True", "reason": "DeadlineExceeded",
-             "message": "Job was active longer than specified deadline"}), [])  # fmt: skip
+        job(
+            {
+                "type": "Failed",
+                "status": "True",
+                "reason": "DeadlineExceeded",
+                "message": "Job was active longer than specified deadline",
+            }
+        ),
+        [],
+    )
     assert seen.reason == "DeadlineExceeded" and "deadline" in seen.message
 
 
