@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Stops the kubetune test cluster and deletes its state (etcd data, certificates, logs).
+#
+#   bash hack/cluster/cluster-down.sh
+#
+# Environment: KUBETUNE_CLUSTER_NAME (default kubetune), KUBETUNE_CACHE, KUBETUNE_K8S_BIN, as for
+# cluster-up.sh. Deleting a cluster that does not exist is not an error.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "$HERE/../.." && pwd)"
+NAME="${KUBETUNE_CLUSTER_NAME:-kubetune}"
+CACHE="${KUBETUNE_CACHE:-$HOME/.cache/kubetune}"
+export KWOK_WORKDIR="$CACHE/kwok"
+CLUSTER_DIR="$KWOK_WORKDIR/clusters/$NAME"
+
+if [[ ! -d "$CLUSTER_DIR" ]]; then
+  echo "[cluster-down] no cluster $NAME" >&2
+  exit 0
+fi
+BIN="$(bash "$REPO/hack/k8s/build.sh")"
+# kwokctl wants a kubeconfig to remove the context from; the cluster's own is about to go.
+"$BIN/kwokctl" --name "$NAME" delete cluster --kubeconfig "$CLUSTER_DIR/kubeconfig.yaml" >&2
+rm -rf "$CLUSTER_DIR"
+echo "[cluster-down] deleted cluster $NAME" >&2
