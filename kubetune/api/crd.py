@@ -44,6 +44,10 @@ def _structural(node: dict[str, Any], defs: dict[str, Any], name: str | None) ->
             out[key] = _structural(value, defs, None)
         elif key == "const":
             out["enum"] = [value]
+        elif key in ("exclusiveMinimum", "exclusiveMaximum"):
+            # JSON Schema 2020 gives the bound; OpenAPI v3.0 wants the bound plus a flag.
+            out["minimum" if key == "exclusiveMinimum" else "maximum"] = value
+            out[key] = True
         else:
             out[key] = value
     if "default" in out and (out["default"] is None or isinstance(out["default"], dict | list)):
