@@ -14,7 +14,15 @@ import logging
 from typing import Any
 
 import kopf
-from kubetune.operator import checks, kube, local_provider, manifests
+from kubetune.operator import (
+    checks,
+    kube,
+    local_provider,
+    manifests,
+    openai_errors,
+    openai_handlers,
+)
+from kubetune.operator.openai_status import Event
 from kubetune.operator.settings import OperatorSettings
 
 from kubetune.api import finetunejob as ftj
@@ -141,15 +149,22 @@ def reconcile(
         return
     owner = manifests.Owner(name=name, namespace=namespace, uid=uid)
     key = (namespace, name)
+    events: list[Event] = []
     try:
         parsed = checks.parse_spec(dict(spec))
-        new = old
+        if parsed.provider == ftj.Provider.OPENAI and old.phase == ftj.Phase.SUCCEEDED:
+            return  # nothing left to follow; the endpoint ConfigMap exists
         if old.start_time is None and old.phase in (ftj.Phase.PENDING, ftj.Phase.VALIDATING):
+            # Validation gets a tick of its own, so the estimate is in status (and the
+            # Validating event posted) before anything is uploaded or scheduled.
             new = _validate(parsed, namespace, old)
+            if old.phase == ftj.Phase.PENDING:
+                _write(body, patch, stored, old, new, events)
+                return
+        else:
+            new = old
         if parsed.provider == ftj.Provider.OPENAI:
-            from kubetune.operator import openai_handlers
-
-            new = openai_handlers.reconcile(parsed, owner, new, SETTINGS, generation)
+            new, events = openai_handlers.reconcile(parsed, owner, new, SETTINGS, generation)
         else:
             children = local_provider.Children(
                 job=_one(indices["trainer_jobs"], key),
@@ -158,14 +173,31 @@ def reconcile(
                 deployment=_one(indices["servers"], key),
             )
             new = local_provider.reconcile(parsed, owner, new, children, SETTINGS, generation)
-    except (checks.InvalidJob, kube.PermanentKubeError) as exc:
+    except (
+        checks.InvalidJob,
+        kube.PermanentKubeError,
+        openai_errors.PermanentProviderError,
+    ) as exc:
         new = _fail(old, str(exc), generation)
-    except kube.TemporaryKubeError as exc:
+    except (kube.TemporaryKubeError, openai_errors.TemporaryProviderError) as exc:
         raise kopf.TemporaryError(str(exc), delay=exc.delay) from None
+    _write(body, patch, stored, old, new, events)
 
+
+def _write(
+    body: kopf.Body,
+    patch: kopf.Patch,
+    stored: dict[str, Any],
+    old: ftj.FineTuneJobStatus,
+    new: ftj.FineTuneJobStatus,
+    events: list[Event],
+) -> None:
+    """Patches the status and posts the provider's events plus one per phase change."""
     changes = _status_patch(stored, new)
     if changes:
         patch.status.update(changes)
+    for ev in events:
+        kopf.event(body, type=ev.type, reason=ev.reason, message=ev.message)
     if new.phase != old.phase:
         kind = "Warning" if new.phase == ftj.Phase.FAILED else "Normal"
         kopf.event(body, type=kind, reason=str(new.phase), message=new.message or str(new.phase))
@@ -187,3 +219,33 @@ def delete_output(spec: kopf.Spec, name: str, namespace: str | None, uid: str, *
         kube.create_or_adopt(manifests.cleanup_job(parsed, owner, SETTINGS))
     except kube.TemporaryKubeError as exc:
         raise kopf.TemporaryError(str(exc), delay=exc.delay) from None
+
+
+def _is_openai(spec: kopf.Spec, **_: Any) -> bool:
+    return spec.get("provider") == "openai"
+
+
+@kopf.on.delete(ftj.GROUP, ftj.VERSION, ftj.PLURAL, when=_is_openai)
+def delete_remote(
+    body: kopf.Body,
+    spec: kopf.Spec,
+    status: kopf.Status,
+    name: str,
+    namespace: str | None,
+    uid: str,
+    **_: Any,
+) -> None:
+    """A finalizer: cancel the paid remote job if it is still running, delete the uploads."""
+    parsed = checks.parse_spec(dict(spec))
+    owner = manifests.Owner(name=name, namespace=namespace or "default", uid=uid)
+    old = ftj.FineTuneJobStatus.model_validate(
+        {k: v for k, v in dict(status).items() if k != "kopf"}
+    )
+    try:
+        events = openai_handlers.cleanup(parsed, owner, old)
+    except (kube.TemporaryKubeError, openai_errors.TemporaryProviderError) as exc:
+        raise kopf.TemporaryError(str(exc), delay=exc.delay) from None
+    except openai_errors.PermanentProviderError as exc:
+        raise kopf.PermanentError(str(exc)) from None
+    for ev in events:
+        kopf.event(body, type=ev.type, reason=ev.reason, message=ev.message)

@@ -1,0 +1,424 @@
+"""Runs a ``provider: openai`` FineTuneJob on OpenAI's fine-tuning API, one reconcile at a time.
+
+The handler calls :func:`step` on every tick with a client (:func:`make_client`), the parsed
+spec, the owner and the stored status; it gets back the new status, Kubernetes Events to post
+and whether the job is finished. On deletion it calls :func:`cleanup`. This module never talks
+to the Kubernetes API server: the handler reads the Secret and the dataset and passes them in.
+
+Never a second paid job
+-----------------------
+``step`` is level-triggered and keeps no state of its own. Each call looks before it acts:
+
+1. ``status.remote.id`` set → retrieve that job. Otherwise list the jobs whose metadata carries
+   this FineTuneJob's UID (``fine_tuning.jobs.list(metadata={"kubetune.io/uid": uid})``, checked
+   again on our side in case a compatible server ignores the filter) and adopt what it finds.
+2. Only when no job exists: find the uploaded files by their deterministic names
+   (``kubetune-<uid>-<role>-<sha256 prefix>.jsonl``, so an edited dataset is a new file), upload
+   what is missing, then create the job with that metadata.
+3. Create is sent once (client retries off for it): a lost answer leaves a job we cannot see,
+   so a retry would duplicate it. The error goes to the handler as temporary; the next tick's
+   step 1 finds the job.
+
+So if the operator dies anywhere (after an upload, after create, before the status patch) the
+next tick adopts what exists instead of creating it again. What this relies on: the list
+endpoint shows a job as soon as create has answered, and one operator works on a FineTuneJob
+at a time (kopf's peering).
+
+Following
+---------
+Each tick retrieves the job and reads its events newest first, back to
+``status.remote.lastEventId``; :mod:`openai_status` turns them into phase, progress, cost and
+endpoint (the handler creates the endpoint ConfigMap from ``status.endpoint``). ``suspend``
+cancels an unfinished job (it ends Cancelled); :func:`cleanup` on deletion cancels and deletes
+the uploaded files unless ``keepFiles``.
+
+Errors leave as :mod:`openai_errors` classes; the API key never appears in anything returned
+or raised (see that module).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import httpx
+import openai
+from kubetune.operator import manifests
+from kubetune.operator import openai_errors as errors
+from kubetune.operator import openai_status as ostatus
+from kubetune.operator import status as st
+from kubetune.operator.openai_status import TERMINAL, Event
+from openai.types import FileObject
+from openai.types.fine_tuning import (
+    DpoHyperparametersParam,
+    FineTuningJob,
+    FineTuningJobEvent,
+    job_create_params,
+)
+
+from kubetune.api import finetunejob as ftj
+
+log = logging.getLogger(__name__)
+
+META_UID = "kubetune.io/uid"
+META_NAMESPACE = "kubetune.io/namespace"
+META_NAME = "kubetune.io/name"
+FILE_PREFIX = "kubetune-"
+
+TIMEOUT = httpx.Timeout(60.0, connect=10.0, write=300.0)
+"""Per request: 60 s to answer, 5 minutes to send a large upload."""
+
+MAX_RETRIES = 2
+"""Retries inside one call for 408/409/429/5xx, timeouts and connection errors, with the
+client's backoff (0.5 s doubling, at most 8 s, jittered) or the server's ``retry-after-ms`` /
+``Retry-After``. What still fails reaches the handler as a temporary error."""
+
+MAX_INLINE_RETRY_AFTER = 20.0
+"""A server asking for a longer wait is not waited for inside the call (openai-python would
+sleep up to 2 minutes in a kopf worker thread): the error goes to kopf with that delay."""
+
+DEFAULT_PRICES: Mapping[str, float] = {"gpt-4o-mini": 3.00, "gpt-4o": 25.00, "gpt-4.1-mini": 5.00}
+"""USD per 1M training tokens by model prefix, when the chart gives none (``openai.prices``
+in its values has the same table)."""
+
+EVENT_PAGE_SIZE = 100
+MAX_EVENT_PAGES = 10
+"""Events are read newest first; older ones past 1,000 are not needed for the status."""
+
+
+Dataset = bytes | Callable[[], bytes]
+"""The JSONL bytes, or a function that reads them (called only when an upload is needed)."""
+
+
+@dataclass(frozen=True)
+class StepResult:
+    status: ftj.FineTuneJobStatus
+    """The whole new status."""
+
+    patch: dict[str, Any]
+    """Merge patch (camelCase) from the status passed in to ``status``; removed fields are null."""
+
+    events: list[Event] = field(default_factory=list)
+    """Events to post, oldest first."""
+
+    finished: bool = False
+    """The remote job is over (Succeeded, Failed or Cancelled): stop polling."""
+
+
+# ----------------------------------------------------------------------------- client
+
+
+class _Client(openai.OpenAI):
+    """openai.OpenAI that leaves long server-requested waits to kopf instead of sleeping."""
+
+    def _should_retry(self, response: httpx.Response) -> bool:
+        asked = errors.retry_after(response.headers)
+        if asked is not None and asked > MAX_INLINE_RETRY_AFTER:
+            return False
+        return super()._should_retry(response)
+
+
+def make_client(
+    api_key: str,
+    *,
+    organization: str | None = None,
+    project: str | None = None,
+    base_url: str | None = None,
+    max_retries: int = MAX_RETRIES,
+    timeout: httpx.Timeout = TIMEOUT,
+) -> openai.OpenAI:
+    """A client for one FineTuneJob's credentials; use it as a context manager (it pools)."""
+    key = api_key.strip()  # Secrets made with --from-file often end in a newline
+    if not key:
+        raise errors.AuthProviderError("the API key in the Secret is empty", reason="MissingKey")
+    return _Client(
+        api_key=key,
+        organization=(organization or "").strip() or None,
+        project=(project or "").strip() or None,
+        base_url=base_url or ostatus.DEFAULT_BASE_URL,
+        max_retries=max_retries,
+        timeout=timeout,
+    )
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _read(data: Dataset) -> bytes:
+    return data() if callable(data) else data
+
+
+def file_name(uid: str, role: str, data: bytes) -> str:
+    """Deterministic upload name: the FineTuneJob, the role and the content decide it."""
+    return f"{FILE_PREFIX}{uid}-{role}-{hashlib.sha256(data).hexdigest()[:16]}.jsonl"
+
+
+def _openai_spec(spec: ftj.FineTuneJobSpec) -> ftj.OpenAISpec:
+    if spec.openai is None:
+        raise errors.PermanentProviderError(
+            "`openai` is required when `provider` is `openai`", reason="InvalidSpec"
+        )
+    return spec.openai
+
+
+def _secrets(client: openai.OpenAI) -> tuple[str, ...]:
+    key = client.api_key
+    return (key,) if isinstance(key, str) and key else ()
+
+
+# ----------------------------------------------------------------------------- lookups
+
+
+def jobs_of(client: openai.OpenAI, uid: str) -> list[FineTuningJob]:
+    """Every remote job created for this FineTuneJob UID, newest first."""
+    with errors.translated("listing fine-tuning jobs", _secrets(client)):
+        page = client.fine_tuning.jobs.list(metadata={META_UID: uid}, limit=100)
+        found = [j for j in page if (j.metadata or {}).get(META_UID) == uid]
+    return sorted(found, key=lambda j: j.created_at, reverse=True)
+
+
+def files_of(client: openai.OpenAI, uid: str) -> list[FileObject]:
+    """Every ``purpose=fine-tune`` file uploaded for this FineTuneJob UID, newest first."""
+    prefix = f"{FILE_PREFIX}{uid}-"
+    with errors.translated("listing files", _secrets(client)):
+        page = client.files.list(purpose="fine-tune", order="desc", limit=10000)
+        found = [f for f in page if f.filename.startswith(prefix)]
+    return sorted(found, key=lambda f: f.created_at, reverse=True)
+
+
+def _find_job(
+    client: openai.OpenAI, uid: str, remote: ftj.RemoteJob, events: list[Event]
+) -> FineTuningJob | None:
+    if remote.id:
+        with errors.translated(f"reading job {remote.id}", _secrets(client)):
+            return client.fine_tuning.jobs.retrieve(remote.id)
+    found = jobs_of(client, uid)
+    if not found:
+        return None
+    if len(found) > 1:
+        ids = ", ".join(j.id for j in found)
+        text = f"OpenAI has {len(found)} jobs for this FineTuneJob ({ids}); following one"
+        events.append(Event("Warning", "DuplicateRemoteJobs", text))
+    live = [j for j in found if j.status not in TERMINAL]
+    job = (live or found)[0]
+    log.info("adopting OpenAI job %s found by its metadata (uid %s)", job.id, uid)
+    return job
+
+
+def _ensure_files(
+    client: openai.OpenAI,
+    uid: str,
+    remote: ftj.RemoteJob,
+    training: Dataset,
+    validation: Dataset | None,
+) -> None:
+    """Fills ``remote.training_file`` / ``validation_file``: found by name, else uploaded."""
+    wanted: list[tuple[str, bytes]] = []
+    if remote.training_file is None:
+        wanted.append(("training", _read(training)))
+    if validation is not None and remote.validation_file is None:
+        wanted.append(("validation", _read(validation)))
+    if not wanted:
+        return
+    existing: dict[str, FileObject] = {}
+    for f in files_of(client, uid):
+        if f.status != "error":
+            existing.setdefault(f.filename, f)
+    for role, data in wanted:
+        name = file_name(uid, role, data)
+        found = existing.get(name)
+        if found is None:
+            with errors.translated(f"uploading the {role} file", _secrets(client)):
+                found = client.files.create(
+                    file=(name, data, "application/jsonl"), purpose="fine-tune"
+                )
+            log.info("uploaded %s file %s (%d bytes) for uid %s", role, found.id, len(data), uid)
+        if role == "training":
+            remote.training_file = found.id
+        else:
+            remote.validation_file = found.id
+
+
+def _number_or_auto(value: str) -> float | Literal["auto"]:
+    return "auto" if value == "auto" else float(value)
+
+
+def create_params(oa: ftj.OpenAISpec) -> job_create_params.Method:
+    """The ``method`` object of the create request, from the spec's method and hyperparameters."""
+    hp = oa.hyperparameters
+    epochs: int | Literal["auto"] = hp.n_epochs
+    batch: int | Literal["auto"] = hp.batch_size
+    lr = _number_or_auto(hp.learning_rate_multiplier)
+    if oa.method == "dpo":
+        dpo: DpoHyperparametersParam = {
+            "n_epochs": epochs,
+            "batch_size": batch,
+            "learning_rate_multiplier": lr,
+        }
+        if hp.beta is not None:
+            dpo["beta"] = _number_or_auto(hp.beta)
+        return {"type": "dpo", "dpo": {"hyperparameters": dpo}}
+    return {
+        "type": "supervised",
+        "supervised": {
+            "hyperparameters": {
+                "n_epochs": epochs,
+                "batch_size": batch,
+                "learning_rate_multiplier": lr,
+            }
+        },
+    }
+
+
+def _create_job(
+    client: openai.OpenAI, oa: ftj.OpenAISpec, owner: manifests.Owner, remote: ftj.RemoteJob
+) -> FineTuningJob:
+    assert remote.training_file is not None
+    metadata = {META_UID: owner.uid, META_NAMESPACE: owner.namespace, META_NAME: owner.name}
+    once = client.with_options(max_retries=0)  # a retried create could make a second paid job
+    with errors.translated("creating the fine-tuning job", _secrets(client)):
+        job = once.fine_tuning.jobs.create(
+            model=oa.model,
+            training_file=remote.training_file,
+            validation_file=remote.validation_file or openai.omit,
+            method=create_params(oa),
+            suffix=oa.suffix or openai.omit,
+            seed=oa.seed if oa.seed is not None else openai.omit,
+            metadata=metadata,
+        )
+    log.info("created OpenAI job %s for %s/%s", job.id, owner.namespace, owner.name)
+    return job
+
+
+def new_events(
+    client: openai.OpenAI, job_id: str, last_event_id: str | None
+) -> list[FineTuningJobEvent]:
+    """The job's events after ``last_event_id``, oldest first (the API lists newest first)."""
+    out: list[FineTuningJobEvent] = []
+    with errors.translated(f"reading the events of job {job_id}", _secrets(client)):
+        page = client.fine_tuning.jobs.list_events(job_id, limit=EVENT_PAGE_SIZE)
+        for n, current in enumerate(page.iter_pages()):
+            for ev in current.data:
+                if ev.id == last_event_id:
+                    return out[::-1]
+                out.append(ev)
+            if n + 1 >= MAX_EVENT_PAGES:
+                break
+    return out[::-1]
+
+
+def _cancel(client: openai.OpenAI, job_id: str) -> FineTuningJob | None:
+    """Cancels the job; None when it no longer exists. A job that ended meanwhile is kept."""
+    try:
+        with errors.translated(f"cancelling job {job_id}", _secrets(client)):
+            return client.fine_tuning.jobs.cancel(job_id)
+    except errors.NotFoundProviderError:
+        return None
+    except errors.PermanentProviderError as exc:
+        if exc.reason != "BadRequest":  # 400 is "already finished"; look before giving up
+            raise
+        with errors.translated(f"reading job {job_id}", _secrets(client)):
+            job = client.fine_tuning.jobs.retrieve(job_id)
+        if job.status in TERMINAL:
+            return job
+        raise
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def step(
+    client: openai.OpenAI,
+    spec: ftj.FineTuneJobSpec,
+    owner: manifests.Owner,
+    status: ftj.FineTuneJobStatus,
+    *,
+    training: Dataset,
+    validation: Dataset | None = None,
+    prices: Mapping[str, float],
+    generation: int | None = None,
+) -> StepResult:
+    """One reconcile: adopt or create the remote job, then read it into the status.
+
+    ``training`` / ``validation`` are read only when a file must be uploaded (pass a function
+    to fetch lazily). Raises :class:`openai_errors.PermanentProviderError` (mark the job
+    Failed with its message) or :class:`openai_errors.TemporaryProviderError` (retry after
+    ``delay``); nothing is half-written: the next call finds what this one created.
+    """
+    oa = _openai_spec(spec)
+    secrets = _secrets(client)
+    new = status.model_copy(deep=True)
+    if ftj.Phase(new.phase).finished:
+        return StepResult(new, {}, [], True)
+    remote = new.remote.model_copy() if new.remote is not None else ftj.RemoteJob()
+    out: list[Event] = []
+
+    job = _find_job(client, owner.uid, remote, out)
+    if job is None:
+        if spec.suspend:
+            new.phase = ftj.Phase.QUEUED
+            new.message = "suspended (spec.suspend): nothing is uploaded or created"
+            new.conditions = st.set_condition(
+                new.conditions, "Ready", False, "Suspended", new.message, generation
+            )
+            new.observed_generation = generation
+            return StepResult(new, ostatus.status_patch(status, new), out, False)
+        _ensure_files(client, owner.uid, remote, training, validation)
+        job = _create_job(client, oa, owner, remote)
+        out.append(Event("Normal", "Created", f"created OpenAI fine-tuning job {job.id}"))
+    elif spec.suspend and job.status not in TERMINAL:
+        job = _cancel(client, job.id) or job
+        out.append(Event("Normal", "Cancelled", f"spec.suspend: cancelled OpenAI job {job.id}"))
+
+    events = new_events(client, job.id, remote.last_event_id if remote.id == job.id else None)
+    new.remote = remote
+    ostatus.apply(
+        new, job, events, oa=oa, owner=owner, prices=prices, generation=generation,
+        secrets=secrets, out=out,
+    )  # fmt: skip
+    out = ostatus.posted(events, secrets) + out
+    new.observed_generation = generation
+    return StepResult(new, ostatus.status_patch(status, new), out, ftj.Phase(new.phase).finished)
+
+
+def cleanup(
+    client: openai.OpenAI,
+    spec: ftj.FineTuneJobSpec,
+    owner: manifests.Owner,
+    status: ftj.FineTuneJobStatus,
+) -> list[Event]:
+    """On deletion: cancel this FineTuneJob's unfinished remote jobs, delete its files.
+
+    Jobs are found by the recorded id and by metadata (a job created just before a crash is
+    not in the status); files by the recorded ids and by name. Files stay when
+    ``spec.openai.keepFiles`` is set. Gone jobs and files are not errors.
+    """
+    oa = _openai_spec(spec)
+    out: list[Event] = []
+    jobs = {j.id: j for j in jobs_of(client, owner.uid)}
+    recorded = status.remote.id if status.remote else None
+    if recorded and recorded not in jobs:
+        try:
+            with errors.translated(f"reading job {recorded}", _secrets(client)):
+                jobs[recorded] = client.fine_tuning.jobs.retrieve(recorded)
+        except errors.NotFoundProviderError:
+            pass
+    for job in jobs.values():
+        if job.status not in TERMINAL and _cancel(client, job.id) is not None:
+            out.append(Event("Normal", "Cancelled", f"cancelled OpenAI job {job.id}"))
+    if oa.keep_files:
+        return out
+    ids = {f.id for f in files_of(client, owner.uid)}
+    if status.remote is not None:
+        ids |= {i for i in (status.remote.training_file, status.remote.validation_file) if i}
+    for file_id in sorted(ids):
+        try:
+            with errors.translated(f"deleting file {file_id}", _secrets(client)):
+                client.files.delete(file_id)
+            out.append(Event("Normal", "FileDeleted", f"deleted uploaded file {file_id}"))
+        except errors.NotFoundProviderError:
+            pass
+    return out
