@@ -211,7 +211,9 @@ def _drops_output(spec: kopf.Spec, **_: Any) -> bool:
 
 
 @kopf.on.delete(ftj.GROUP, ftj.VERSION, ftj.PLURAL, when=_drops_output)
-def delete_output(spec: kopf.Spec, name: str, namespace: str | None, uid: str, **_: Any) -> None:
+def delete_output(
+    body: kopf.Body, spec: kopf.Spec, name: str, namespace: str | None, uid: str, **_: Any
+) -> None:
     """Children go with the owner references; the adapter folder goes only when asked."""
     parsed = checks.parse_spec(dict(spec))
     owner = manifests.Owner(name=name, namespace=namespace or "default", uid=uid)
@@ -219,6 +221,10 @@ def delete_output(spec: kopf.Spec, name: str, namespace: str | None, uid: str, *
         kube.create_or_adopt(manifests.cleanup_job(parsed, owner, SETTINGS))
     except kube.TemporaryKubeError as exc:
         raise kopf.TemporaryError(str(exc), delay=exc.delay) from None
+    except kube.PermanentKubeError as exc:
+        # Typically the namespace is being deleted (no new Jobs allowed there); blocking the
+        # finalizer would keep the namespace Terminating forever, so give up loudly instead.
+        kopf.warn(body, reason="CleanupSkipped", message=f"output folder not removed: {exc}")
 
 
 def _is_openai(spec: kopf.Spec, **_: Any) -> bool:

@@ -52,15 +52,21 @@ def ensure_trainer(
 
 
 def sync_suspend(spec: ftj.FineTuneJobSpec, job: dict[str, Any], owner: manifests.Owner) -> None:
-    """`spec.suspend` maps onto the Job's suspend: pods go, a resume restarts from a checkpoint."""
-    if bool((job.get("spec") or {}).get("suspend")) != spec.suspend:
-        kube.patch_merge(
-            "batch/v1",
-            "Job",
-            owner.namespace,
-            manifests.trainer_name(owner),
-            {"spec": {"suspend": spec.suspend}},
-        )
+    """`spec.suspend` maps onto the Job's suspend: pods go, a resume restarts from a checkpoint.
+
+    A queued Job (``spec.queue``) is Kueue's to unsuspend when it admits the workload, so the
+    operator only ever suspends it.
+    """
+    suspended = bool((job.get("spec") or {}).get("suspend"))
+    if suspended == spec.suspend or (spec.queue and suspended):
+        return
+    kube.patch_merge(
+        "batch/v1",
+        "Job",
+        owner.namespace,
+        manifests.trainer_name(owner),
+        {"spec": {"suspend": spec.suspend}},
+    )
 
 
 def read_progress(

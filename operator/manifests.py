@@ -218,6 +218,18 @@ def container_security_context() -> dict[str, Any]:
     }
 
 
+def effective_resources(res: ftj.Resources, settings: OperatorSettings, role: str) -> ftj.Resources:
+    """The spec's resources with the cluster defaults filled in (GPU name, cpu, memory)."""
+    defaults = settings.default_resources.get(role, {})
+    return res.model_copy(
+        update={
+            "gpu_resource_name": res.gpu_resource_name or settings.gpu_resource_name,
+            "cpu": res.cpu or defaults.get("cpu"),
+            "memory": res.memory or defaults.get("memory"),
+        }
+    )
+
+
 def resource_requirements(res: ftj.Resources) -> dict[str, Any]:
     amounts: dict[str, str] = {}
     if res.cpu:
@@ -225,7 +237,7 @@ def resource_requirements(res: ftj.Resources) -> dict[str, Any]:
     if res.memory:
         amounts["memory"] = res.memory
     if res.gpus:
-        amounts[res.gpu_resource_name] = str(res.gpus)
+        amounts[res.gpu_resource_name or "nvidia.com/gpu"] = str(res.gpus)
     return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
 
 
@@ -236,8 +248,9 @@ def tolerations(res: ftj.Resources) -> list[dict[str, Any]]:
     admission plugin assumes); a pod that asks for GPUs should not also have to say so.
     """
     out = [t.to_wire() for t in res.tolerations]
-    if res.gpus and not any(t.get("key") == res.gpu_resource_name for t in out):
-        out.append({"key": res.gpu_resource_name, "operator": "Exists", "effect": "NoSchedule"})
+    gpu = res.gpu_resource_name or "nvidia.com/gpu"
+    if res.gpus and not any(t.get("key") == gpu for t in out):
+        out.append({"key": gpu, "operator": "Exists", "effect": "NoSchedule"})
     return out
 
 
@@ -313,11 +326,12 @@ def trainer_job(
 ) -> dict[str, Any]:
     """The batch/v1 Job that runs ``python -m kubetune.trainer`` once (with resumable retries)."""
     name = trainer_name(owner)
+    res = effective_resources(spec.resources, settings, "trainer")
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": config_name(owner)}},
         {"name": "output", "persistentVolumeClaim": {"claimName": output_claim(spec, settings)}},
         cache_volume(settings),
-        shm_volume(spec.resources),
+        shm_volume(res),
         {"name": "tmp", "emptyDir": {}},
     ]
     mounts: list[dict[str, Any]] = [
@@ -361,14 +375,14 @@ def trainer_job(
                     {"name": "PYTHONUNBUFFERED", "value": "1"},
                     {"name": "PYTHONSAFEPATH", "value": "1"},
                 ],
-                "resources": resource_requirements(spec.resources),
+                "resources": resource_requirements(res),
                 "volumeMounts": mounts,
                 "securityContext": container_security_context(),
                 "terminationMessagePolicy": "FallbackToLogsOnError",
             }
         ],
         "volumes": volumes,
-        "tolerations": tolerations(spec.resources),
+        "tolerations": tolerations(res),
         # Checkpointing on SIGTERM needs a moment; preemption grants this much.
         "terminationGracePeriodSeconds": 120,
     }
@@ -386,7 +400,9 @@ def trainer_job(
         "spec": {
             "backoffLimit": spec.backoff_limit,
             "activeDeadlineSeconds": spec.active_deadline_seconds,
-            "suspend": spec.suspend,
+            # Kueue admits a queued Job by unsuspending it; created running, it would start
+            # before the queue has a say.
+            "suspend": spec.suspend or spec.queue is not None,
             "podFailurePolicy": {
                 "rules": [
                     # Exit code 2: the trainer refused its input (bad data or config).

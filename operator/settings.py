@@ -35,6 +35,13 @@ class OperatorSettings:
     openai_poll_interval: float = 30.0
     """Seconds between two polls of a remote OpenAI job."""
 
+    gpu_resource_name: str = "nvidia.com/gpu"
+    """GPU resource of jobs that name none (chart value ``jobDefaults.gpuResourceName``)."""
+
+    default_resources: dict[str, dict[str, str]] = field(default_factory=dict)
+    """cpu/memory of ``trainer`` and ``server`` pods whose spec gives none
+    (chart value ``jobDefaults.resources``)."""
+
     trainer_run_as_user: int = 1000
     """UID of trainer and server containers (non-root)."""
 
@@ -46,6 +53,7 @@ class OperatorSettings:
     def from_env(cls) -> OperatorSettings:
         default = cls()
         prices = os.environ.get("KUBETUNE_OPENAI_PRICES")
+        resources = os.environ.get("KUBETUNE_DEFAULT_RESOURCES")
         return cls(
             trainer_image=_env("KUBETUNE_TRAINER_IMAGE", default.trainer_image),
             server_image=_env("KUBETUNE_SERVER_IMAGE", default.server_image),
@@ -58,4 +66,6 @@ class OperatorSettings:
                 _env("KUBETUNE_OPENAI_POLL_INTERVAL", str(default.openai_poll_interval))
             ),
             prices_per_million=json.loads(prices) if prices else default.prices_per_million,
+            gpu_resource_name=_env("KUBETUNE_GPU_RESOURCE_NAME", default.gpu_resource_name),
+            default_resources=json.loads(resources) if resources else {},
         )

@@ -211,14 +211,19 @@ class Toleration(ApiModel):
 
 class Resources(ApiModel):
     gpus: int = Field(default=1, ge=0, le=64, description="GPUs per pod (0 runs on CPU).")
-    gpu_resource_name: str = Field(
-        default="nvidia.com/gpu",
+    gpu_resource_name: str | None = Field(
+        default=None,
         max_length=253,
         pattern=r"^[a-z0-9.-]+/[a-z0-9.-]+$",
-        description="Extended resource name of the GPU.",
+        description="Extended resource name of the GPU; unset: the cluster's default from "
+        "the chart (`jobDefaults.gpuResourceName`, usually `nvidia.com/gpu`).",
     )
-    cpu: Quantity | None = Field(default=None, description="CPU request and limit.")
-    memory: Quantity | None = Field(default=None, description="Memory request and limit.")
+    cpu: Quantity | None = Field(
+        default=None, description="CPU request and limit; unset: the chart's default."
+    )
+    memory: Quantity | None = Field(
+        default=None, description="Memory request and limit; unset: the chart's default."
+    )
     node_selector: dict[str, str] = Field(
         default_factory=dict, description="Node labels the pod must match (the GPU pool)."
     )

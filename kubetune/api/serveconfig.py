@@ -18,12 +18,12 @@ from pydantic import Field, model_validator
 
 from kubetune.api.types import ApiModel
 
-CONFIG_KIND = "ServeConfig"
+CONFIG_KIND: Literal["ServeConfig"] = "ServeConfig"
 
 ServedName = Annotated[
     str, Field(pattern=r"^[A-Za-z0-9][-._A-Za-z0-9/:@]*$", min_length=1, max_length=256)
 ]
-"""A name clients send as ``model``: no spaces, no ``=`` (vLLM's ``--lora-modules`` splits on it)."""
+"""A name clients send as ``model``: no spaces, no ``=`` or ``,`` (vLLM's CLI splits on them)."""
 
 EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=128)]
 
@@ -43,7 +43,7 @@ class ServeConfig(ApiModel):
     """Everything the launcher needs to check the adapters and start vLLM."""
 
     api_version: Literal["kubetune.io/v1alpha1"] = "kubetune.io/v1alpha1"
-    kind: Literal["ServeConfig"] = CONFIG_KIND
+    kind: Literal["ServeConfig"] = "ServeConfig"
     model: str = Field(
         min_length=1,
         max_length=4096,

@@ -26,7 +26,7 @@ def test_local_defaults_are_applied() -> None:
     assert spec.provider == "local"
     assert spec.lora.r == 16 and spec.lora.target_modules == ["all-linear"]
     assert spec.hyperparameters.epochs == "auto"
-    assert spec.resources.gpus == 1 and spec.resources.gpu_resource_name == "nvidia.com/gpu"
+    assert spec.resources.gpus == 1 and spec.resources.gpu_resource_name is None  # chart default
     assert spec.serve.enabled
 
 

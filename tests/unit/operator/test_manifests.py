@@ -164,3 +164,27 @@ def test_cleanup_job_mounts_only_the_jobs_folder_and_outlives_its_owner() -> Non
     mount = j["spec"]["template"]["spec"]["containers"][0]["volumeMounts"][0]
     assert mount["subPath"] == "tuned/team-a/daoyan-01234567"
     assert j["spec"]["ttlSecondsAfterFinished"] > 0
+
+
+def test_a_queued_job_is_created_suspended_for_kueue_to_admit() -> None:
+    assert job(spec(queue="team-a"))["spec"]["suspend"] is True
+    assert job(spec(queue=None))["spec"]["suspend"] is False
+
+
+def test_cluster_defaults_fill_what_the_spec_leaves_out() -> None:
+    settings = OperatorSettings(
+        gpu_resource_name="amd.com/gpu",
+        default_resources={"trainer": {"cpu": "8", "memory": "64Gi"}},
+    )
+    s = spec(resources={"gpus": 1})
+    j = manifests.trainer_job(s, OWNER, settings, manifests.trainer_config(s, OWNER))
+    limits = container(j)["resources"]["limits"]
+    assert limits == {"cpu": "8", "memory": "64Gi", "amd.com/gpu": "1"}
+    assert j["spec"]["template"]["spec"]["tolerations"][0]["key"] == "amd.com/gpu"
+    s = spec(resources={"gpus": 1, "cpu": "2", "gpuResourceName": "nvidia.com/mig-3g.40gb"})
+    j = manifests.trainer_job(s, OWNER, settings, manifests.trainer_config(s, OWNER))
+    assert container(j)["resources"]["limits"] == {
+        "cpu": "2",
+        "memory": "64Gi",
+        "nvidia.com/mig-3g.40gb": "1",
+    }

@@ -1,0 +1,330 @@
+"""Pure builders for serving a finished ``provider: local`` FineTuneJob behind vLLM.
+
+``serving_objects(...)`` returns, as plain dicts in creation order:
+
+1. ConfigMap ``<name>-server-config``: the :class:`~kubetune.api.serveconfig.ServeConfig` that
+   ``python -m kubetune.server`` reads (base model, the job's adapter served as ``<name>``);
+2. Deployment ``<name>-server``: the launcher, which checks the adapter and execs vLLM;
+3. Service ``<name>-server`` (ClusterIP, port 8000): what ``<name>-endpoint`` points apps at.
+
+Signature (keyword-only)::
+
+    serving_objects(*, owner, serve, base_model, adapter_claim, adapter_subpath, lora_rank,
+                    settings, runtime_lora_updating=False) -> list[dict]
+
+``owner`` is the FineTuneJob (its owner reference and ``kubetune.io/finetunejob`` label go on
+every object); ``serve`` is ``spec.serve``; ``base_model`` is ``spec.model``;
+``adapter_claim``/``adapter_subpath`` locate the job's output folder (the trainer's
+``/kubetune/output``), which the server mounts read-only at the same path; the trainer writes
+the adapter files straight into it. ``lora_rank`` (``spec.lora.r``) becomes the server's rank
+cap, so an adapter of a higher rank than the job asked for is refused.
+
+The pod mounts the base model exactly where the trainer did (``/kubetune/model`` for a PVC
+model; hub ids go through the shared HF_HOME cache), so the ``base_model_name_or_path`` the
+trainer recorded matches what the server serves and the launcher's base-model check passes.
+Engine ``vllm-cpu`` requests no GPUs (``resources.gpus`` applies to the GPU engine).
+
+Nothing here talks to Kubernetes or imports kopf; ``tests/unit/server/test_serving_manifests``
+checks the output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from kubetune.operator import manifests
+from kubetune.operator.settings import OperatorSettings
+
+from kubetune.api import finetunejob as ftj
+from kubetune.api.serveconfig import AdapterSource, ServeConfig
+
+SERVER_PORT = 8000
+COMPONENT = "server"
+CONFIG_FILE = "serve.yaml"
+CONFIG_PATH = f"{manifests.CONFIG_DIR}/{CONFIG_FILE}"
+ADAPTER_PATH = manifests.OUTPUT_DIR
+"""The adapter in the server pod: the trainer writes it straight into the job's output folder
+(``adapter_config.json`` last), which the server mounts where the trainer had it."""
+API_KEY_ENV = "KUBETUNE_API_KEY"
+"""Filled from ``serve.apiKeySecretRef``; the launcher hands it to vLLM as VLLM_API_KEY."""
+
+STARTUP_SECONDS = 1800
+"""How long a replica may take to download and load the model before Kubernetes restarts it."""
+PROBE_PERIOD = 10
+
+
+def server_name(owner: manifests.Owner) -> str:
+    return f"{owner.name}-{COMPONENT}"
+
+
+def config_name(owner: manifests.Owner) -> str:
+    return f"{owner.name}-{COMPONENT}-config"
+
+
+def selector_labels(owner: manifests.Owner) -> dict[str, str]:
+    """Labels that pick this job's server pods (stable: a Deployment's selector is immutable)."""
+    return {manifests.LABEL_JOB: owner.name, manifests.LABEL_COMPONENT: COMPONENT}
+
+
+def _labels(owner: manifests.Owner) -> dict[str, str]:
+    return {
+        **selector_labels(owner),
+        manifests.LABEL_MANAGED_BY: "kubetune",
+        "app.kubernetes.io/name": "vllm",
+        "app.kubernetes.io/instance": server_name(owner),
+        "app.kubernetes.io/part-of": "kubetune",
+    }
+
+
+def _metadata(owner: manifests.Owner, name: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": owner.namespace,
+        "labels": _labels(owner),
+        "ownerReferences": [owner.reference()],
+    }
+
+
+# ------------------------------------------------------------------------------ config
+
+
+def base_model_path(base_model: ftj.ModelRef) -> str:
+    """The base model as the trainer named it: the hub id, or its folder under MODEL_DIR."""
+    if base_model.id is not None:
+        return base_model.id
+    assert base_model.pvc is not None  # ModelRef guarantees exactly one
+    return f"{manifests.MODEL_DIR}/{base_model.pvc.path}".rstrip("/")
+
+
+def base_served_name(base_model: ftj.ModelRef) -> str:
+    """What clients send for the untuned base: the hub id, or the model folder's name."""
+    if base_model.id is not None:
+        return base_model.id
+    assert base_model.pvc is not None
+    return base_model.pvc.path.rstrip("/").rsplit("/", 1)[-1] or base_model.pvc.claim_name
+
+
+def serve_config(
+    *,
+    owner: manifests.Owner,
+    serve: ftj.ServeSpec,
+    base_model: ftj.ModelRef,
+    lora_rank: int,
+    runtime_lora_updating: bool = False,
+) -> ServeConfig:
+    """The launcher's config for this job, with in-pod paths."""
+    cpu = serve.engine == "vllm-cpu"
+    return ServeConfig(
+        model=base_model_path(base_model),
+        revision=base_model.revision,
+        served_model_name=base_served_name(base_model),
+        adapters=[AdapterSource(name=owner.name, path=ADAPTER_PATH)],
+        engine=serve.engine,
+        host="0.0.0.0",
+        port=SERVER_PORT,
+        max_model_len=serve.max_model_length,
+        tensor_parallel_size=1 if cpu else max(1, serve.resources.gpus),
+        max_lora_rank=lora_rank,
+        runtime_lora_updating=runtime_lora_updating,
+        api_key_env=API_KEY_ENV if serve.api_key_secret_ref else None,
+    )
+
+
+def config_configmap(config: ServeConfig, owner: manifests.Owner) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(owner, config_name(owner)),
+        "data": {CONFIG_FILE: config.dump_yaml()},
+    }
+
+
+# ------------------------------------------------------------------------------ pod
+
+
+def engine_resources(serve: ftj.ServeSpec) -> ftj.Resources:
+    """``serve.resources``, less the GPUs when the engine is ``vllm-cpu`` (it cannot use them)."""
+    if serve.engine == "vllm-cpu":
+        return serve.resources.model_copy(update={"gpus": 0})
+    return serve.resources
+
+
+def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": "http"},
+        "periodSeconds": period,
+        "timeoutSeconds": 5,
+        "failureThreshold": failures,
+    }
+
+
+def _env(serve: ftj.ServeSpec) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": "HF_HOME", "value": f"{manifests.CACHE_DIR}/huggingface"},
+        # The root filesystem is read-only; vLLM, torch and triton cache under $HOME.
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "PYTHONSAFEPATH", "value": "1"},
+        {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
+        {"name": "DO_NOT_TRACK", "value": "1"},
+    ]
+    ref = serve.api_key_secret_ref
+    if ref is not None:
+        env.append(
+            {
+                "name": API_KEY_ENV,
+                "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
+            }
+        )
+    return env
+
+
+def deployment(
+    *,
+    owner: manifests.Owner,
+    serve: ftj.ServeSpec,
+    base_model: ftj.ModelRef,
+    adapter_claim: str,
+    adapter_subpath: str,
+    config: ServeConfig,
+    settings: OperatorSettings,
+) -> dict[str, Any]:
+    """vLLM behind the launcher: probes, GPUs, /dev/shm, cache, read-only adapter, non-root."""
+    res = manifests.effective_resources(engine_resources(serve), settings, "server")
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": config_name(owner)}},
+        {
+            "name": "adapter",
+            "persistentVolumeClaim": {"claimName": adapter_claim, "readOnly": True},
+        },
+        manifests.cache_volume(settings),
+        manifests.shm_volume(res),
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "config", "mountPath": manifests.CONFIG_DIR, "readOnly": True},
+        {
+            "name": "adapter",
+            "mountPath": manifests.OUTPUT_DIR,
+            "subPath": adapter_subpath,
+            "readOnly": True,
+        },
+        {"name": "cache", "mountPath": manifests.CACHE_DIR},
+        {"name": "shm", "mountPath": "/dev/shm"},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    if base_model.pvc is not None:
+        volumes.append(
+            {
+                "name": "model",
+                "persistentVolumeClaim": {"claimName": base_model.pvc.claim_name, "readOnly": True},
+            }
+        )
+        mounts.append({"name": "model", "mountPath": manifests.MODEL_DIR, "readOnly": True})
+
+    config_text = config.dump_yaml()
+    pod_spec: dict[str, Any] = {
+        "securityContext": manifests.pod_security_context(settings),
+        "automountServiceAccountToken": False,
+        "containers": [
+            {
+                "name": "vllm",
+                "image": settings.server_image,
+                "command": ["python", "-m", "kubetune.server", "--config", CONFIG_PATH],
+                "ports": [{"name": "http", "containerPort": SERVER_PORT, "protocol": "TCP"}],
+                "env": _env(serve),
+                "resources": manifests.resource_requirements(res),
+                "volumeMounts": mounts,
+                "securityContext": manifests.container_security_context(),
+                # Model download and loading: /health answers only once the engine is up.
+                "startupProbe": _probe("/health", PROBE_PERIOD, STARTUP_SECONDS // PROBE_PERIOD),
+                "readinessProbe": _probe("/health", 5, 3),
+                "livenessProbe": _probe("/health", PROBE_PERIOD, 6),
+                "terminationMessagePolicy": "FallbackToLogsOnError",
+            }
+        ],
+        "volumes": volumes,
+        "tolerations": manifests.tolerations(res),
+    }
+    if res.node_selector:
+        pod_spec["nodeSelector"] = dict(res.node_selector)
+    if res.priority_class_name:
+        pod_spec["priorityClassName"] = res.priority_class_name
+    # On a full GPU pool a surge pod would wait forever for a GPU: replace in place instead.
+    strategy = (
+        {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+        if res.gpus
+        else {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    )
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(owner, server_name(owner)),
+        "spec": {
+            "replicas": serve.replicas,
+            "selector": {"matchLabels": selector_labels(owner)},
+            "strategy": strategy,
+            "template": {
+                "metadata": {
+                    "labels": _labels(owner),
+                    # A changed config rolls the pods (a ConfigMap edit alone would not).
+                    "annotations": {
+                        manifests.CONFIG_HASH_ANNOTATION: hashlib.sha256(
+                            config_text.encode()
+                        ).hexdigest()[:16]
+                    },
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def service(owner: manifests.Owner) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(owner, server_name(owner)),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(owner),
+            "ports": [
+                {"name": "http", "port": SERVER_PORT, "targetPort": "http", "protocol": "TCP"}
+            ],
+        },
+    }
+
+
+def serving_objects(
+    *,
+    owner: manifests.Owner,
+    serve: ftj.ServeSpec,
+    base_model: ftj.ModelRef,
+    adapter_claim: str,
+    adapter_subpath: str,
+    lora_rank: int,
+    settings: OperatorSettings,
+    runtime_lora_updating: bool = False,
+) -> list[dict[str, Any]]:
+    """ConfigMap, Deployment and Service that serve the job's adapter (see the module doc)."""
+    config = serve_config(
+        owner=owner,
+        serve=serve,
+        base_model=base_model,
+        lora_rank=lora_rank,
+        runtime_lora_updating=runtime_lora_updating,
+    )
+    return [
+        config_configmap(config, owner),
+        deployment(
+            owner=owner,
+            serve=serve,
+            base_model=base_model,
+            adapter_claim=adapter_claim,
+            adapter_subpath=adapter_subpath,
+            config=config,
+            settings=settings,
+        ),
+        service(owner),
+    ]

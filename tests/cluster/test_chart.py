@@ -1,0 +1,448 @@
+"""The Helm chart on the real control plane.
+
+It lints, the API server accepts every object it renders, and the operator runs under the chart's
+own ServiceAccount and RBAC: enough for a FineTuneJob's whole life (trainer Job, suspend,
+progress, serving, turning serving off, deletion with output cleanup, events), and nothing that
+the operator does not do.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from support import ftj
+from support.cluster import Cluster, ensure_binaries, wait_until
+from support.operator import OperatorProcess, running_operator
+
+pytestmark = pytest.mark.cluster
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "kubetune"
+EXAMPLE = REPO / "examples" / "llama-7b-kueue.yaml"
+RELEASE = "kt-chart"
+# An RBAC denial in the operator's log: the API server's message (through kube.py or kopf), or
+# kopf's warning when it falls back for lack of rights. (Other 403s, such as creating in a
+# terminating namespace, are not about RBAC.)
+RBAC_DENIED = re.compile(r'forbidden: User "[^"]+" cannot|Not enough permissions')
+
+
+@pytest.fixture(scope="module")
+def helm_bin() -> Path:
+    """The pinned helm; the static tests need it, not a running cluster."""
+    return ensure_binaries() / "helm"
+
+
+def helm(helm_bin: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    # `helm template` and `helm lint` never contact a cluster.
+    proc = subprocess.run(
+        [str(helm_bin), *args], capture_output=True, text=True, timeout=120, check=False
+    )
+    if check:
+        assert proc.returncode == 0, f"helm {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def helm_template(helm_bin: Path, namespace: str, *args: str) -> str:
+    return helm(helm_bin, "template", RELEASE, str(CHART), "--namespace", namespace, *args).stdout
+
+
+def render(helm_bin: Path, namespace: str, *args: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(helm_template(helm_bin, namespace, *args)) if d]
+
+
+def watch_args(namespaces: list[str]) -> list[str]:
+    return ["--set", "watchNamespaces={" + ",".join(namespaces) + "}"] if namespaces else []
+
+
+def of_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def the(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = of_kind(docs, kind)
+    assert len(found) == 1, f"expected one {kind}, got {[d['metadata']['name'] for d in found]}"
+    return found[0]
+
+
+# ----------------------------------------------------------------------------- static
+
+
+@pytest.mark.parametrize("namespaces", [[], ["team-a", "team-b"]], ids=["clusterwide", "scoped"])
+def test_helm_lint_passes(helm_bin: Path, namespaces: list[str]) -> None:
+    proc = helm(helm_bin, "lint", "--strict", str(CHART), *watch_args(namespaces))
+    assert "0 chart(s) failed" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("value", "field"),
+    [
+        ("watchNamespaces=team-a", "watchNamespaces"),  # a string, not a list
+        ("watchNamespaces={Team_A}", "watchNamespaces"),  # not a namespace name
+        ("jobDefaults.gpuResourceName=gpu", "gpuResourceName"),
+        ("openai.prices.gpt-4o=free", "gpt-4o"),
+        ("reconcileInterval=0", "reconcileInterval"),
+    ],
+)
+def test_helm_lint_rejects_mistyped_values(helm_bin: Path, value: str, field: str) -> None:
+    proc = helm(helm_bin, "lint", "--strict", str(CHART), "--set", value, check=False)
+    assert proc.returncode != 0, proc.stdout
+    assert field in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("namespaces", [[], ["team-a", "team-b"]], ids=["clusterwide", "scoped"])
+def test_rbac_lists_every_verb_and_grants_no_wildcard(
+    helm_bin: Path, namespaces: list[str]
+) -> None:
+    docs = render(helm_bin, "kubetune-system", *watch_args(namespaces))
+    roles = of_kind(docs, "ClusterRole") + of_kind(docs, "Role")
+    for role in roles:
+        for rule in role["rules"]:
+            for key in ("apiGroups", "resources", "verbs"):
+                assert "*" not in rule[key], f"{role['metadata']['name']}: {rule}"
+            assert not rule.get("nonResourceURLs"), rule
+            assert not {"escalate", "bind", "impersonate", "deletecollection"} & set(rule["verbs"])
+            if "secrets" in rule["resources"]:
+                assert rule["verbs"] == ["get"], "Secrets are read by name only"
+
+    sa = the(docs, "ServiceAccount")["metadata"]
+    subject = {"kind": "ServiceAccount", "name": sa["name"], "namespace": "kubetune-system"}
+    cluster_role = the(docs, "ClusterRole")
+    cluster_resources = {r for rule in cluster_role["rules"] for r in rule["resources"]}
+    assert the(docs, "ClusterRoleBinding")["subjects"] == [subject]
+    if not namespaces:
+        assert not of_kind(docs, "Role") and not of_kind(docs, "RoleBinding")
+        assert {"finetunejobs", "jobs", "configmaps", "secrets"} <= cluster_resources
+        return
+    # Scoped: cluster-wide, only kopf's look at CRDs and namespace names.
+    assert cluster_resources == {"customresourcedefinitions", "namespaces"}
+    assert all(set(r["verbs"]) == {"list", "watch"} for r in cluster_role["rules"])
+    assert sorted(r["metadata"]["namespace"] for r in of_kind(docs, "Role")) == namespaces
+    for binding in of_kind(docs, "RoleBinding"):
+        assert binding["subjects"] == [subject]
+        assert binding["roleRef"]["kind"] == "Role"
+
+
+def test_operator_deployment_is_locked_down_and_takes_its_settings_from_values(
+    helm_bin: Path,
+) -> None:
+    docs = render(
+        helm_bin,
+        "kubetune-system",
+        *watch_args(["team-a", "team-b"]),
+        "--set", "trainer.image.tag=1.2.3",
+        "--set", "jobDefaults.outputClaim=adapters",
+        "--set", "jobDefaults.modelCacheClaim=hf-cache",
+        "--set", "reconcileInterval=2.5",
+        "--set", "openai.prices.gpt-4o=27.5",
+    )  # fmt: skip
+    deploy = the(docs, "Deployment")
+    assert deploy["spec"]["replicas"] == 1  # kopf standalone: never two at once
+    assert deploy["spec"]["strategy"] == {"type": "Recreate"}
+    pod = deploy["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == the(docs, "ServiceAccount")["metadata"]["name"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    (container,) = pod["containers"]
+    sec = container["securityContext"]
+    assert sec["readOnlyRootFilesystem"] is True and sec["allowPrivilegeEscalation"] is False
+    assert sec["capabilities"] == {"drop": ["ALL"]}
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+    # The only writable path: discovery cache and datasets being validated.
+    assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
+
+    probe = container["livenessProbe"]["httpGet"]
+    assert probe["path"] == "/healthz"
+    assert {"name": "healthz", "containerPort": 8080, "protocol": "TCP"} in container["ports"]
+    assert probe["port"] == "healthz"
+    args = container["args"]
+    assert "--liveness=http://0.0.0.0:8080/healthz" in args
+    assert [a for a in args if "namespace" in a] == ["--namespace=team-a", "--namespace=team-b"]
+
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["KUBETUNE_TRAINER_IMAGE"] == "ghcr.io/kubetune/trainer:1.2.3"
+    assert env["KUBETUNE_SERVER_IMAGE"].endswith(":0.1.0")  # the chart's appVersion
+    assert env["KUBETUNE_OUTPUT_CLAIM"] == "adapters"
+    assert env["KUBETUNE_MODEL_CACHE_CLAIM"] == "hf-cache"
+    assert float(env["KUBETUNE_RECONCILE_INTERVAL"]) == 2.5
+    prices = json.loads(env["KUBETUNE_OPENAI_PRICES"])
+    assert prices == {"gpt-4o": 27.5, "gpt-4o-mini": 3, "gpt-4.1-mini": 5}
+
+    clusterwide = the(render(helm_bin, "kubetune-system"), "Deployment")
+    assert "--all-namespaces" in clusterwide["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+# ----------------------------------------------------------------------------- API server
+
+
+@pytest.mark.parametrize("scoped", [False, True], ids=["clusterwide", "scoped"])
+def test_api_server_accepts_every_rendered_object(
+    cluster: Cluster, helm_bin: Path, namespace: str, scoped: bool
+) -> None:
+    watched = [namespace] if scoped else []
+    # Pod Security Admission warns about workloads whose pods the restricted profile would reject.
+    cluster.kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/warn=restricted")
+    manifest = helm_template(helm_bin, namespace, "--include-crds", *watch_args(watched))
+    proc = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=manifest, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "PodSecurity" not in proc.stderr, proc.stderr
+    applied = [line for line in proc.stdout.splitlines() if line.strip()]
+    kinds = {line.split("/")[0] for line in applied}
+    assert all(line.endswith("(server dry run)") for line in applied), applied
+    expected = {
+        "customresourcedefinition.apiextensions.k8s.io",
+        "serviceaccount",
+        "deployment.apps",
+        "clusterrole.rbac.authorization.k8s.io",
+        "clusterrolebinding.rbac.authorization.k8s.io",
+    }
+    if scoped:
+        expected |= {"role.rbac.authorization.k8s.io", "rolebinding.rbac.authorization.k8s.io"}
+    assert kinds == expected
+
+
+def test_the_7b_example_is_accepted_by_the_api_server(cluster: Cluster, namespace: str) -> None:
+    ftj.install_crd(cluster)
+    example = yaml.safe_load(EXAMPLE.read_text())
+    example["metadata"]["namespace"] = namespace
+    proc = cluster.kubectl(
+        "apply", "--dry-run=server", "-f", "-", input=json.dumps(example), check=False
+    )
+    assert proc.returncode == 0, proc.stderr  # kubectl validates strictly: no unknown field
+    assert "finetunejob.kubetune.io/llama-7b-daoyan created (server dry run)" in proc.stdout
+
+
+# ----------------------------------------------------------------------------- the operator
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The chart's ServiceAccount, installed for real, and a kubeconfig that logs in as it."""
+
+    namespace: str
+    name: str
+    kubeconfig: Path
+
+    def can_i(self, cluster: Cluster, *args: str) -> bool:
+        kubectl = [str(cluster.kubectl_bin), "--kubeconfig", str(self.kubeconfig)]
+        proc = subprocess.run(
+            [*kubectl, "auth", "can-i", *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        answer = proc.stdout.strip()
+        assert answer in ("yes", "no"), proc.stderr
+        return answer == "yes"
+
+
+@contextmanager
+def install_identity(
+    cluster: Cluster, helm_bin: Path, release_ns: str, watched: list[str], tmp_path: Path
+) -> Iterator[Identity]:
+    """Applies the chart's ServiceAccount and RBAC (not the Deployment: the operator runs here,
+    as a process, logged in with a token of that ServiceAccount)."""
+    docs = render(helm_bin, release_ns, *watch_args(watched))
+    rbac_kinds = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
+    objects = [d for d in docs if d["kind"] in rbac_kinds]
+    cluster.apply(*objects)
+    sa = the(docs, "ServiceAccount")["metadata"]["name"]
+    token = cluster.kubectl("create", "token", sa, "-n", release_ns, "--duration=1h").stdout
+    admin = json.loads(
+        cluster.kubectl("config", "view", "--raw", "--minify", "--flatten", "-o", "json").stdout
+    )
+    kubeconfig = tmp_path / "operator.kubeconfig"
+    kubeconfig.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "test", "cluster": admin["clusters"][0]["cluster"]}],
+                "users": [{"name": sa, "user": {"token": token.strip()}}],
+                "contexts": [{"name": sa, "context": {"cluster": "test", "user": sa}}],
+                "current-context": sa,
+            }
+        )
+    )
+    try:
+        yield Identity(namespace=release_ns, name=sa, kubeconfig=kubeconfig)
+    finally:
+        for obj in objects:
+            if obj["kind"].startswith("Cluster"):
+                cluster.kubectl("delete", obj["kind"], obj["metadata"]["name"], check=False)
+
+
+@pytest.fixture
+def identity(
+    cluster: Cluster, helm_bin: Path, namespace: str, tmp_path: Path
+) -> Iterator[Identity]:
+    with install_identity(cluster, helm_bin, namespace, [], tmp_path) as ident:
+        yield ident
+
+
+def team_namespace(cluster: Cluster) -> Iterator[str]:
+    team = cluster.create_namespace("kt-chart-team-")
+    ftj.output_volume(cluster, team)
+    ftj.dataset_configmap(cluster, team, ftj.dataset_text())
+    yield team
+    # A FineTuneJob keeps kopf's finalizer once its operator is gone (after a failed test, say)
+    # and would hold the namespace in Terminating forever.
+    for item in (cluster.get("finetunejobs", "-n", team) or {}).get("items", []):
+        name = item["metadata"]["name"]
+        unblock = '{"metadata": {"finalizers": null}}'
+        cluster.kubectl(
+            "patch", "ftj", name, "-n", team, "--type=merge", "-p", unblock, check=False
+        )
+    cluster.kubectl("delete", "namespace", team, "--wait=false", check=False)
+
+
+@pytest.fixture
+def team(cluster: Cluster) -> Iterator[str]:
+    yield from team_namespace(cluster)
+
+
+@pytest.fixture
+def other_team(cluster: Cluster) -> Iterator[str]:
+    yield from team_namespace(cluster)
+
+
+def assert_no_permission_errors(op: OperatorProcess) -> None:
+    op.assert_alive()
+    logs = op.logs()
+    problems = [line for line in logs.splitlines() if RBAC_DENIED.search(line)]
+    assert not problems, "\n".join(problems[:20])
+
+
+@contextmanager
+def log_on_failure(op: OperatorProcess) -> Iterator[None]:
+    """A failing wait says what the operator logged, which usually says why."""
+    try:
+        yield
+    except (AssertionError, TimeoutError) as exc:
+        raise AssertionError(f"{exc}\n--- operator log (tail) ---\n{op.logs()[-4000:]}") from None
+
+
+def patch_ftj(cluster: Cluster, ns: str, name: str, spec: dict[str, Any]) -> None:
+    body = json.dumps({"spec": spec})
+    cluster.kubectl("patch", "ftj", name, "-n", ns, "--type=merge", "-p", body)
+
+
+def test_operator_runs_a_job_end_to_end_under_the_charts_rbac(
+    cluster: Cluster, identity: Identity, team: str, tmp_path: Path
+) -> None:
+    ftj.install_crd(cluster)
+    # The token logs in as the chart's ServiceAccount, which holds what the chart grants ...
+    for args in [
+        ("create", "jobs.batch"),
+        ("patch", "finetunejobs.kubetune.io", "--subresource=status"),
+        ("get", "secrets"),
+    ]:
+        assert identity.can_i(cluster, *args, "-n", team), args
+    # ... and nothing it does not need.
+    for args in [
+        ("delete", "nodes"),
+        ("list", "secrets", "-n", team),
+        ("watch", "secrets", "-n", team),
+        ("create", "pods", "-n", team),
+        ("update", "configmaps", "-n", team),
+        ("delete", "jobs.batch", "-n", team),
+        ("delete", "finetunejobs.kubetune.io", "-n", team),
+        ("update", "finetunejobs.kubetune.io", "-n", team),
+        ("update", "finetunejobs.kubetune.io", "--subresource=status", "-n", team),
+        ("create", "clusterroles.rbac.authorization.k8s.io"),
+        ("bind", "roles.rbac.authorization.k8s.io", "-n", team),
+        ("escalate", "roles.rbac.authorization.k8s.io", "-n", team),
+        ("impersonate", "serviceaccounts", "-n", team),
+        ("create", "pods", "--subresource=exec", "-n", team),
+        ("get", "pods", "--subresource=log", "-n", team),
+    ]:
+        assert not identity.can_i(cluster, *args), args
+
+    job = ftj.local_job("chart-rbac", run_seconds=2, suspend=True, output={"keepOnDelete": False})
+    log = tmp_path / "operator.log"
+    with running_operator(identity.kubeconfig, log) as op, log_on_failure(op):
+        cluster.apply(job, namespace=team)
+        # Validation read the dataset ConfigMap; the trainer's ServiceAccount, Role (which the
+        # operator may only create because it holds get+patch on ConfigMaps itself), RoleBinding,
+        # ConfigMaps and the suspended Job were created; the status was patched.
+        queued = ftj.wait_phase(cluster, team, "chart-rbac", "Queued")
+        assert queued["status"]["trainerJob"] == "chart-rbac-trainer"
+        trainer = cluster.get("job", "chart-rbac-trainer", "-n", team)
+        assert trainer["spec"]["suspend"] is True
+        for kind in ("serviceaccount", "role", "rolebinding"):
+            assert cluster.get(kind, "chart-rbac-trainer", "-n", team), kind
+
+        patch_ftj(cluster, team, "chart-rbac", {"suspend": False})  # the operator patches the Job
+        ftj.wait_phase(cluster, team, "chart-rbac", "Running", "Succeeded")
+        ftj.wait_phase(cluster, team, "chart-rbac", "Succeeded")
+
+        def serving() -> dict[str, Any] | None:
+            status = ftj.get_ftj(cluster, team, "chart-rbac")["status"]
+            ready = {c["type"]: c["status"] for c in status.get("conditions", [])}
+            return status if ready.get("ServingReady") == "True" else None
+
+        wait_until(serving, timeout=60, description="ServingReady (Deployment watched)")
+        assert cluster.get("service", "chart-rbac-server", "-n", team)
+        assert cluster.get("configmap", "chart-rbac-endpoint", "-n", team)
+
+        patch_ftj(cluster, team, "chart-rbac", {"serve": {"enabled": False}})
+        wait_until(
+            lambda: (
+                not any(
+                    cluster.get(kind, name, "-n", team)
+                    for kind, name in [
+                        ("deployment", "chart-rbac-server"),
+                        ("service", "chart-rbac-server"),
+                        ("configmap", "chart-rbac-endpoint"),
+                    ]
+                )
+            ),
+            timeout=60,
+            description="the server, its Service and the endpoint ConfigMap to be deleted",
+        )
+        reasons = {e["reason"] for e in ftj.events_for(cluster, team, "chart-rbac")}
+        assert {"Queued", "Succeeded"} <= reasons, reasons
+
+        # Deletion: kopf removes its finalizer (a patch) after creating the cleanup Job.
+        uid = queued["metadata"]["uid"]
+        cluster.kubectl("delete", "ftj", "chart-rbac", "-n", team, "--timeout=60s")
+        assert cluster.get("job", f"chart-rbac-cleanup-{uid[:8]}", "-n", team)
+        assert_no_permission_errors(op)
+
+
+def test_scoped_install_confines_the_operator_to_its_namespaces(
+    cluster: Cluster, helm_bin: Path, namespace: str, team: str, other_team: str, tmp_path: Path
+) -> None:
+    ftj.install_crd(cluster)
+    with install_identity(cluster, helm_bin, namespace, [team], tmp_path) as ident:
+        assert ident.can_i(cluster, "create", "jobs.batch", "-n", team)
+        assert ident.can_i(cluster, "list", "customresourcedefinitions.apiextensions.k8s.io")
+        for args in [
+            ("list", "configmaps", "-n", other_team),
+            ("create", "jobs.batch", "-n", other_team),
+            ("get", "secrets", "-n", other_team),
+            ("list", "finetunejobs.kubetune.io", "-n", other_team),
+            ("get", "customresourcedefinitions.apiextensions.k8s.io"),
+            ("list", "pods", "--all-namespaces"),
+        ]:
+            assert not ident.can_i(cluster, *args), args
+
+        log = tmp_path / "operator.log"
+        with running_operator(ident.kubeconfig, log, namespaces=(team,)) as op, log_on_failure(op):
+            cluster.apply(ftj.local_job("mine", serve=False), namespace=team)
+            cluster.apply(ftj.local_job("theirs", serve=False), namespace=other_team)
+            ftj.wait_phase(cluster, team, "mine", "Succeeded")
+            assert cluster.get("job", "mine-trainer", "-n", team)
+            # Another team's job is not this operator's business: untouched, no status.
+            assert not ftj.get_ftj(cluster, other_team, "theirs").get("status")
+            assert cluster.get("job", "theirs-trainer", "-n", other_team) is None
+            assert_no_permission_errors(op)
