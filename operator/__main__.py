@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import kopf
+
     from kubetune.operator import handlers  # noqa: F401  (registers the handlers)
 
     logging.basicConfig(

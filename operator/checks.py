@@ -9,17 +9,17 @@ a PVC cannot be read from here and are checked by the trainer with the same vali
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
-from kubetune.operator import kube
 from pydantic import ValidationError
 
 from kubetune import data
 from kubetune.api import finetunejob as ftj
+from kubetune.data import tokens
+from kubetune.operator import kube
+from kubetune.operator.settings import OperatorSettings
 
 MAX_DATASET_BYTES = 512 * 1024 * 1024
 MAX_LISTED_PROBLEMS = 5
@@ -82,17 +82,66 @@ def describe_problems(report: data.Report, field: str) -> str:
     return f"{field} has {len(report.errors)} error(s): " + "; ".join(listed) + tail
 
 
+def token_counter(spec: ftj.FineTuneJobSpec) -> data.TokenCounter:
+    """tiktoken for OpenAI models; for open models a labelled approximation, because the
+    operator loads no model tokenizers (the trainer reports exact counts in its result)."""
+    if spec.openai is not None:
+        return data.openai_counter(spec.openai.model)
+    return tokens.OpenAIChatCounter(
+        tokens.approx_lengths,
+        name="approximation (~4 chars/token, 1 per CJK char); exact counts come from the trainer",
+        exact=False,
+        limit=None,
+    )
+
+
 def check_dataset(
-    src: ftj.DatasetSource, namespace: str, field: str, provider: ftj.Provider
+    src: ftj.DatasetSource, namespace: str, field: str, spec: ftj.FineTuneJobSpec
 ) -> DatasetCheck | None:
     """Validates one dataset with the shared validator; raises InvalidJob on errors."""
     text = fetch_dataset(src, namespace, field)
     if text is None:
         return None
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "dataset.jsonl"
-        path.write_bytes(text)
-        report = data.validate_file(path, provider=provider.value)
+    report = data.validate_text(
+        text, provider=ftj.Provider(spec.provider).value, counter=token_counter(spec), source=field
+    )
     if not report.ok:
         raise InvalidJob(describe_problems(report, field))
     return DatasetCheck(report=report, text=text)
+
+
+def estimate(
+    spec: ftj.FineTuneJobSpec, report: data.Report, settings: OperatorSettings
+) -> ftj.Estimate | None:
+    """The numbers written to ``status.estimate`` before anything runs."""
+    if report.stats is None:
+        return None
+    if spec.openai is not None:
+        oa = data.estimate_openai(
+            report,
+            spec.openai.model,
+            spec.openai.hyperparameters.n_epochs,
+            prices=settings.prices_per_million or None,
+        )
+        return ftj.Estimate(
+            examples=oa.n_examples,
+            epochs=oa.n_epochs,
+            total_tokens=oa.billed_tokens_per_epoch,
+            billed_tokens=oa.billed_tokens,
+            cost_usd=oa.cost_usd,
+        )
+    hp = spec.hyperparameters
+    local = data.estimate_local(
+        report,
+        n_epochs=hp.epochs,
+        batch_size=hp.batch_size,
+        max_seq_length=hp.max_seq_length,
+        packing=hp.packing,
+    )
+    return ftj.Estimate(
+        examples=local.n_examples,
+        epochs=local.n_epochs,
+        total_tokens=local.tokens // max(local.n_epochs, 1),
+        total_steps=local.steps,
+        gpu_hours=local.gpu_hours,
+    )

@@ -14,6 +14,8 @@ import logging
 from typing import Any
 
 import kopf
+
+from kubetune.api import finetunejob as ftj
 from kubetune.operator import (
     checks,
     kube,
@@ -24,8 +26,6 @@ from kubetune.operator import (
 )
 from kubetune.operator.openai_status import Event
 from kubetune.operator.settings import OperatorSettings
-
-from kubetune.api import finetunejob as ftj
 
 SETTINGS = OperatorSettings.from_env()
 MANAGED = {manifests.LABEL_MANAGED_BY: "kubetune"}
@@ -113,13 +113,9 @@ def _validate(
     new = status.model_copy(deep=True)
     new.phase = ftj.Phase.VALIDATING
     new.model = spec.openai.model if spec.openai else (spec.model.display if spec.model else None)
-    train = checks.check_dataset(
-        spec.dataset, namespace, "spec.dataset", ftj.Provider(spec.provider)
-    )
+    train = checks.check_dataset(spec.dataset, namespace, "spec.dataset", spec)
     if spec.validation is not None:
-        checks.check_dataset(
-            spec.validation, namespace, "spec.validation", ftj.Provider(spec.provider)
-        )
+        checks.check_dataset(spec.validation, namespace, "spec.validation", spec)
     if train is not None:
         new.estimate = checks.estimate(spec, train.report, SETTINGS)
     return new

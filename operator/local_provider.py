@@ -11,11 +11,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubetune.api import finetunejob as ftj
 from kubetune.operator import kube, manifests, serving_manifests
 from kubetune.operator import status as st
 from kubetune.operator.settings import OperatorSettings
-
-from kubetune.api import finetunejob as ftj
 from kubetune.progress import CONFIGMAP_KEY, RESULT_KEY, ProgressRecord
 
 SERVER_PORT = 8000

@@ -13,8 +13,6 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from kubetune.operator.settings import OperatorSettings
-
 from kubetune.api import finetunejob as ftj
 from kubetune.api.jobconfig import (
     BaseModelSource,
@@ -24,6 +22,7 @@ from kubetune.api.jobconfig import (
     ProgressSink,
     TrainerConfig,
 )
+from kubetune.operator.settings import OperatorSettings
 
 LABEL_JOB = "kubetune.io/finetunejob"
 LABEL_COMPONENT = "app.kubernetes.io/component"

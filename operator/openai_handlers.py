@@ -10,13 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import openai
+
+from kubetune import data
+from kubetune.api import finetunejob as ftj
 from kubetune.operator import checks, kube, manifests
 from kubetune.operator import openai_errors as errors
 from kubetune.operator import openai_provider as provider
 from kubetune.operator.openai_status import Event
 from kubetune.operator.settings import OperatorSettings
-
-from kubetune.api import finetunejob as ftj
 
 
 def client_for(spec: ftj.OpenAISpec, namespace: str) -> openai.OpenAI:
@@ -62,7 +63,7 @@ def reconcile(
             validation=None
             if spec.validation is None
             else _reader(spec.validation, owner.namespace, "spec.validation"),
-            prices=settings.prices_per_million or provider.DEFAULT_PRICES,
+            prices=settings.prices_per_million or data.OPENAI_PRICES_PER_MILLION,
             generation=generation,
         )
     new = result.status

@@ -46,11 +46,6 @@ from typing import Any, Literal
 
 import httpx
 import openai
-from kubetune.operator import manifests
-from kubetune.operator import openai_errors as errors
-from kubetune.operator import openai_status as ostatus
-from kubetune.operator import status as st
-from kubetune.operator.openai_status import TERMINAL, Event
 from openai.types import FileObject
 from openai.types.fine_tuning import (
     DpoHyperparametersParam,
@@ -60,6 +55,11 @@ from openai.types.fine_tuning import (
 )
 
 from kubetune.api import finetunejob as ftj
+from kubetune.operator import manifests
+from kubetune.operator import openai_errors as errors
+from kubetune.operator import openai_status as ostatus
+from kubetune.operator import status as st
+from kubetune.operator.openai_status import TERMINAL, Event
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +79,6 @@ client's backoff (0.5 s doubling, at most 8 s, jittered) or the server's ``retry
 MAX_INLINE_RETRY_AFTER = 20.0
 """A server asking for a longer wait is not waited for inside the call (openai-python would
 sleep up to 2 minutes in a kopf worker thread): the error goes to kopf with that delay."""
-
-DEFAULT_PRICES: Mapping[str, float] = {"gpt-4o-mini": 3.00, "gpt-4o": 25.00, "gpt-4.1-mini": 5.00}
-"""USD per 1M training tokens by model prefix, when the chart gives none (``openai.prices``
-in its values has the same table)."""
 
 EVENT_PAGE_SIZE = 100
 MAX_EVENT_PAGES = 10

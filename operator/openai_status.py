@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from kubetune.operator import manifests
-from kubetune.operator import openai_errors as errors
-from kubetune.operator import status as st
 from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
 
 from kubetune.api import finetunejob as ftj
+from kubetune.operator import manifests
+from kubetune.operator import openai_errors as errors
+from kubetune.operator import status as st
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 PHASES: dict[str, ftj.Phase] = {

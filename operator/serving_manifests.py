@@ -33,11 +33,10 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from kubetune.operator import manifests
-from kubetune.operator.settings import OperatorSettings
-
 from kubetune.api import finetunejob as ftj
 from kubetune.api.serveconfig import AdapterSource, ServeConfig
+from kubetune.operator import manifests
+from kubetune.operator.settings import OperatorSettings
 
 SERVER_PORT = 8000
 COMPONENT = "server"

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from support import ftj
 from support.cluster import Cluster, wait_until
 from support.operator import OperatorProcess, running_operator
