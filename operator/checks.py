@@ -9,6 +9,7 @@ a PVC cannot be read from here and are checked by the trainer with the same vali
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,11 +83,17 @@ def describe_problems(report: data.Report, field: str) -> str:
     return f"{field} has {len(report.errors)} error(s): " + "; ".join(listed) + tail
 
 
+@functools.lru_cache(maxsize=32)
+def _openai_counter(model: str) -> data.TokenCounter:
+    # Finding the tiktoken encoding may try a download; once per model is enough.
+    return data.openai_counter(model)
+
+
 def token_counter(spec: ftj.FineTuneJobSpec) -> data.TokenCounter:
     """tiktoken for OpenAI models; for open models a labelled approximation, because the
     operator loads no model tokenizers (the trainer reports exact counts in its result)."""
     if spec.openai is not None:
-        return data.openai_counter(spec.openai.model)
+        return _openai_counter(spec.openai.model)
     return tokens.OpenAIChatCounter(
         tokens.approx_lengths,
         name="approximation (~4 chars/token, 1 per CJK char); exact counts come from the trainer",

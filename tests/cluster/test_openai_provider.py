@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
 from fakes.openai_finetune import AdminClient, Timing, run_subprocess
 from support import ftj
 from support.cluster import Cluster, wait_until
