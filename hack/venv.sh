@@ -24,6 +24,9 @@ key="$( (cat "$ROOT"/hack/requirements/*.txt; echo "torch=$TORCH_VERSION vllm-cp
 CACHE="${KUBETUNE_CACHE:-$HOME/.cache/kubetune}"
 VENV="${KUBETUNE_VENV:-$CACHE/venv/$key}"
 
+mkdir -p "$(dirname "$VENV")"
+exec 9>"$VENV.lock"
+flock 9  # one builder at a time; the others wait and then find it complete
 if [[ ! -f "$VENV/.complete" ]]; then
   echo "hack/venv.sh: building $VENV (pip cache: ~/.cache/pip)" >&2
   start=$SECONDS

@@ -1,0 +1,71 @@
+"""Estimates: OpenAI's auto epochs rule, price lookup, local steps and GPU-hours by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from kubetune import data
+from kubetune.data import estimate
+from kubetune.data.stats import StatsAccumulator, TokenStats
+
+
+@pytest.mark.parametrize(
+    ("n", "epochs"),
+    [(1, 25), (4, 25), (5, 20), (10, 10), (33, 3), (34, 3), (100, 3), (8333, 3), (8334, 2),
+     (12_500, 2), (12_501, 1), (50_000, 1)],
+)  # fmt: skip
+def test_epochs_auto(n: int, epochs: int) -> None:
+    assert data.epochs_auto(n) == epochs
+
+
+@pytest.mark.parametrize(
+    ("model", "price"),
+    [
+        ("gpt-4o-mini", 3.00),
+        ("gpt-4o-mini-2024-07-18", 3.00),
+        ("gpt-4o-2024-08-06", 25.00),
+        ("ft:gpt-4.1-mini-2025-04-14:acme::x1", 5.00),
+        ("gpt-4.1-2025-04-14", None),
+    ],
+)
+def test_price_lookup_by_longest_prefix(model: str, price: float | None) -> None:
+    assert estimate.lookup(data.OPENAI_PRICES_PER_MILLION, model) == price
+
+
+def stats_of(lengths: list[int], limit: int | None = None) -> TokenStats:
+    acc = StatsAccumulator(limit)
+    for n in lengths:
+        acc.add(n, n // 2)
+    return acc.result("test", True)
+
+
+def test_price_table_can_be_overridden() -> None:
+    s = stats_of([1000] * 10)
+    est = data.estimate_openai(s, "my-model", 3, prices={"my-": 10.0})
+    assert est.billed_tokens == 30_000 and est.cost_usd == pytest.approx(0.3)
+    assert data.estimate_openai(s, "my-model", 3).cost_usd is None
+
+
+def test_local_steps_and_gpu_hours_by_hand() -> None:
+    s = stats_of([500] * 1000 + [3000] * 10, limit=2048)
+    est = data.estimate_local(s, tokens_per_second=1000.0, max_seq_length=2048)
+    # 1010 examples: auto epochs 3, auto batch round(2.02) = 2
+    assert (est.n_epochs, est.batch_size) == (3, 2)
+    per_epoch = 1000 * 500 + 10 * 2048  # examples longer than a sequence are cut to it
+    assert est.tokens == per_epoch * 3
+    assert est.sequences_per_epoch == -(-per_epoch // 2048)  # 255
+    assert est.steps_per_epoch == 128 and est.steps == 384
+    assert est.gpu_hours == pytest.approx(per_epoch * 3 / 1000 / 3600, rel=1e-5)
+    assert not est.throughput_assumed
+
+    unpacked = data.estimate_local(s, n_epochs=1, batch_size=10, packing=False)
+    assert unpacked.steps == 101 and unpacked.throughput_assumed
+    assert unpacked.tokens_per_second == estimate.DEFAULT_TOKENS_PER_SECOND
+
+
+def test_estimates_need_token_stats() -> None:
+    report = data.validate_text(b"")
+    with pytest.raises(ValueError, match="token counter"):
+        data.estimate_openai(report)
+    with pytest.raises(ValueError, match="at least 1"):
+        data.estimate_local(stats_of([10]), n_epochs=0)
