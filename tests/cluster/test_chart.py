@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from support import ftj
 from support.cluster import Cluster, ensure_binaries, wait_until
 from support.operator import OperatorProcess, running_operator

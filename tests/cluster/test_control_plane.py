@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 import pytest
+
 from support import cluster as kcluster
 from support.cluster import Cluster, wait_until
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from kubetune.operator import manifests
-from kubetune.operator.settings import OperatorSettings
 
 from kubetune.api import finetunejob as ftj
 from kubetune.api.jobconfig import TrainerConfig
+from kubetune.operator import manifests
+from kubetune.operator.settings import OperatorSettings
 
 OWNER = manifests.Owner(name="daoyan", namespace="team-a", uid="0123456789abcdef")
 SETTINGS = OperatorSettings()

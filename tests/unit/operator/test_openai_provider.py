@@ -20,12 +20,12 @@ import httpx
 import openai
 import pytest
 import yaml
+
+from kubetune.api import finetunejob as ftj
 from kubetune.operator import manifests
 from kubetune.operator import openai_errors as errors
 from kubetune.operator import openai_provider as provider
 from kubetune.operator import openai_status as ostatus
-
-from kubetune.api import finetunejob as ftj
 
 ROOT = Path(__file__).resolve().parents[3]
 if str(ROOT / "tests") not in sys.path:

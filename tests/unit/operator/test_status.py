@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubetune.operator import status as st
-
 from kubetune.api.finetunejob import Phase
+from kubetune.operator import status as st
 
 
 def job(*conds: dict[str, Any], suspend: bool = False) -> dict[str, Any]:
