@@ -17,8 +17,6 @@ from kubetune.operator import status as st
 from kubetune.operator.settings import OperatorSettings
 from kubetune.progress import CONFIGMAP_KEY, RESULT_KEY, ProgressRecord
 
-SERVER_PORT = 8000
-
 
 @dataclass
 class Children:
@@ -30,12 +28,9 @@ class Children:
     deployment: dict[str, Any] | None = None
 
 
-def server_name(owner: manifests.Owner) -> str:
-    return f"{owner.name}-server"
-
-
 def endpoint_url(owner: manifests.Owner) -> str:
-    return f"http://{server_name(owner)}.{owner.namespace}.svc:{SERVER_PORT}/v1"
+    name = serving_manifests.server_name(owner)
+    return f"http://{name}.{owner.namespace}.svc:{serving_manifests.SERVER_PORT}/v1"
 
 
 def ensure_trainer(
@@ -98,8 +93,10 @@ def ensure_serving(
 
 def remove_serving(owner: manifests.Owner) -> None:
     """`spec.serve.enabled` turned off after success: take the server and endpoint away."""
-    kube.delete("apps/v1", "Deployment", owner.namespace, server_name(owner))
-    kube.delete("v1", "Service", owner.namespace, server_name(owner))
+    name = serving_manifests.server_name(owner)
+    kube.delete("apps/v1", "Deployment", owner.namespace, name)
+    kube.delete("v1", "Service", owner.namespace, name)
+    kube.delete("v1", "ConfigMap", owner.namespace, serving_manifests.config_name(owner))
     kube.delete("v1", "ConfigMap", owner.namespace, manifests.endpoint_name(owner))
 
 
@@ -144,7 +141,7 @@ def reconcile(
         assert spec.model is not None
         claim = manifests.output_claim(spec, settings)
         new.adapter = ftj.AdapterStatus(
-            path=f"pvc://{claim}/{manifests.output_subpath(spec, owner)}/adapter",
+            path=f"pvc://{claim}/{manifests.output_subpath(spec, owner)}",
             rank=int((result or {}).get("adapterRank", spec.lora.r)),
             base_model=spec.model.display,
         )

@@ -161,6 +161,8 @@ def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
 def _env(serve: ftj.ServeSpec) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": "HF_HOME", "value": f"{manifests.CACHE_DIR}/huggingface"},
+        # vLLM's torch.compile cache: on the cache volume, a restarted pod skips recompiling.
+        {"name": "VLLM_CACHE_ROOT", "value": f"{manifests.CACHE_DIR}/vllm"},
         # The root filesystem is read-only; vLLM, torch and triton cache under $HOME.
         {"name": "HOME", "value": "/tmp"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},

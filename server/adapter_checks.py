@@ -1,0 +1,298 @@
+"""Checks an adapter folder before vLLM is started with it, and waits for it to be complete.
+
+vLLM finds a bad adapter late (after minutes of model loading) and says so in a stack trace.
+The launcher reads each adapter's ``adapter_config.json`` and the header of its
+``adapter_model.safetensors`` first and refuses, with one clear message per cause, an adapter
+that vLLM cannot serve or that belongs to another base model. Only the standard library is
+used: the safetensors header is JSON behind an 8-byte length, so no torch is needed to read it.
+
+Exception tree (all carry the adapter's name and path in their message)::
+
+    AdapterRefused                  the server must not start with this adapter
+    ├── AdapterNotReady             files missing or still being written (waited for first)
+    │   ├── AdapterConfigMissing    no readable adapter_config.json
+    │   ├── AdapterWeightsMissing   no adapter_model.safetensors
+    │   └── AdapterWeightsIncomplete  the safetensors file is shorter than its header says
+    ├── AdapterNotLora              a PEFT type other than LoRA
+    ├── AdapterUnsupported          a LoRA variant vLLM refuses (DoRA, modules_to_save, ...)
+    ├── AdapterRankTooHigh          rank above the server's limit (or vLLM's maximum)
+    └── AdapterBaseModelMismatch    trained on another base model
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kubetune.api.serveconfig import AdapterSource, ServeConfig
+from kubetune.server import vllm_args
+
+log = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+LEGACY_WEIGHTS = "adapter_model.bin"
+
+
+class AdapterRefused(Exception):
+    """The launcher must not start vLLM with this adapter."""
+
+    def __init__(self, adapter: AdapterSource, reason: str) -> None:
+        super().__init__(f"adapter `{adapter.name}` ({adapter.path}): {reason}")
+        self.adapter = adapter
+        self.reason = reason
+
+
+class AdapterNotReady(AdapterRefused):
+    """Files are missing or partial: possibly still being written, so worth waiting for."""
+
+
+class AdapterConfigMissing(AdapterNotReady):
+    pass
+
+
+class AdapterWeightsMissing(AdapterNotReady):
+    pass
+
+
+class AdapterWeightsIncomplete(AdapterNotReady):
+    pass
+
+
+class AdapterNotLora(AdapterRefused):
+    pass
+
+
+class AdapterUnsupported(AdapterRefused):
+    pass
+
+
+class AdapterRankTooHigh(AdapterRefused):
+    pass
+
+
+class AdapterBaseModelMismatch(AdapterRefused):
+    pass
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What the launcher learned from an adapter folder."""
+
+    name: str
+    path: str
+    rank: int
+    """The largest LoRA rank in the adapter (``r`` and any ``rank_pattern`` entry)."""
+    base_model: str | None
+    """``base_model_name_or_path`` from ``adapter_config.json``, if recorded."""
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+def safetensors_complete(path: Path) -> bool:
+    """True when the file is as long as its header says: every tensor's bytes are there.
+
+    Raises ValueError when the file is not safetensors at all (no writer produces that).
+    """
+    size = path.stat().st_size
+    if size < 8:
+        return False
+    with path.open("rb") as f:
+        header_len = int(struct.unpack("<Q", f.read(8))[0])
+        if size < 8 + header_len:
+            return False
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError as e:
+            raise ValueError(f"{path.name} has no valid safetensors header: {e}") from e
+    if not isinstance(header, dict):
+        raise ValueError(f"{path.name} has no valid safetensors header")
+    ends = [
+        int(entry["data_offsets"][1])
+        for key, entry in header.items()
+        if key != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry
+    ]
+    return size >= 8 + header_len + max(ends, default=0)
+
+
+def adapter_rank(adapter_config: dict[str, Any]) -> int:
+    """The largest rank any layer of the adapter uses."""
+    ranks = [int(adapter_config.get("r") or 0)]
+    ranks += [int(r) for r in (adapter_config.get("rank_pattern") or {}).values()]
+    return max(ranks)
+
+
+PLAIN_LORA_INITS = {"gaussian", "eva", "orthogonal", "mica", "lora_ga"}
+"""String ``init_lora_weights`` values that leave a plain LoRA adapter (vLLM 0.32 accepts them);
+PiSSA, OLoRA, CorDA, LoftQ and the like change the base weights, which vLLM cannot follow."""
+
+
+def unsupported_features(adapter_config: dict[str, Any]) -> list[str]:
+    """The LoRA variants in ``adapter_config`` that vLLM 0.32 refuses to load.
+
+    Mirrors vLLM's own check (``PEFTHelper._validate_features``), which runs only after the
+    model has loaded; finding them here saves minutes and names the field to change.
+    """
+    found = []
+    extra = [
+        m for m in adapter_config.get("modules_to_save") or [] if m not in ("classifier", "score")
+    ]
+    if extra:
+        found.append(f"`modules_to_save: {extra}` (vLLM serves only the LoRA matrices)")
+    for key, what in (
+        ("use_dora", "DoRA"),
+        ("lora_bias", "LoRA bias"),
+        ("alora_invocation_tokens", "Activated LoRA"),
+        ("layer_replication", "layer replication"),
+        ("use_bdlora", "block-diagonal LoRA"),
+        ("use_qalora", "QALoRA"),
+    ):
+        if adapter_config.get(key):
+            found.append(f"`{key}` ({what})")
+    init = adapter_config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower() not in PLAIN_LORA_INITS:
+        found.append(f"`init_lora_weights: {init}` (it changes the base weights)")
+    return found
+
+
+def read_adapter(adapter: AdapterSource) -> AdapterInfo:
+    """Reads one adapter folder; raises :class:`AdapterNotReady` or :class:`AdapterNotLora`."""
+    folder = Path(adapter.path)
+    config_path = folder / ADAPTER_CONFIG
+    try:
+        raw = json.loads(config_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise AdapterConfigMissing(adapter, f"{ADAPTER_CONFIG} not found") from None
+    except (OSError, ValueError) as e:
+        raise AdapterConfigMissing(adapter, f"{ADAPTER_CONFIG} is not readable JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise AdapterConfigMissing(adapter, f"{ADAPTER_CONFIG} is not a JSON object")
+
+    peft_type = str(raw.get("peft_type") or "LORA").upper()
+    if peft_type != "LORA":
+        raise AdapterNotLora(
+            adapter, f"PEFT type is {peft_type}; vLLM serves only LoRA adapters (`peft_type: LORA`)"
+        )
+    unsupported = unsupported_features(raw)
+    if unsupported:
+        raise AdapterUnsupported(adapter, "uses what vLLM cannot serve: " + "; ".join(unsupported))
+    rank = adapter_rank(raw)
+    if rank < 1:
+        raise AdapterNotLora(adapter, f"{ADAPTER_CONFIG} has no LoRA rank `r`")
+
+    weights = folder / ADAPTER_WEIGHTS
+    if not weights.exists():
+        reason = f"{ADAPTER_WEIGHTS} is missing"
+        if (folder / LEGACY_WEIGHTS).exists():
+            reason += (
+                f" (found {LEGACY_WEIGHTS}: save the adapter with "
+                "`save_pretrained(..., safe_serialization=True)`)"
+            )
+        raise AdapterWeightsMissing(adapter, reason)
+    try:
+        complete = safetensors_complete(weights)
+    except ValueError as e:
+        raise AdapterWeightsIncomplete(adapter, str(e)) from e
+    if not complete:
+        raise AdapterWeightsIncomplete(
+            adapter, f"{ADAPTER_WEIGHTS} is shorter than its header says (still being written?)"
+        )
+    base = raw.get("base_model_name_or_path")
+    return AdapterInfo(
+        name=adapter.name, path=adapter.path, rank=rank, base_model=str(base) if base else None
+    )
+
+
+# ------------------------------------------------------------------------------ checking
+
+
+def _normalized(name: str) -> str:
+    name = name.strip()
+    if name.startswith(("/", "./", "../")):
+        return os.path.realpath(name)
+    return name.rstrip("/").casefold()
+
+
+def same_base(adapter_base: str, config: ServeConfig) -> bool:
+    """Whether an adapter trained on ``adapter_base`` fits the served base model.
+
+    Folders are compared after resolving links; hub ids without regard to case (the hub
+    treats them so) or a trailing slash.
+    """
+    known = {config.model, config.base_name, *config.base_model_aliases}
+    return _normalized(adapter_base) in {_normalized(k) for k in known}
+
+
+def check_adapter(info: AdapterInfo, config: ServeConfig) -> None:
+    """Refuses an adapter whose rank or base model does not fit ``config``."""
+    adapter = AdapterSource(name=info.name, path=info.path)
+    limit = vllm_args.rank_limit(config)
+    if info.rank > limit:
+        where = (
+            f"`maxLoraRank` is {config.max_lora_rank}, so the server accepts at most {limit}"
+            if config.max_lora_rank is not None
+            else f"vLLM supports at most {vllm_args.MAX_LORA_RANK}"
+        )
+        raise AdapterRankTooHigh(adapter, f"LoRA rank {info.rank} is too high: {where}")
+    if info.base_model is None:
+        log.warning(
+            "adapter %s records no base_model_name_or_path; cannot check it fits %s",
+            info.name,
+            config.model,
+        )
+    elif not same_base(info.base_model, config):
+        raise AdapterBaseModelMismatch(
+            adapter,
+            f"trained on base model `{info.base_model}`, but this server serves "
+            f"`{config.model}`; serve it with its own base model (or list the base under "
+            "`baseModelAliases` if both names are the same model)",
+        )
+
+
+def wait_for_adapter(
+    adapter: AdapterSource,
+    timeout: float,
+    *,
+    interval: float = 2.0,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> AdapterInfo:
+    """Reads the adapter, waiting up to ``timeout`` seconds while its files are not complete."""
+    deadline = clock() + timeout
+    last_reason = ""
+    while True:
+        try:
+            return read_adapter(adapter)
+        except AdapterNotReady as e:
+            if clock() >= deadline:
+                raise
+            if e.reason != last_reason:
+                log.info("waiting for adapter %s: %s", adapter.name, e.reason)
+                last_reason = e.reason
+            sleep(min(interval, max(0.0, deadline - clock())))
+
+
+def check_adapters(
+    config: ServeConfig,
+    *,
+    wait: Callable[[AdapterSource, float], AdapterInfo] = wait_for_adapter,
+) -> list[AdapterInfo]:
+    """Waits for and checks every adapter of ``config``; the first refusal is raised."""
+    infos: list[AdapterInfo] = []
+    for adapter in config.adapters:
+        info = wait(adapter, config.adapter_wait_seconds)
+        check_adapter(info, config)
+        infos.append(info)
+    return infos
+
+
+def ranks(infos: Sequence[AdapterInfo]) -> list[int]:
+    return [i.rank for i in infos]

