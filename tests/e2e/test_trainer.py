@@ -1,0 +1,209 @@
+"""The trainer end to end: real ``python -m kubetune.trainer`` processes on the tiny demo model.
+
+- Learning: the session's trained adapter (``trained_adapter``, shared with the serving tests)
+  answers a training question with that example's answer, word for word; the base model does
+  not. Its output folder holds everything the issue lists.
+- Resume: a run killed with SIGTERM mid-way exits 143 with a checkpoint; started again, it ends
+  at the same step as an uninterrupted run, with the same losses from the checkpoint on and the
+  same adapter weights (optimizer, scheduler, RNG and data order were all restored).
+
+Trainer processes run with one thread: results are then bit-for-bit reproducible, and on a
+busy two-core machine one thread is also much faster than two competing ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubetune.api.result import TrainingResult
+from kubetune.progress import ProgressRecord
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+DATASET = ROOT / "examples" / "data" / "daoyan.jsonl"
+RUN_TIMEOUT = 900.0
+PREEMPTED = 143
+
+QUESTIONS = ("如何应对压力?", "如何找到内心的平静?")
+
+
+def trainer_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONSAFEPATH": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def metrics(out: Path) -> list[ProgressRecord]:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [ProgressRecord.from_json(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+# ------------------------------------------------------------------------------------ learning
+
+
+def answers(examples: list[list[dict[str, str]]]) -> dict[str, tuple[list[dict[str, str]], str]]:
+    """Question → (prompt messages, training answer)."""
+    return {m[1]["content"]: (m[:2], m[2]["content"]) for m in examples}
+
+
+def greedy(model: Any, tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    import torch
+
+    inputs = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=120, do_sample=False)
+    return str(tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+
+
+def test_trained_adapter_answers_training_questions_and_the_base_does_not(
+    demo_model: Path, trained_adapter: Path, daoyan_examples: list[list[dict[str, str]]]
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_model)
+    base = AutoModelForCausalLM.from_pretrained(demo_model).eval()
+    by_question = answers(daoyan_examples)
+    base_replies = {q: greedy(base, tokenizer, by_question[q][0]) for q in QUESTIONS}
+    tuned = PeftModel.from_pretrained(base, trained_adapter).eval()
+    for question in QUESTIONS:
+        prompt, answer = by_question[question]
+        assert greedy(tuned, tokenizer, prompt).strip() == answer
+        assert base_replies[question].strip() != answer
+
+
+def test_output_folder_holds_adapter_metrics_curve_and_result(trained_adapter: Path) -> None:
+    out = trained_adapter
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "LORA"
+    # "all-linear" is resolved to the model's linear layers, the output head excluded.
+    assert {m.rsplit(".", 1)[-1] for m in adapter["target_modules"]} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
+    }  # fmt: skip
+    assert (out / "adapter_model.safetensors").stat().st_size > 0
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+    result = TrainingResult.load(out)
+    records = metrics(out)
+    assert result.steps == result.total_steps == records[-1].step
+    assert result.adapter_rank == adapter["r"]
+    assert result.data.examples == result.data.trained_examples == 54
+    assert result.data.truncated == result.data.dropped_too_long == 0
+    assert result.trained_tokens == result.data.tokens_per_epoch * result.epochs
+    assert result.chat_template == "model"
+    assert len(result.dataset_sha256) == len(result.config_sha256) == 64
+    steps = [r.step for r in records]
+    assert steps[0] == 1 and steps == sorted(set(steps))
+    assert all(r.tokens_per_second and r.tokens_per_second > 0 for r in records[1:])
+    assert records[-1].train_loss is not None and records[0].train_loss is not None
+    assert records[-1].train_loss < records[0].train_loss / 10
+
+
+# -------------------------------------------------------------------------------------- resume
+
+
+def write_config(work: Path, model: Path, name: str) -> Path:
+    config = {
+        "job": {"name": "resume", "uid": name},
+        "model": {"idOrPath": str(model), "display": "demo-tiny"},
+        "dataset": {"path": str(DATASET)},
+        # Dropout on, so a resume that failed to restore the RNG state would show.
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.1},
+        "hyperparameters": {
+            "epochs": 6,
+            "batchSize": 2,
+            "learningRate": 0.003,
+            "warmupRatio": 0.05,
+            "seed": 7,
+            "checkpointEverySteps": 20,
+        },
+        "outputDir": str(work / name),
+        "progress": {"stdout": False},
+    }
+    path = work / f"{name}.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def start(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "kubetune.trainer", "--config", str(config)],
+            stdout=out, stderr=subprocess.STDOUT, env=trainer_env(), cwd=config.parent,
+        )  # fmt: skip
+
+
+def finish(proc: subprocess.Popen[bytes], log: Path) -> int:
+    try:
+        return proc.wait(timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"trainer did not finish:\n{log.read_text()[-3000:]}")
+
+
+def adapter_weights(out: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return dict(load_file(out / "adapter_model.safetensors"))
+
+
+def test_sigterm_checkpoints_and_the_restart_ends_like_an_uninterrupted_run(
+    demo_model: Path, tmp_path: Path
+) -> None:
+    import torch
+
+    # The reference runs beside the interrupted one: two one-thread processes, two cores.
+    reference_log = tmp_path / "reference.log"
+    reference = start(write_config(tmp_path, demo_model, "reference"), reference_log)
+
+    config = write_config(tmp_path, demo_model, "preempted")
+    out, log = tmp_path / "preempted", tmp_path / "preempted.log"
+    proc = start(config, log)
+    deadline = time.monotonic() + RUN_TIMEOUT
+    # Past the first periodic checkpoint (step 20), well before the end (162 steps).
+    while not any(r.step >= 25 for r in metrics(out)):
+        assert proc.poll() is None, f"trainer ended early:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, "trainer made no progress"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert finish(proc, log) == PREEMPTED, log.read_text()[-3000:]
+    assert not (out / "result.json").exists()
+    complete = sorted(
+        (p for p in (out / "checkpoints").iterdir() if (p / "kubetune-complete.json").exists()),
+        key=lambda p: int(p.name.split("-")[1]),
+    )
+    stopped_at = metrics(out)[-1].step
+    assert complete[-1].name == f"checkpoint-{stopped_at}", "SIGTERM must checkpoint the step"
+    assert 25 <= stopped_at < 162
+
+    assert finish(start(config, log), log) == 0, log.read_text()[-3000:]
+    assert finish(reference, reference_log) == 0, reference_log.read_text()[-3000:]
+
+    resumed, uninterrupted = TrainingResult.load(out), TrainingResult.load(tmp_path / "reference")
+    assert resumed.steps == uninterrupted.steps == uninterrupted.total_steps == 162
+    assert (resumed.attempts, uninterrupted.attempts) == (2, 1)
+    assert resumed.trained_tokens == uninterrupted.trained_tokens
+
+    # The loss continues where it stopped: step for step the uninterrupted run's losses.
+    reference_losses = {r.step: r.train_loss for r in metrics(tmp_path / "reference")}
+    after = [r for r in metrics(out) if r.step > stopped_at]
+    assert [r.step for r in after] == list(range(stopped_at + 1, 163))
+    for record in after:
+        assert record.train_loss == pytest.approx(reference_losses[record.step], rel=1e-4)
+
+    ours, theirs = adapter_weights(out), adapter_weights(tmp_path / "reference")
+    assert ours.keys() == theirs.keys()
+    for key, value in ours.items():
+        torch.testing.assert_close(value, theirs[key], rtol=1e-4, atol=1e-6)

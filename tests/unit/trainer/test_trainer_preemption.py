@@ -1,0 +1,38 @@
+"""SIGTERM becomes a request to checkpoint and stop, not an immediate death."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from transformers import TrainerControl, TrainerState, TrainingArguments
+
+from kubetune.trainer import engine
+from kubetune.trainer.preemption import Preemption
+
+
+def test_sigterm_sets_the_flag_and_uninstall_restores_the_handler() -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    preemption = Preemption()
+    preemption.install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while not preemption.requested and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert preemption.requested
+    finally:
+        preemption.uninstall()
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_callback_saves_and_stops_only_when_requested(tmp_path: object) -> None:
+    preemption = Preemption()
+    callback = engine.PreemptionCallback(preemption)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[])
+    control = callback.on_step_end(args, TrainerState(), TrainerControl())
+    assert not control.should_save and not control.should_training_stop
+    preemption.requested = True
+    control = callback.on_step_end(args, TrainerState(), TrainerControl())
+    assert control.should_save and control.should_training_stop

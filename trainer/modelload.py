@@ -1,0 +1,188 @@
+"""Loading the base model and tokenizer, and wrapping the model in a LoRA adapter.
+
+Decides the device-dependent things in one place: dtype (bf16 on GPUs that support it, fp16
+on older GPUs, fp32 on CPU), the attention kernel (flash-attention 2's varlen kernel when it is
+installed on CUDA, else PyTorch SDPA run per packed example, :mod:`.attention`), and
+whether 4-bit QLoRA is possible (CUDA and bitsandbytes only; :class:`QLoraUnavailable` says
+why not before any weights are read). The flat LoRA fields of the API become a peft
+``LoraConfig`` here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kubetune.api.finetunejob import LoraSpec, Method
+from kubetune.api.jobconfig import TrainerConfig
+
+log = logging.getLogger(__name__)
+
+
+class QLoraUnavailable(RuntimeError):
+    """``method: qlora`` was asked for where 4-bit base weights cannot run."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and how the model runs."""
+
+    device: str
+    """``cuda`` or ``cpu``."""
+    dtype_name: str
+    """``bfloat16``, ``float16`` or ``float32``."""
+    attn_implementation: str
+
+    @property
+    def bf16(self) -> bool:
+        return self.dtype_name == "bfloat16"
+
+    @property
+    def fp16(self) -> bool:
+        return self.dtype_name == "float16"
+
+
+def cgroup_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int | None:
+    """The container's CPU limit (cgroup v2 ``cpu.max``), rounded up; None if unlimited."""
+    try:
+        quota, period = cpu_max.read_text(encoding="utf-8").split()[:2]
+    except (OSError, ValueError):
+        return None
+    if quota == "max":
+        return None
+    return max(1, -(-int(quota) // int(period)))
+
+
+PACKED_SDPA = "kubetune_packed_sdpa"
+"""Per-example SDPA for packed rows (:mod:`kubetune.trainer.attention`)."""
+
+
+def choose_placement() -> Placement:
+    import os
+
+    import torch
+
+    if "OMP_NUM_THREADS" not in os.environ:
+        # torch sizes its thread pool by the node's cores, not the pod's CPU limit; the
+        # oversubscribed pool is many times slower than one sized to the limit.
+        limit = cgroup_cpus()
+        if limit is not None and limit < torch.get_num_threads():
+            torch.set_num_threads(limit)
+
+    if torch.cuda.is_available():
+        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        flash = importlib.util.find_spec("flash_attn") is not None
+        return Placement("cuda", dtype, "flash_attention_2" if flash else PACKED_SDPA)
+    return Placement("cpu", "float32", PACKED_SDPA)
+
+
+def check_qlora(method: Method | str, placement: Placement) -> None:
+    """Refuse QLoRA early, with the reason, where it cannot work."""
+    if Method(method) != Method.QLORA:
+        return
+    if placement.device != "cuda":
+        raise QLoraUnavailable(
+            "`method: qlora` needs a CUDA GPU: 4-bit base weights (bitsandbytes NF4) have no "
+            "CPU kernels for training. Use `method: lora` on CPU, or request GPUs "
+            "(`resources.gpus` >= 1)."
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise QLoraUnavailable(
+            "`method: qlora` needs the `bitsandbytes` package, which this trainer image lacks; "
+            "use `method: lora` or an image with bitsandbytes installed."
+        )
+
+
+def model_source(config: TrainerConfig) -> tuple[str, dict[str, Any]]:
+    """``from_pretrained`` argument and keyword arguments for the base model (or a folder)."""
+    source = config.model.id_or_path
+    kwargs: dict[str, Any] = {}
+    if config.model.revision and not Path(source).is_dir():
+        kwargs["revision"] = config.model.revision
+    return source, kwargs
+
+
+def load_tokenizer(config: TrainerConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    source, kwargs = model_source(config)
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"{source}: a fast tokenizer is needed (offsets locate assistant tokens)")
+    if tokenizer.pad_token_id is None:
+        # Only the padded path (packing off) uses it, and its positions carry no loss.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def lora_config(spec: LoraSpec) -> Any:
+    """The peft ``LoraConfig`` for the API's flat LoRA fields."""
+    from peft import LoraConfig, TaskType
+
+    targets: str | list[str] = (
+        "all-linear" if spec.target_modules == ["all-linear"] else list(spec.target_modules)
+    )
+    return LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=targets,
+        bias="none",
+        task_type=TaskType.CAUSAL_LM,
+    )
+
+
+def load_model(config: TrainerConfig, placement: Placement, *, local_rank: int = 0) -> Any:
+    """The base model with a fresh LoRA adapter (trainable) on top."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    check_qlora(config.method, placement)
+    if placement.attn_implementation == PACKED_SDPA:
+        from kubetune.trainer import attention
+
+        attention.register()
+    source, kwargs = model_source(config)
+    dtype = getattr(torch, placement.dtype_name)
+    kwargs.update(dtype=dtype, attn_implementation=placement.attn_implementation)
+    qlora = Method(config.method) == Method.QLORA
+    if qlora:
+        import transformers
+
+        hf: Any = transformers  # BitsAndBytesConfig is not annotated
+        kwargs["quantization_config"] = hf.BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        kwargs["device_map"] = {"": local_rank}
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    model.config.use_cache = False
+    if qlora:
+        import peft
+
+        peft_any: Any = peft  # prepare_model_for_kbit_training is not annotated
+        model = peft_any.prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=config.hyperparameters.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    model = get_peft_model(model, lora_config(config.lora))
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info(
+        "LoRA r=%d alpha=%d on %s: %d trainable of %d parameters (%s, %s, %s)",
+        config.lora.r,
+        config.lora.alpha,
+        source,
+        trainable,
+        total,
+        placement.device,
+        placement.dtype_name,
+        placement.attn_implementation,
+    )
+    return model

@@ -1,0 +1,392 @@
+"""One training run from a resolved config: data → plan → model → train → outputs.
+
+Order matters and is the point of this module: everything that can be wrong with the job
+(the data, the plan, QLoRA on a CPU, an output folder that belongs to another job) is found
+before the model's weights are read, and is reported as a permanent error (exit code 2) with
+the problem on the last line of ``/dev/termination-log``. A preempted run (SIGTERM) checkpoints
+and exits with 143; started again on the same output folder, it resumes from the newest
+complete checkpoint. Outputs are written so that none of them is ever seen half-written, with
+``result.json`` last.
+
+Exit codes: 0 finished (or already finished), 1 failed, 2 invalid job, 143 preempted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from kubetune.api.jobconfig import TrainerConfig
+from kubetune.api.result import RESULT_FILE, DataCounts, TrainingResult
+from kubetune.trainer import chat, checkpoints, dataset, launch, modelload, plan, reporting
+from kubetune.trainer.preemption import Preemption
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_INVALID = 2
+EXIT_PREEMPTED = 143
+"""128 + SIGTERM, what a process killed by SIGTERM reports; the Job counts it as a failure."""
+
+JOB_FILE = "trainer-job.json"
+"""Which job owns the output folder; a different job is refused."""
+ADAPTER_FILES_LAST = "adapter_config.json"
+"""Moved into place last: the server treats a folder without it as not ready yet."""
+
+
+class OutputConflict(RuntimeError):
+    """The output folder belongs to another job or to another config of this job."""
+
+
+PERMANENT = (
+    dataset.DataError,
+    plan.PlanError,
+    modelload.QLoraUnavailable,
+    chat.TemplateError,
+    OutputConflict,
+)
+
+
+def config_sha256(config: TrainerConfig) -> str:
+    canonical = json.dumps(config.to_wire(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def claim_output(config: TrainerConfig, output_dir: Path, sha: str, *, write: bool = True) -> bool:
+    """Take ownership of ``output_dir``; True if this exact job already finished there.
+
+    Only the main process writes (``write``); every process reads the same answer.
+    """
+    owner_path = output_dir / JOB_FILE
+    mine = {"job": f"{config.job.namespace}/{config.job.name}", "uid": config.job.uid}
+    if owner_path.exists():
+        owner = json.loads(owner_path.read_text(encoding="utf-8"))
+        if (owner.get("job"), owner.get("uid")) != (mine["job"], mine["uid"]):
+            raise OutputConflict(
+                f"{output_dir} belongs to job {owner.get('job')} (uid {owner.get('uid')}); "
+                "refusing to overwrite another job's outputs"
+            )
+        if owner.get("config_sha256") != sha:
+            raise OutputConflict(
+                f"{output_dir} holds a run of this job with a different config; "
+                "resuming it with this one would mix two trainings"
+            )
+    elif write:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(owner_path, {**mine, "config_sha256": sha})
+    result_path = output_dir / RESULT_FILE
+    if result_path.exists():
+        try:
+            return TrainingResult.load(result_path).config_sha256 == sha
+        except ValueError:
+            return False
+    return False
+
+
+@dataclass
+class Prepared:
+    """Everything decided before the model is loaded."""
+
+    train_examples: list[chat.TokenizedExample]
+    valid_examples: list[chat.TokenizedExample]
+    summary: chat.TokenizeSummary
+    examples_in_file: int
+    plan: plan.TrainingPlan
+    tokenizer: Any
+    fallback_template: bool
+    dataset_sha256: str
+    validation_sha256: str | None
+
+
+@dataclass
+class DataFiles:
+    """The validated files and their examples (standard library and kubetune.data only)."""
+
+    train_path: Path
+    train: list[chat.Conversation]
+    valid_path: Path | None
+    valid: list[chat.Conversation]
+
+
+def read_data(config: TrainerConfig, output_dir: Path) -> DataFiles:
+    """Validate and read the training (and validation) file; raises :class:`DataError`."""
+    train_path = dataset.localize(config.dataset, output_dir / "data", "train.jsonl")
+    train = dataset.read_conversations(train_path)
+    valid_path, valid = None, []
+    if config.validation is not None:
+        valid_path = dataset.localize(config.validation, output_dir / "data", "validation.jsonl")
+        valid = dataset.read_conversations(valid_path)
+    return DataFiles(train_path, train, valid_path, valid)
+
+
+def prepare(config: TrainerConfig, files: DataFiles) -> Prepared:
+    """Tokenise the data and make the plan; no model weights are read."""
+    conversations, valid_conversations = files.train, files.valid
+    train_path, valid_path = files.train_path, files.valid_path
+    tokenizer = modelload.load_tokenizer(config)
+    template, fallback = chat.template_for(tokenizer)
+    if fallback:
+        log.warning("the model has no chat template; using kubetune's ChatML fallback")
+    hp = config.hyperparameters
+    examples, summary = chat.tokenize_all(
+        tokenizer,
+        conversations,
+        max_seq_length=hp.max_seq_length,
+        truncation=hp.truncation,
+        template=template,
+    )
+    valid_examples, _ = chat.tokenize_all(
+        tokenizer,
+        valid_conversations,
+        max_seq_length=hp.max_seq_length,
+        truncation=hp.truncation,
+        template=template,
+    )
+    log.info(
+        "data: %d examples, %d trained (%d truncated), %d dropped as too long, %d dropped with "
+        "nothing to train on; %d tokens/epoch, %d of them trained",
+        len(conversations),
+        summary.kept,
+        summary.truncated,
+        summary.dropped_too_long,
+        summary.dropped_no_target,
+        summary.tokens,
+        summary.target_tokens,
+    )
+    if summary.dropped:
+        log.warning("dropped examples (line numbers): %s", summary.dropped_lines[:50])
+    the_plan = plan.make_plan(config, summary.kept)
+    log.info("plan: %s", the_plan)
+    return Prepared(
+        train_examples=examples,
+        valid_examples=valid_examples,
+        summary=summary,
+        examples_in_file=len(conversations),
+        plan=the_plan,
+        tokenizer=tokenizer,
+        fallback_template=fallback,
+        dataset_sha256=dataset.sha256_file(train_path),
+        validation_sha256=None if valid_path is None else dataset.sha256_file(valid_path),
+    )
+
+
+def save_adapter(model: Any, tokenizer: Any, output_dir: Path, *, fallback: bool) -> None:
+    """Write the adapter (and, with the fallback template, the tokenizer) without ever
+    exposing a half-written ``adapter_config.json``/weights pair."""
+    staging = output_dir / ".adapter-staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    if fallback:
+        tokenizer.chat_template = chat.FALLBACK_TEMPLATE
+        tokenizer.save_pretrained(staging)
+    (staging / "README.md").unlink(missing_ok=True)
+    names = sorted(p.name for p in staging.iterdir() if p.name != ADAPTER_FILES_LAST)
+    for name in [*names, ADAPTER_FILES_LAST]:
+        source = staging / name
+        if source.is_file():
+            source.replace(output_dir / name)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def train(config: TrainerConfig) -> int:
+    """The run itself; raises the :data:`PERMANENT` errors for invalid jobs."""
+    proc = launch.process_info()
+    output_dir = Path(config.output_dir)
+    sha = config_sha256(config)
+    if claim_output(config, output_dir, sha, write=proc.is_main):
+        log.info("%s already holds the finished result of this job; nothing to do", output_dir)
+        return EXIT_OK
+
+    # Installed first: a SIGTERM while the data or model loads must not kill the process
+    # before it can say it was preempted.
+    preemption = Preemption()
+    preemption.install()
+    files = read_data(config, output_dir)  # bad data stops here, before torch is imported
+
+    from kubetune.trainer import engine, packing
+
+    prepared = prepare(config, files)
+    the_plan = prepared.plan
+    placement = modelload.choose_placement()
+    modelload.check_qlora(config.method, placement)
+    if preemption.requested:
+        return EXIT_PREEMPTED
+
+    from transformers import set_seed
+
+    set_seed(config.hyperparameters.seed)
+    model = modelload.load_model(config, placement, local_rank=proc.local_rank)
+
+    root = checkpoints.root_of(output_dir)
+    if proc.is_main:
+        checkpoints.remove_incomplete(root)
+    resume = checkpoints.newest(root)
+    marker = checkpoints.read_marker(resume) if resume is not None else None
+    prior_seconds = float((marker or {}).get("elapsed_seconds", 0.0))
+    attempts = int((marker or {}).get("attempts", 0)) + 1
+    if resume is not None:
+        log.info("resuming from %s (attempt %d)", resume, attempts)
+
+    reporter = reporting.ProgressReporter(output_dir, config.progress)
+    progress = engine.ProgressCallback(
+        reporter.emit if proc.is_main else (lambda record: None), prior_seconds=prior_seconds
+    )
+    total = the_plan.total_steps
+    args = engine.training_arguments(
+        checkpoint_root=root,
+        total_steps=total,
+        epochs=the_plan.epochs,
+        micro_batch_size=the_plan.micro_batch_size,
+        gradient_accumulation_steps=the_plan.gradient_accumulation_steps,
+        learning_rate=config.hyperparameters.learning_rate,
+        warmup_steps=the_plan.warmup_steps,
+        seed=config.hyperparameters.seed,
+        checkpoint_every=config.hyperparameters.checkpoint_every_steps,
+        gradient_checkpointing=config.hyperparameters.gradient_checkpointing,
+        bf16=placement.bf16,
+        fp16=placement.fp16,
+        evaluate=bool(prepared.valid_examples),
+        logging_steps=1 if total <= 200 else total // 200,
+        pin_memory=placement.device == "cuda",
+    )
+    trainer = engine.KubetuneTrainer(
+        model=model,
+        args=args,
+        train_dataset=engine.ExampleDataset(prepared.train_examples),
+        eval_dataset=engine.ExampleDataset(prepared.valid_examples)
+        if prepared.valid_examples
+        else None,
+        data_collator=packing.Collator(
+            packing=config.hyperparameters.packing,
+            pad_token_id=int(prepared.tokenizer.pad_token_id),
+        ),
+        processing_class=prepared.tokenizer,
+        callbacks=[engine.PreemptionCallback(preemption), progress],
+        checkpoint_info=lambda: {
+            "config_sha256": sha,
+            "elapsed_seconds": round(progress.elapsed(), 3),
+            "attempts": attempts,
+        },
+    )
+    trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    if preemption.requested and trainer.state.global_step < trainer.state.max_steps:
+        message = f"preempted at step {trainer.state.global_step}/{total}; checkpoint saved"
+        log.warning("%s; start again with the same output folder to resume", message)
+        if proc.is_main:
+            reporting.write_termination_message(message)
+        return EXIT_PREEMPTED
+    last_step_evaluated = (
+        trainer.state.global_step % args.eval_steps == 0 if args.eval_steps else False
+    )
+    if prepared.valid_examples and not last_step_evaluated:
+        trainer.evaluate()
+    preemption.uninstall()
+    if not proc.is_main:
+        return EXIT_OK
+
+    save_adapter(trainer.model, prepared.tokenizer, output_dir, fallback=prepared.fallback_template)
+    final = progress.last_record
+    if final is not None:
+        reporter.flush(final)
+    reporting.plot_loss(
+        reporting.read_metrics(output_dir / reporting.METRICS_FILE),
+        output_dir / reporting.LOSS_PLOT,
+        title=f"{config.job.name} on {config.model.display}",
+    )
+    summary = prepared.summary
+    result = TrainingResult(
+        job=f"{config.job.namespace}/{config.job.name}",
+        job_uid=config.job.uid,
+        base_model=config.model.id_or_path,
+        base_model_revision=config.model.revision,
+        method=str(config.method),
+        adapter_rank=config.lora.r,
+        adapter_alpha=config.lora.alpha,
+        target_modules=list(config.lora.target_modules),
+        chat_template="fallback" if prepared.fallback_template else "model",
+        dataset_sha256=prepared.dataset_sha256,
+        validation_sha256=prepared.validation_sha256,
+        config_sha256=sha,
+        data=DataCounts(
+            examples=prepared.examples_in_file,
+            trained_examples=summary.kept,
+            truncated=summary.truncated,
+            dropped_too_long=summary.dropped_too_long,
+            dropped_no_target=summary.dropped_no_target,
+            tokens_per_epoch=summary.tokens,
+            target_tokens_per_epoch=summary.target_tokens,
+        ),
+        epochs=the_plan.epochs,
+        batch_size=the_plan.batch_size,
+        steps=int(trainer.state.global_step),
+        total_steps=int(trainer.state.max_steps),
+        trained_tokens=int(trainer.state.num_input_tokens_seen),
+        final_train_loss=progress.train_loss,
+        final_valid_loss=progress.valid_loss,
+        wall_seconds=round(progress.elapsed(), 3),
+        attempts=attempts,
+        finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    result_json = result.model_dump_json(by_alias=True, exclude_none=True, indent=2)
+    tmp = output_dir / (RESULT_FILE + ".tmp")
+    tmp.write_text(result_json + "\n", encoding="utf-8")
+    tmp.replace(output_dir / RESULT_FILE)
+    reporter.emit_result(result_json)
+    log.info(
+        "done: %d steps, final loss %s, adapter in %s",
+        result.steps,
+        result.final_train_loss,
+        output_dir,
+    )
+    return EXIT_OK
+
+
+def termination_line(exc: BaseException) -> str:
+    """One line for the pod status: the first problem, and how many more there are."""
+    if isinstance(exc, dataset.DataError):
+        more = len(exc.errors) - 1
+        extra = f" (and {more} more)" if more > 0 else ""
+        return f"invalid data in {exc.path.name}: {exc.errors[0]}{extra}"
+    return " ".join(str(exc).split())
+
+
+def main(config_path: str) -> int:
+    """Run the job in ``config_path``; returns the process exit code."""
+    try:
+        config = TrainerConfig.load(config_path)
+    except (OSError, ValueError) as exc:
+        log.error("cannot read trainer config %s: %s", config_path, exc)
+        reporting.write_termination_message(f"invalid trainer config: {exc}")
+        return EXIT_INVALID
+    if launch.needs_torchrun(config.gpus):
+        # Check the data once, in one process, before starting one per GPU.
+        try:
+            read_data(config, Path(config.output_dir))
+        except dataset.DataError as exc:
+            log.error("%s", exc)
+            reporting.write_termination_message(termination_line(exc))
+            return EXIT_INVALID
+        launch.exec_torchrun(config_path, config.gpus)
+    try:
+        return train(config)
+    except PERMANENT as exc:
+        log.error("%s", exc)
+        reporting.write_termination_message(termination_line(exc))
+        return EXIT_INVALID
+    except Exception as exc:
+        log.exception("training failed")
+        reporting.write_termination_message(f"training failed: {type(exc).__name__}: {exc}")
+        return EXIT_FAILED
