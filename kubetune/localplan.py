@@ -33,7 +33,6 @@ import yaml
 from pydantic import ValidationError
 
 from kubetune.api import finetunejob as ftj
-from kubetune.api.serveconfig import AdapterSource, ServeConfig
 from kubetune.api.jobconfig import (
     BaseModelSource,
     DataFile,
@@ -41,6 +40,7 @@ from kubetune.api.jobconfig import (
     ProgressSink,
     TrainerConfig,
 )
+from kubetune.api.serveconfig import AdapterSource, ServeConfig
 from kubetune.localproc import shown
 
 DEMO_MODEL_ID = "kubetune/demo-tiny"
