@@ -93,7 +93,9 @@ def observe_trainer(job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> O
         return Observation(Phase.RUNNING, "training", "Running")
     unschedulable = pending_reason(active)
     if unschedulable:
-        return Observation(Phase.QUEUED, f"waiting for GPUs: {unschedulable}", "Unschedulable")
+        return Observation(
+            Phase.QUEUED, f"trainer pod cannot be scheduled yet: {unschedulable}", "Unschedulable"
+        )
     if active:
         return Observation(Phase.QUEUED, "trainer pod is starting", "PodPending")
     return Observation(Phase.QUEUED, "waiting for the trainer pod", "JobCreated")

@@ -76,6 +76,16 @@ def output_volume(cluster: Cluster, namespace: str, claim: str = "kubetune-outpu
             },
         },
     )
+    # A pod whose claim is not bound yet is unschedulable, and the scheduler may back off
+    # for minutes before it looks again: wait for the PV controller first.
+    wait_until(
+        lambda: (
+            (cluster.get("pvc", claim, "-n", namespace) or {}).get("status", {}).get("phase")
+            == "Bound"
+        ),
+        timeout=60,
+        description=f"PVC {namespace}/{claim} to be bound",
+    )
 
 
 def dataset_configmap(cluster: Cluster, namespace: str, text: str, name: str = "data") -> None:
