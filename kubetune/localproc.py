@@ -195,7 +195,7 @@ def _stop_group(proc: subprocess.Popen[Any], grace: float) -> None:
     try:
         while time.monotonic() < deadline:
             leader_done = proc.poll() is not None
-            if leader_done and not _group_alive(proc.pid):
+            if leader_done and not group_alive(proc.pid):
                 return
             time.sleep(0.2)
     except Interrupted:
@@ -205,7 +205,8 @@ def _stop_group(proc: subprocess.Popen[Any], grace: float) -> None:
     proc.wait()
 
 
-def _group_alive(pgid: int) -> bool:
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the process group ``pgid`` is still running."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:

@@ -32,6 +32,8 @@ import httpx
 import pytest
 import yaml
 
+from kubetune import localproc
+
 REPO = Path(__file__).resolve().parents[2]
 DATASET = REPO / "examples" / "data" / "daoyan.jsonl"
 DEMO_JOB = REPO / "examples" / "daoyan-local.yaml"
@@ -180,18 +182,8 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
             os.killpg(proc.pid, sig)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=wait)
-        if not _group_alive(proc.pid):
+        if not localproc.group_alive(proc.pid):
             return
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def wait_ready(
