@@ -98,7 +98,7 @@ def register_validate(subparsers: Any) -> None:
     est.add_argument("--price-per-1m", type=float, help="USD per 1M training tokens (openai)")
     est.add_argument("--batch-size", default="auto", help="examples per step, or auto (local)")
     est.add_argument(
-        "--max-seq-length", type=int, default=2048, help="packed sequence length (local)"
+        "--max-seq-length", type=int, default=2048, help="longest example in tokens (local)"
     )
     est.add_argument("--tokens-per-second", type=float, help="measured training tokens/s per GPU")
     p.set_defaults(handler=validate_command)

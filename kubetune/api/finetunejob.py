@@ -175,7 +175,7 @@ class Hyperparameters(ApiModel):
     )
     learning_rate: float = Field(default=2e-4, gt=0, le=1, description="Peak learning rate.")
     max_seq_length: int = Field(
-        default=2048, ge=16, le=131072, description="Tokens per (packed) training sequence."
+        default=2048, ge=16, le=131072, description="Longest example in tokens; see `truncation`."
     )
     truncation: Truncation = Field(
         default=Truncation.TRUNCATE,

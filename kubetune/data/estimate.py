@@ -47,7 +47,7 @@ MAX_DEFAULT_EPOCHS = 25
 DEFAULT_TOKENS_PER_SECOND = 2_500.0
 """Assumed LoRA training throughput of one GPU on a 7-8B model; set a measured figure."""
 DEFAULT_MAX_SEQ_LENGTH = 2048
-"""The trainer's default tokens per packed sequence (``hyperparameters.maxSeqLength``)."""
+"""The trainer's default longest example in tokens (``hyperparameters.maxSeqLength``)."""
 
 Auto = Literal["auto"]
 
@@ -114,7 +114,6 @@ class LocalEstimate(msgspec.Struct, frozen=True, kw_only=True):
     batch_size: int
     packing: bool
     max_seq_length: int
-    sequences_per_epoch: int
     steps_per_epoch: int
     steps: int
     tokens: int
@@ -169,9 +168,11 @@ def estimate_local(
     packing: bool = True,
     tokens_per_second: float | None = None,
 ) -> LocalEstimate:
-    """Steps and GPU-hours. With packing, a step takes ``batch_size`` packed sequences
-    (ideal packing: Σ tokens / ``max_seq_length`` sequences); without, ``batch_size`` examples.
-    ``tokens_per_second`` is per GPU; None uses :data:`DEFAULT_TOKENS_PER_SECOND`."""
+    """Steps and GPU-hours, as the trainer counts them on one GPU: a step takes ``batch_size``
+    examples (OpenAI's meaning; ``kubetune.trainer.plan``), packed or padded alike, so packing
+    changes the time per step, not the steps. Examples longer than ``max_seq_length`` count
+    at that length. ``tokens_per_second`` is per GPU; None uses
+    :data:`DEFAULT_TOKENS_PER_SECOND`."""
     stats = _stats(report_or_stats)
     n = stats.n_examples
     epochs = epochs_auto(n) if n_epochs == "auto" else n_epochs
@@ -183,8 +184,7 @@ def estimate_local(
         raise ValueError(f"`tokens_per_second` must be positive, got {tps}")
     # Examples longer than a sequence are cut to it, whatever the file's own limit.
     per_epoch = _tokens_capped(stats, max_seq_length)
-    sequences = math.ceil(per_epoch / max_seq_length) if packing else n
-    steps_per_epoch = math.ceil(sequences / batch) if sequences else 0
+    steps_per_epoch = math.ceil(n / batch) if n else 0
     tokens = per_epoch * epochs
     return LocalEstimate(
         n_examples=n,
@@ -193,7 +193,6 @@ def estimate_local(
         batch_size=batch,
         packing=packing,
         max_seq_length=max_seq_length,
-        sequences_per_epoch=sequences,
         steps_per_epoch=steps_per_epoch,
         steps=steps_per_epoch * epochs,
         tokens=tokens,

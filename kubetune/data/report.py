@@ -157,15 +157,15 @@ def _render_estimate(e: Estimate) -> list[str]:
             out.append(f"  cost ${cost} at ${e.price_per_million:,.2f} per 1M tokens")
         return out
     how = f"auto for {e.n_examples:,} examples" if e.epochs_auto else "set"
-    packing = f"packed into {e.max_seq_length:,}-token sequences" if e.packing else "unpacked"
+    packing = "packed" if e.packing else "padded"
     rate = f"{e.tokens_per_second:,.0f} tokens/s per GPU" + (
         " (assumed; set --tokens-per-second)" if e.throughput_assumed else ""
     )
     return [
         f"Estimate: local LoRA job{approx}",
-        f"  epochs {e.n_epochs} ({how}), batch {e.batch_size}, {packing}",
-        f"  steps {e.steps:,} = {e.steps_per_epoch:,} x {e.n_epochs}  "
-        f"({e.sequences_per_epoch:,} sequences per epoch)",
+        f"  epochs {e.n_epochs} ({how}), {e.batch_size} example{'' if e.batch_size == 1 else 's'}"
+        f" per step, {packing}, examples cut at {e.max_seq_length:,} tokens",
+        f"  steps {e.steps:,} = {e.steps_per_epoch:,} x {e.n_epochs}",
         f"  tokens {e.tokens:,}  at {rate}: {_hours(e.gpu_hours)}",
     ]
 

@@ -53,8 +53,8 @@ def test_local_steps_and_gpu_hours_by_hand() -> None:
     assert (est.n_epochs, est.batch_size) == (3, 2)
     per_epoch = 1000 * 500 + 10 * 2048  # examples longer than a sequence are cut to it
     assert est.tokens == per_epoch * 3
-    assert est.sequences_per_epoch == -(-per_epoch // 2048)  # 255
-    assert est.steps_per_epoch == 128 and est.steps == 384
+    # batch = examples per step, as the trainer counts (kubetune.trainer.plan)
+    assert est.steps_per_epoch == 505 and est.steps == 1515
     assert est.gpu_hours == pytest.approx(per_epoch * 3 / 1000 / 3600, rel=1e-5)
     assert not est.throughput_assumed
 

@@ -95,3 +95,23 @@ def test_batch_size_must_divide_by_accumulation_and_gpus() -> None:
 def test_no_examples_is_an_error() -> None:
     with pytest.raises(plan.PlanError, match="no usable examples"):
         plan.make_plan(config(), 0)
+
+
+@pytest.mark.parametrize("examples", [1, 54, 1_000, 4_321, 20_000])
+@pytest.mark.parametrize("batch_size", ["auto", 3, 8])
+def test_the_doctors_estimate_counts_the_steps_the_trainer_takes(
+    examples: int, batch_size: Any
+) -> None:
+    """The operator writes ``estimate.totalSteps`` from the dataset doctor before the trainer
+    runs; on one GPU it must be the trainer's own count, packed or not."""
+    from kubetune import data
+    from kubetune.data.stats import StatsAccumulator
+
+    acc = StatsAccumulator(None)
+    for i in range(examples):
+        acc.add(40 + i % 90, 20)
+    stats = acc.result("test", True)
+    for packing in (True, False):
+        est = data.estimate_local(stats, batch_size=batch_size, packing=packing)
+        p = plan.make_plan(config(batchSize=batch_size, packing=packing), examples=examples)
+        assert (est.n_epochs, est.batch_size, est.steps) == (p.epochs, p.batch_size, p.total_steps)
