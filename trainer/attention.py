@@ -8,16 +8,24 @@ the examples themselves. On CPU (and on GPUs without the ``flash_attn`` package)
 packing slower than padding (``bench/trainer_throughput.py``).
 
 :data:`NAME` is registered as an attention implementation through transformers' public
-``AttentionInterface``: for a packed row (one row whose position ids restart), it runs causal
-SDPA on each example's slice of the row, which is what flash-attention's varlen kernel does in
+``AttentionInterface``: for a packed row (one row whose position ids jump), it runs causal
+SDPA on each segment's slice of the row, which is what flash-attention's varlen kernel does in
 one call; anything else (padded batches, generation) goes to the stock SDPA function with its
 mask. The mask function registered beside it is the stock SDPA one, so padded batches are
 masked exactly as with ``attn_implementation="sdpa"``.
+
+A row is cut into segments wherever a position id is not its predecessor plus one. A segment
+whose positions start at 0 is an example (or a shared prompt prefix followed by the first of
+the examples that share it). A segment that starts at ``p > 0`` continues the shared prefix:
+it attends to the first ``p`` tokens of the last segment that started at 0, then to itself
+(:func:`kubetune.trainer.packing.pack` with ``share_prefix``). That layout means nothing to
+flash-attention's varlen path, so the trainer shares prefixes only with this implementation.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import weakref
+from typing import Any, NamedTuple
 
 import torch
 from transformers import AttentionInterface
@@ -27,15 +35,47 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 NAME = "kubetune_packed_sdpa"
 
 
-def segment_bounds(position_ids: torch.Tensor) -> list[tuple[int, int]] | None:
-    """``[(start, end), ...]`` of the examples packed in a one-row batch; None if not packed."""
-    if position_ids.dim() != 2 or position_ids.shape[0] != 1:
+class Segment(NamedTuple):
+    """``row[start:end]``, continuing the first ``shared`` tokens of the row at ``leader``."""
+
+    start: int
+    end: int
+    leader: int
+    shared: int
+
+
+def segments(position_ids: torch.Tensor) -> list[Segment] | None:
+    """The segments of a packed one-row batch; None if the row is not packed."""
+    if position_ids.dim() != 2 or position_ids.shape[0] != 1 or position_ids.shape[1] < 2:
         return None
-    starts = (position_ids[0] == 0).nonzero().flatten().tolist()
-    if len(starts) <= 1 or starts[0] != 0:
+    positions = position_ids[0]
+    breaks = (positions[1:] != positions[:-1] + 1).nonzero().flatten() + 1
+    if breaks.numel() == 0 or int(positions[0]) != 0:
         return None
-    ends = [*starts[1:], position_ids.shape[1]]
-    return list(zip(starts, ends, strict=True))
+    starts = [0, *breaks.tolist()]
+    firsts = positions[starts].tolist()
+    ends = [*starts[1:], positions.shape[0]]
+    result, leader, leader_length = [], 0, 0
+    for start, end, first in zip(starts, ends, firsts, strict=True):
+        if first == 0:
+            leader, leader_length = start, end - start
+        elif first > leader_length:
+            raise ValueError(f"packed segment at {start} continues {first} tokens of a shorter one")
+        result.append(Segment(start, end, leader, first))
+    return result
+
+
+_last: tuple[weakref.ref[torch.Tensor], list[Segment] | None] | None = None
+
+
+def segments_of(position_ids: torch.Tensor) -> list[Segment] | None:
+    """:func:`segments`, computed once per forward pass: every layer gets the same tensor."""
+    global _last
+    if _last is not None and _last[0]() is position_ids:
+        return _last[1]
+    parts = segments(position_ids)
+    _last = (weakref.ref(position_ids), parts)
+    return parts
 
 
 def packed_sdpa_forward(
@@ -49,26 +89,35 @@ def packed_sdpa_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     position_ids = kwargs.get("position_ids")
-    bounds = None
+    parts = None
     if position_ids is not None and query.shape[2] == key.shape[2]:  # training, no cache
-        bounds = segment_bounds(position_ids)
-    if bounds is None:
+        parts = segments_of(position_ids)
+    if parts is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+
+    def rows(tensor: torch.Tensor, part: Segment) -> torch.Tensor:
+        own = tensor[:, :, part.start : part.end]
+        if not part.shared:
+            return own
+        return torch.cat([tensor[:, :, part.leader : part.leader + part.shared], own], dim=2)
+
+    # A continuation recomputes the prefix's own query rows (cheap next to the projections)
+    # so that one fused causal call covers prefix + segment; only its own rows are kept.
     outputs = [
         torch.nn.functional.scaled_dot_product_attention(
-            query[:, :, start:end],
-            key[:, :, start:end],
-            value[:, :, start:end],
+            rows(query, part),
+            rows(key, part),
+            rows(value, part),
             is_causal=True,
             dropout_p=dropout,
             scale=scaling,
-        )
-        for start, end in bounds
+        )[:, :, part.shared :]
+        for part in parts
     ]
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 

@@ -4,12 +4,14 @@ The Trainer brings the parts that are easy to get subtly wrong and that resume d
 the optimizer and LR schedule, gradient accumulation with token-count normalisation across
 micro-batches and processes, DDP under torchrun, checkpoints that hold optimizer, scheduler,
 RNG and data position, and a seedable sampler that replays the same data order on resume.
-The subclass changes three things:
+The subclass changes four things:
 
 - :meth:`KubetuneTrainer.compute_loss` computes logits only where a label is trained on
   (``logits_to_keep``), so system and user tokens cost no LM-head or softmax work, and sums
   the token losses over the whole optimizer step's target-token count, like
   ``ForCausalLMLoss`` does;
+- tokens seen (and so tokens/s) count the examples' tokens, shared prompt prefixes included
+  (:func:`kubetune.trainer.packing.real_tokens`);
 - checkpoints are written into a staging folder and published atomically
   (:mod:`kubetune.trainer.checkpoints`);
 - :class:`PreemptionCallback` turns SIGTERM into "finish this step, checkpoint, stop".
@@ -33,7 +35,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
 from kubetune.progress import ProgressRecord
-from kubetune.trainer import checkpoints
+from kubetune.trainer import checkpoints, packing
 from kubetune.trainer.chat import IGNORE_INDEX, TokenizedExample
 from kubetune.trainer.preemption import Preemption
 
@@ -90,6 +92,14 @@ class KubetuneTrainer(Trainer):
         self.remove_callback(PrinterCallback)
         self._checkpoint_info = checkpoint_info
         self._staging = False
+
+    def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+        """Count the examples' tokens (``state.num_input_tokens_seen``, the tokens/s figure):
+        the stock count would miss the prompt prefixes that packed examples share."""
+        if self.args.include_num_input_tokens_seen == "no":
+            return
+        tokens = torch.tensor(packing.real_tokens(inputs), device=self.args.device)
+        self.state.num_input_tokens_seen += int(self.accelerator.gather(tokens).sum().item())
 
     def compute_loss(
         self,

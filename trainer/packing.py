@@ -8,10 +8,19 @@ turns them into varlen boundaries, so examples never attend to each other and no
 spent on padding. The first label of every example is set to ``-100``: a causal LM predicts
 token ``i+1`` from position ``i``, so without that the last token of one example would be
 trained to predict the first token of the next, which the unpacked batch never does. With that,
-the packed loss equals the unpacked loss (``tests/unit/trainer/test_packing.py``).
+the packed loss equals the unpacked loss (``tests/unit/trainer/test_trainer_packing.py``).
+
+With ``share_prefix``, examples that begin with the same untrained tokens (chat data usually
+repeats one system prompt in every example) share them: the prefix is computed once, and the
+other examples continue it with position ids that start where the prefix ends
+(:mod:`kubetune.trainer.attention` reads that layout). Every example still sees exactly its
+own tokens, so loss and gradients equal the unpacked batch's; the shared tokens are just not
+computed again. Only tokens before the one preceding an example's first target are shared, so
+no shared position has to predict different tokens for different examples.
 
 :func:`pad` is the classic right-padded batch with an attention mask, used when ``packing`` is
-off and by the benchmark's baseline. Both count real tokens as ``num_tokens``.
+off and by the benchmark's baseline. :func:`real_tokens` counts the examples' tokens for all
+three layouts.
 """
 
 from __future__ import annotations
@@ -24,23 +33,62 @@ from kubetune.trainer.chat import IGNORE_INDEX
 Feature = dict[str, Any]
 """One example as the dataset yields it: ``input_ids`` and ``labels`` (lists of ints)."""
 
+MIN_SHARED_TOKENS = 16
+"""Shorter common prefixes are not shared: each continuation re-reads its prefix in attention,
+and a chat template's first few tokens are common to every example anyway."""
 
-def pack(features: Sequence[Feature]) -> dict[str, Any]:
+
+def shareable_head(feature: Feature) -> list[int]:
+    """The tokens an example can share: all before the token preceding its first target."""
+    labels = feature["labels"]
+    first = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+    return list(feature["input_ids"][: max(first - 1, 0)])
+
+
+def common_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def prefix_groups(
+    features: Sequence[Feature], minimum: int = MIN_SHARED_TOKENS
+) -> list[tuple[int, list[Feature]]]:
+    """``(shared tokens, examples)`` groups; examples sorted so that common prefixes meet."""
+    groups: list[tuple[list[int], list[Feature]]] = []
+    for feature in sorted(features, key=shareable_head):
+        head = shareable_head(feature)
+        if groups:
+            prefix, members = groups[-1]
+            shared = common_length(prefix, head)
+            if shared >= minimum:
+                groups[-1] = (prefix[:shared], [*members, feature])
+                continue
+        groups.append((head, [feature]))
+    return [(len(prefix) if len(members) > 1 else 0, members) for prefix, members in groups]
+
+
+def pack(features: Sequence[Feature], *, share_prefix: bool = False) -> dict[str, Any]:
     """One padding-free row holding every example of the micro-batch."""
     import torch
 
+    features = [f for f in features if f["input_ids"]]
+    groups = prefix_groups(features) if share_prefix else [(0, list(features))]
     input_ids: list[int] = []
     labels: list[int] = []
     position_ids: list[int] = []
-    for feature in features:
-        ids = list(feature["input_ids"])
-        example_labels = list(feature["labels"])
-        if not ids:
-            continue
-        example_labels[0] = IGNORE_INDEX
-        input_ids += ids
-        labels += example_labels
-        position_ids += range(len(ids))
+    for shared, members in groups:
+        for index, feature in enumerate(members):
+            skip = shared if index else 0
+            ids = list(feature["input_ids"])
+            example_labels = list(feature["labels"][skip:])
+            example_labels[0] = IGNORE_INDEX
+            input_ids += ids[skip:]
+            labels += example_labels
+            position_ids += range(skip, len(ids))
     return {
         "input_ids": torch.tensor([input_ids], dtype=torch.long),
         "labels": torch.tensor([labels], dtype=torch.long),
@@ -67,19 +115,26 @@ def pad(features: Sequence[Feature], pad_token_id: int) -> dict[str, Any]:
 class Collator:
     """The trainer's ``data_collator``: :func:`pack` or :func:`pad`, chosen once."""
 
-    def __init__(self, *, packing: bool, pad_token_id: int) -> None:
+    def __init__(self, *, packing: bool, pad_token_id: int, share_prefix: bool = False) -> None:
         self.packing = packing
         self.pad_token_id = pad_token_id
+        self.share_prefix = share_prefix
 
     def __call__(self, features: Sequence[Feature]) -> dict[str, Any]:
         if self.packing:
-            return pack(features)
+            return pack(features, share_prefix=self.share_prefix)
         return pad(features, self.pad_token_id)
 
 
 def real_tokens(batch: dict[str, Any]) -> int:
-    """Tokens of the batch that are not padding."""
+    """Tokens of the batch's examples: padding excluded, shared prefixes counted per example."""
     mask = batch.get("attention_mask")
-    if mask is None:
-        return int(batch["input_ids"].numel())
-    return int(mask.sum().item())
+    if mask is not None:
+        return int(mask.sum().item())
+    tokens = int(batch["input_ids"].numel())
+    positions = batch.get("position_ids")
+    if positions is None or positions.numel() < 2:
+        return tokens
+    row = positions.flatten()
+    continued = row[1:][row[1:] != row[:-1] + 1]  # first positions of the segments after the first
+    return tokens + int(continued.sum().item())

@@ -272,6 +272,8 @@ def train(config: TrainerConfig) -> int:
         data_collator=packing.Collator(
             packing=config.hyperparameters.packing,
             pad_token_id=int(prepared.tokenizer.pad_token_id),
+            # flash-attention's varlen path reads restarting positions only
+            share_prefix=placement.attn_implementation == modelload.PACKED_SDPA,
         ),
         processing_class=prepared.tokenizer,
         callbacks=[engine.PreemptionCallback(preemption), progress],

@@ -105,7 +105,92 @@ def test_target_only_loss_matches_the_models_own_loss() -> None:
     assert mean_loss(model, batch) == pytest.approx(reference, rel=1e-5)
 
 
+def make_chat_like(seed: int = 1) -> list[dict[str, list[int]]]:
+    """Examples as chat data has them: most start with one system prompt (24 tokens), then a
+    question (untrained) and an answer (trained); one has a system prompt of its own."""
+    g = torch.Generator().manual_seed(seed)
+
+    def tokens(n: int) -> list[int]:
+        return torch.randint(3, 64, (n,), generator=g).tolist()
+
+    system, other = tokens(24), tokens(20)
+    examples = []
+    for prompt, question, answer in [(system, 5, 6), (system, 3, 9), (other, 4, 4), (system, 7, 2)]:
+        ids = prompt + tokens(question) + tokens(answer)
+        examples.append(
+            {"input_ids": ids, "labels": [IGNORE_INDEX] * (len(ids) - answer) + ids[-answer:]}
+        )
+    return examples
+
+
+def test_examples_with_one_system_prompt_share_it_once() -> None:
+    examples = make_chat_like()
+    groups = packing.prefix_groups(examples)
+    assert sorted((shared, len(members)) for shared, members in groups) == [(0, 1), (24, 3)]
+    for shared, members in groups:
+        for member in members:  # never past the token before the first target
+            assert shared <= len(packing.shareable_head(member))
+    batch = packing.pack(examples, share_prefix=True)
+    total = sum(len(e["input_ids"]) for e in examples)
+    assert batch["input_ids"].shape[1] == total - 2 * 24
+    assert packing.real_tokens(batch) == total
+    parts = attention.segments(batch["position_ids"])
+    assert parts is not None
+    assert sorted(p.shared for p in parts) == [0, 0, 24, 24]
+    continued = [p for p in parts if p.shared]
+    assert all(batch["labels"][0, p.start].item() == IGNORE_INDEX for p in parts)
+    assert all(batch["position_ids"][0, p.start].item() == 24 for p in continued)
+
+
+def test_prefixes_shorter_than_the_minimum_are_not_shared() -> None:
+    examples = make_chat_like()
+    assert all(shared == 0 for shared, _ in packing.prefix_groups(examples, minimum=25))
+    plain = packing.pack(examples)
+    assert packing.real_tokens(plain) == plain["input_ids"].shape[1]
+
+
+def test_segments_of_unpacked_and_inconsistent_rows() -> None:
+    assert attention.segments(torch.arange(10).unsqueeze(0)) is None
+    assert attention.segments(torch.arange(10).repeat(2, 1)) is None
+    with pytest.raises(ValueError, match="continues 5 tokens"):
+        attention.segments(torch.tensor([[0, 1, 2, 5, 6]]))
+
+
+def loss_and_grads(model: Any, batch: dict[str, Any]) -> tuple[float, list[torch.Tensor]]:
+    model.zero_grad()
+    batch = dict(batch)
+    labels = batch.pop("labels")
+    loss_sum, count, _ = engine.target_only_loss(model, batch, labels)
+    loss = loss_sum / count
+    loss.backward()
+    return loss.item(), [p.grad.clone() for p in model.parameters()]
+
+
+def test_shared_prefix_gives_the_loss_and_gradients_of_unpacked_examples() -> None:
+    attention.register()
+    model = make_model(attention.NAME).train()
+    examples = make_chat_like()
+    shared_loss, shared_grads = loss_and_grads(model, packing.pack(examples, share_prefix=True))
+    padded_loss, padded_grads = loss_and_grads(model, packing.pad(examples, pad_token_id=0))
+    assert shared_loss == pytest.approx(padded_loss, rel=1e-5)
+    for shared, padded in zip(shared_grads, padded_grads, strict=True):
+        torch.testing.assert_close(shared, padded, rtol=1e-4, atol=1e-5)
+
+    # Continuations that do not see their prefix (positions restart at 0 instead) change the
+    # loss well beyond the tolerance, so the comparison above can fail.
+    blind = packing.pack(examples, share_prefix=True)
+    parts = attention.segments(blind["position_ids"])
+    assert parts is not None
+    for part in parts:
+        if part.shared:
+            blind["position_ids"][0, part.start : part.end] -= part.shared
+    assert abs(loss_and_grads(model, blind)[0] - padded_loss) > 1e-2
+
+
 def test_collator_switches_on_packing() -> None:
     examples = make_examples()
     assert "position_ids" in packing.Collator(packing=True, pad_token_id=0)(examples)
     assert "attention_mask" in packing.Collator(packing=False, pad_token_id=0)(examples)
+    chat_like = make_chat_like()
+    shared = packing.Collator(packing=True, pad_token_id=0, share_prefix=True)(chat_like)
+    assert shared["input_ids"].numel() < packing.pack(chat_like)["input_ids"].numel()
