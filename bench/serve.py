@@ -59,17 +59,14 @@ def free_port() -> int:
 
 
 def train_adapter(model: Path, work: Path) -> tuple[Path, float]:
-    from kubetune.api.finetunejob import FineTuneJobSpec
-    from kubetune.api.jobconfig import BaseModelSource, DataFile, JobIdentity, TrainerConfig
+    from kubetune import localplan
 
-    spec = FineTuneJobSpec.model_validate(yaml.safe_load(DEMO_JOB.read_text())["spec"])
-    config = TrainerConfig(
-        job=JobIdentity(name=ADAPTER),
-        model=BaseModelSource(id_or_path=str(model), display=BASE),
-        dataset=DataFile(path=str(DATASET)),
-        lora=spec.lora,
-        hyperparameters=spec.hyperparameters,
-        output_dir=str(work / "adapter"),
+    config = localplan.trainer_config(
+        localplan.load_job(DEMO_JOB),
+        output_dir=work / "adapter",
+        model_path=str(model),
+        dataset=DATASET,
+        validation=None,
     )
     (work / "trainer.yaml").write_text(config.dump_yaml())
     start = time.monotonic()

@@ -253,21 +253,30 @@ def serving(
 
 
 def wait_ready(
-    proc: subprocess.Popen[Any], base_url: str, model: str, log: Path, timeout: float
-) -> None:
-    """Until ``GET /v1/models`` lists ``model``; RuntimeError if vLLM exits or times out."""
+    proc: subprocess.Popen[Any],
+    base_url: str,
+    model: str,
+    log: Path,
+    timeout: float,
+    *,
+    api_key: str | None = None,
+) -> float:
+    """Until ``GET /v1/models`` lists ``model``; returns the seconds waited. RuntimeError if
+    vLLM exits or times out."""
     import httpx
 
-    deadline = time.monotonic() + timeout
+    start = time.monotonic()
+    deadline = start + timeout
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(
                 f"the server exited with code {proc.returncode} before it was ready:\n" + tail(log)
             )
         try:
-            r = httpx.get(f"{base_url}/models", timeout=2.0)
+            r = httpx.get(f"{base_url}/models", headers=headers, timeout=2.0)
             if r.status_code == 200 and model in {m.get("id") for m in r.json().get("data", [])}:
-                return
+                return time.monotonic() - start
         except (httpx.HTTPError, ValueError):
             pass
         time.sleep(0.5)

@@ -22,7 +22,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,19 +91,16 @@ def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_adapter(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The output folder of a real trainer run; the adapter files are in it."""
-    from kubetune.api.finetunejob import FineTuneJobSpec
-    from kubetune.api.jobconfig import BaseModelSource, DataFile, JobIdentity, TrainerConfig
+    """The output folder of a real trainer run of the demo job; the adapter files are in it."""
+    from kubetune import localplan
 
-    spec = FineTuneJobSpec.model_validate(yaml.safe_load(DEMO_JOB.read_text())["spec"])
     work = tmp_path_factory.mktemp("train")
-    config = TrainerConfig(
-        job=JobIdentity(name=ADAPTER_NAME),
-        model=BaseModelSource(id_or_path=str(demo_model), display=BASE_NAME),
-        dataset=DataFile(path=str(DATASET)),
-        lora=spec.lora,
-        hyperparameters=spec.hyperparameters,
-        output_dir=str(work / "out"),
+    config = localplan.trainer_config(
+        localplan.load_job(DEMO_JOB),
+        output_dir=work / "out",
+        model_path=str(demo_model),
+        dataset=DATASET,
+        validation=None,
     )
     config_path = work / "trainer.yaml"
     config_path.write_text(config.dump_yaml(), encoding="utf-8")
@@ -187,19 +183,13 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
 
 
 def wait_ready(
-    proc: subprocess.Popen[bytes], root: str, log: Path, api_key: str | None, timeout: float
+    proc: subprocess.Popen[bytes], root: str, model: str, log: Path, api_key: str | None
 ) -> float:
-    """Polls ``/v1/models`` until it answers 200; returns the seconds waited."""
-    start = time.monotonic()
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    while time.monotonic() - start < timeout:
-        if proc.poll() is not None:
-            pytest.fail(f"vLLM exited with {proc.returncode} before it was ready:\n{log_tail(log)}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{root}/v1/models", headers=headers, timeout=5).status_code == 200:
-                return time.monotonic() - start
-        time.sleep(1.0)
-    pytest.fail(f"vLLM not ready after {timeout:.0f} s:\n{log_tail(log)}")
+    """Until ``/v1/models`` lists ``model`` (the run's own poll); returns the seconds waited."""
+    try:
+        return localproc.wait_ready(proc, f"{root}/v1", model, log, READY_TIMEOUT, api_key=api_key)
+    except RuntimeError as exc:
+        pytest.fail(f"vLLM: {exc}")
 
 
 @pytest.fixture(scope="session")
@@ -228,7 +218,7 @@ def vllm_server(
     proc = start_server(config, work, **{API_KEY_ENV: api_key})
     try:
         root = f"http://127.0.0.1:{port}"
-        waited = wait_ready(proc, root, work / "server.log", api_key, READY_TIMEOUT)
+        waited = wait_ready(proc, root, ADAPTER_NAME, work / "server.log", api_key)
         sys.stderr.write(f"\nvLLM-CPU ready in {waited:.0f} s (log: {work / 'server.log'})\n")
         yield VllmServer(
             root=root,
