@@ -9,7 +9,10 @@ not timed), and the ratio. Engines:
 - ``hf-padded``: ``transformers.Trainer`` + PEFT, ``DataCollatorForSeq2Seq`` padding to the
   longest example of each batch, the model's own loss (logits at every position).
 - ``kubetune``: the trainer's engine as the pod runs it: padding-free packing (one row per
-  micro-batch, per-example position ids) and logits only where a label is trained.
+  micro-batch, per-example position ids), the system prompt that examples share computed once
+  per row (the same loss and gradients; see ``kubetune.trainer.packing``), and logits only
+  where a label is trained.
+- ``kubetune-noshare`` (ablation): the same without prefix sharing.
 - ``kubetune-padded`` (ablation): kubetune's loss with padded batches, to show what packing
   and target-only logits each contribute.
 - ``trl-packed`` (``--trl``): TRL ``SFTTrainer`` with ``packing=True`` (BFD, padding-free) and
@@ -193,12 +196,20 @@ def run_hf_padded(
 
 
 def run_kubetune(
-    model: Any, tokenizer: Any, rows: list[Any], opts: argparse.Namespace, *, packing: bool
+    model: Any,
+    tokenizer: Any,
+    rows: list[Any],
+    opts: argparse.Namespace,
+    *,
+    packing: bool,
+    share_prefix: bool,
 ) -> tuple[float, float]:
     from kubetune.trainer import engine
     from kubetune.trainer import packing as packing_module
 
-    collate = packing_module.Collator(packing=packing, pad_token_id=int(tokenizer.pad_token_id))
+    collate = packing_module.Collator(
+        packing=packing, pad_token_id=int(tokenizer.pad_token_id), share_prefix=share_prefix
+    )
     timer = Timer(collate, opts.warmup)
     with tempfile.TemporaryDirectory() as out:
         trainer = engine.KubetuneTrainer(
@@ -284,10 +295,13 @@ def measure(
     params = sum(p.numel() for p in model.parameters())
     if engine_name == "hf-padded":
         tps = run_hf_padded(model, tokenizer, rows, opts)
-    elif engine_name == "kubetune":
-        tps = run_kubetune(model, tokenizer, rows, opts, packing=True)
+    elif engine_name == "kubetune":  # as kubetune.trainer.run sets it up
+        share = attn == modelload.PACKED_SDPA
+        tps = run_kubetune(model, tokenizer, rows, opts, packing=True, share_prefix=share)
+    elif engine_name == "kubetune-noshare":
+        tps = run_kubetune(model, tokenizer, rows, opts, packing=True, share_prefix=False)
     elif engine_name == "kubetune-padded":
-        tps = run_kubetune(model, tokenizer, rows, opts, packing=False)
+        tps = run_kubetune(model, tokenizer, rows, opts, packing=False, share_prefix=False)
     elif engine_name == "trl-packed":
         tps = run_trl(model, AutoTokenizer.from_pretrained(model_dir), len(rows), opts)
     else:
@@ -309,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="smollm2-135m,demo")
     parser.add_argument("--data", default="mixed,single", help="single and/or mixed turns")
-    parser.add_argument("--engines", default="hf-padded,kubetune,kubetune-padded")
+    parser.add_argument("--engines", default="hf-padded,kubetune,kubetune-noshare,kubetune-padded")
     parser.add_argument("--trl", action="store_true", help="also run TRL SFTTrainer packed")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
