@@ -252,6 +252,7 @@ def training_arguments(
     evaluate: bool,
     logging_steps: int,
     pin_memory: bool,
+    use_cpu: bool = False,
 ) -> TrainingArguments:
     """The Trainer's arguments for a plan; nothing here is left to the Trainer's defaults
     that could change what a resumed run does."""
@@ -287,6 +288,9 @@ def training_arguments(
         remove_unused_columns=False,
         dataloader_drop_last=False,
         dataloader_pin_memory=pin_memory,
+        # On CPU, only this makes the Trainer join torchrun's process group (gloo) as one of
+        # several data-parallel workers; without it every worker trains alone on all the data.
+        use_cpu=use_cpu,
         report_to=[],
         disable_tqdm=True,
         save_only_model=False,

@@ -25,15 +25,10 @@ from typing import Any
 from kubetune.api.jobconfig import TrainerConfig
 from kubetune.api.result import RESULT_FILE, DataCounts, TrainingResult
 from kubetune.trainer import chat, checkpoints, dataset, launch, modelload, plan, reporting
+from kubetune.trainer.launch import EXIT_FAILED, EXIT_INVALID, EXIT_OK, EXIT_PREEMPTED
 from kubetune.trainer.preemption import Preemption
 
 log = logging.getLogger(__name__)
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_INVALID = 2
-EXIT_PREEMPTED = 143
-"""128 + SIGTERM, what a process killed by SIGTERM reports; the Job counts it as a failure."""
 
 JOB_FILE = "trainer-job.json"
 """Which job owns the output folder; a different job is refused."""
@@ -261,6 +256,7 @@ def train(config: TrainerConfig) -> int:
         evaluate=bool(prepared.valid_examples),
         logging_steps=1 if total <= 200 else total // 200,
         pin_memory=placement.device == "cuda",
+        use_cpu=placement.device == "cpu",
     )
     trainer = engine.KubetuneTrainer(
         model=model,
@@ -381,7 +377,7 @@ def main(config_path: str) -> int:
             log.error("%s", exc)
             reporting.write_termination_message(termination_line(exc))
             return EXIT_INVALID
-        launch.exec_torchrun(config_path, config.gpus)
+        return launch.run_torchrun(config_path, config.gpus)
     try:
         return train(config)
     except PERMANENT as exc:

@@ -6,6 +6,10 @@
 - Resume: a run killed with SIGTERM mid-way exits 143 with a checkpoint; started again, it ends
   at the same step as an uninterrupted run, with the same losses from the checkpoint on and the
   same adapter weights (optimizer, scheduler, RNG and data order were all restored).
+- Data parallel: ``gpus: 2`` runs two workers under torchrun (gloo on CPU, the same code path as
+  NCCL on GPUs): they train step for step like one process with the same batch size, a SIGTERM
+  stops both at one step with a checkpoint (exit 143) and the restart resumes, and a job a
+  worker refuses exits 2, as the Job's pod-failure policy expects.
 
 Trainer processes run with one thread: results are then bit-for-bit reproducible, and on a
 busy two-core machine one thread is also much faster than two competing ones.
@@ -114,8 +118,8 @@ def test_output_folder_holds_adapter_metrics_curve_and_result(trained_adapter: P
 # -------------------------------------------------------------------------------------- resume
 
 
-def write_config(work: Path, model: Path, name: str) -> Path:
-    config = {
+def write_config(work: Path, model: Path, name: str, **overrides: Any) -> Path:
+    config: dict[str, Any] = {
         "job": {"name": "resume", "uid": name},
         "model": {"idOrPath": str(model), "display": "demo-tiny"},
         "dataset": {"path": str(DATASET)},
@@ -132,6 +136,9 @@ def write_config(work: Path, model: Path, name: str) -> Path:
         "outputDir": str(work / name),
         "progress": {"stdout": False},
     }
+    hyperparameters = overrides.pop("hyperparameters", {})
+    config["hyperparameters"].update(hyperparameters)
+    config.update(overrides)
     path = work / f"{name}.json"
     path.write_text(json.dumps(config))
     return path
@@ -207,3 +214,69 @@ def test_sigterm_checkpoints_and_the_restart_ends_like_an_uninterrupted_run(
     assert ours.keys() == theirs.keys()
     for key, value in ours.items():
         torch.testing.assert_close(value, theirs[key], rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------- data parallel
+
+
+def step_losses(out: Path) -> dict[int, float | None]:
+    return {r.step: r.train_loss for r in metrics(out)}
+
+
+def test_two_workers_train_step_for_step_like_one_process(demo_model: Path, tmp_path: Path) -> None:
+    import torch
+
+    # 54 examples, 6 per step: 3 per worker, no short last step (the sampler would repeat
+    # examples to fill one), so both runs see the same examples in every step.
+    settings: dict[str, Any] = {
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "hyperparameters": {"epochs": 2, "batchSize": 6, "checkpointEverySteps": 5},
+    }
+    one = write_config(tmp_path, demo_model, "one", gpus=0, **settings)
+    two = write_config(tmp_path, demo_model, "two", gpus=2, **settings)
+    for config in (one, two):
+        log = config.with_suffix(".log")
+        assert finish(start(config, log), log) == 0, log.read_text()[-3000:]
+    single, parallel = TrainingResult.load(tmp_path / "one"), TrainingResult.load(tmp_path / "two")
+    assert single.steps == parallel.steps == single.total_steps == 18
+    assert parallel.trained_tokens == single.trained_tokens == 2 * single.data.tokens_per_epoch
+    expected = step_losses(tmp_path / "one")
+    assert step_losses(tmp_path / "two") == pytest.approx(expected, rel=1e-4)
+    assert (tmp_path / "two" / "checkpoints" / "checkpoint-15" / "kubetune-complete.json").exists()
+    ours, theirs = adapter_weights(tmp_path / "two"), adapter_weights(tmp_path / "one")
+    assert ours.keys() == theirs.keys()
+    for key, value in ours.items():
+        torch.testing.assert_close(value, theirs[key], rtol=1e-3, atol=1e-5)
+
+
+def test_sigterm_stops_both_workers_at_one_checkpoint_and_the_restart_resumes(
+    demo_model: Path, tmp_path: Path
+) -> None:
+    config = write_config(
+        tmp_path, demo_model, "ddp", gpus=2, hyperparameters={"epochs": 20, "batchSize": 6}
+    )
+    out, log = tmp_path / "ddp", tmp_path / "ddp.log"
+    proc = start(config, log)
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while not any(r.step >= 25 for r in metrics(out)):
+        assert proc.poll() is None, f"trainer ended early:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, "trainer made no progress"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # what the kubelet sends the pod's main process
+    assert finish(proc, log) == PREEMPTED, log.read_text()[-3000:]
+    stopped_at = metrics(out)[-1].step
+    assert (out / "checkpoints" / f"checkpoint-{stopped_at}" / "kubetune-complete.json").exists()
+    assert stopped_at < 180
+
+    assert finish(start(config, log), log) == 0, log.read_text()[-3000:]
+    result = TrainingResult.load(out)
+    assert result.steps == result.total_steps == 180
+    assert result.attempts == 2
+    assert [r.step for r in metrics(out) if r.step > stopped_at] == list(range(stopped_at + 1, 181))
+
+
+def test_a_job_the_workers_refuse_exits_2(demo_model: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path, demo_model, "qlora", gpus=2, method="qlora")
+    log = tmp_path / "qlora.log"
+    assert finish(start(config, log), log) == 2, log.read_text()[-3000:]
+    assert "`method: qlora` needs a CUDA GPU" in log.read_text()
