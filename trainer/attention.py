@@ -36,7 +36,8 @@ NAME = "kubetune_packed_sdpa"
 
 
 class Segment(NamedTuple):
-    """``row[start:end]``, continuing the first ``shared`` tokens of the row at ``leader``."""
+    """``row[start:end]``; with ``shared > 0``, it continues the first ``shared`` tokens of
+    segment number ``leader`` (its own index when it continues nothing)."""
 
     start: int
     end: int
@@ -56,9 +57,9 @@ def segments(position_ids: torch.Tensor) -> list[Segment] | None:
     firsts = positions[starts].tolist()
     ends = [*starts[1:], positions.shape[0]]
     result, leader, leader_length = [], 0, 0
-    for start, end, first in zip(starts, ends, firsts, strict=True):
+    for index, (start, end, first) in enumerate(zip(starts, ends, firsts, strict=True)):
         if first == 0:
-            leader, leader_length = start, end - start
+            leader, leader_length = index, end - start
         elif first > leader_length:
             raise ValueError(f"packed segment at {start} continues {first} tokens of a shorter one")
         result.append(Segment(start, end, leader, first))
@@ -100,24 +101,30 @@ def packed_sdpa_forward(
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
 
-    def rows(tensor: torch.Tensor, part: Segment) -> torch.Tensor:
-        own = tensor[:, :, part.start : part.end]
+    # One split per tensor, not a slice per segment: a slice's backward writes its gradient
+    # into a zeroed tensor of the whole row, which made the backward pass quadratic in the
+    # number of examples per row.
+    lengths = [part.end - part.start for part in parts]
+    pieces = [tensor.split(lengths, dim=2) for tensor in (query, key, value)]
+
+    def rows(which: int, index: int) -> torch.Tensor:
+        part, own = parts[index], pieces[which][index]
         if not part.shared:
             return own
-        return torch.cat([tensor[:, :, part.leader : part.leader + part.shared], own], dim=2)
+        return torch.cat([pieces[which][part.leader][:, :, : part.shared], own], dim=2)
 
     # A continuation recomputes the prefix's own query rows (cheap next to the projections)
     # so that one fused causal call covers prefix + segment; only its own rows are kept.
     outputs = [
         torch.nn.functional.scaled_dot_product_attention(
-            rows(query, part),
-            rows(key, part),
-            rows(value, part),
+            rows(0, index),
+            rows(1, index),
+            rows(2, index),
             is_causal=True,
             dropout_p=dropout,
             scale=scaling,
         )[:, :, part.shared :]
-        for part in parts
+        for index, part in enumerate(parts)
     ]
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
