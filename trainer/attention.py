@@ -105,7 +105,7 @@ def packed_sdpa_forward(
     # into a zeroed tensor of the whole row, which made the backward pass quadratic in the
     # number of examples per row.
     lengths = [part.end - part.start for part in parts]
-    pieces = [tensor.split(lengths, dim=2) for tensor in (query, key, value)]
+    pieces = [torch.split(tensor, lengths, dim=2) for tensor in (query, key, value)]
 
     def rows(which: int, index: int) -> torch.Tensor:
         part, own = parts[index], pieces[which][index]
