@@ -18,52 +18,24 @@ A row is cut into segments wherever a position id is not its predecessor plus on
 whose positions start at 0 is an example (or a shared prompt prefix followed by the first of
 the examples that share it). A segment that starts at ``p > 0`` continues the shared prefix:
 it attends to the first ``p`` tokens of the last segment that started at 0, then to itself
-(:func:`kubetune.trainer.packing.pack` with ``share_prefix``). That layout means nothing to
+(:func:`kubetune.trainer.packing.pack` with ``share_prefix`` writes that layout and
+:func:`kubetune.trainer.packing.segments` reads it). That layout means nothing to
 flash-attention's varlen path, so the trainer shares prefixes only with this implementation.
 """
 
 from __future__ import annotations
 
 import weakref
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from kubetune.trainer.packing import Segment, segments
+
 NAME = "kubetune_packed_sdpa"
-
-
-class Segment(NamedTuple):
-    """``row[start:end]``; with ``shared > 0``, it continues the first ``shared`` tokens of
-    segment number ``leader`` (its own index when it continues nothing)."""
-
-    start: int
-    end: int
-    leader: int
-    shared: int
-
-
-def segments(position_ids: torch.Tensor) -> list[Segment] | None:
-    """The segments of a packed one-row batch; None if the row is not packed."""
-    if position_ids.dim() != 2 or position_ids.shape[0] != 1 or position_ids.shape[1] < 2:
-        return None
-    positions = position_ids[0]
-    breaks = (positions[1:] != positions[:-1] + 1).nonzero().flatten() + 1
-    if breaks.numel() == 0 or int(positions[0]) != 0:
-        return None
-    starts = [0, *breaks.tolist()]
-    firsts = positions[starts].tolist()
-    ends = [*starts[1:], positions.shape[0]]
-    result, leader, leader_length = [], 0, 0
-    for index, (start, end, first) in enumerate(zip(starts, ends, firsts, strict=True)):
-        if first == 0:
-            leader, leader_length = index, end - start
-        elif first > leader_length:
-            raise ValueError(f"packed segment at {start} continues {first} tokens of a shorter one")
-        result.append(Segment(start, end, leader, first))
-    return result
 
 
 _last: tuple[weakref.ref[torch.Tensor], list[Segment] | None] | None = None

@@ -13,6 +13,7 @@ Everything here is pure except :func:`run_torchrun`.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -77,7 +78,7 @@ def pod_exit_code(worker_exit_codes: Iterable[int], *, signalled: bool = False) 
     codes = set(worker_exit_codes)
     if EXIT_INVALID in codes:
         return EXIT_INVALID
-    if signalled or (codes and codes <= {EXIT_PREEMPTED, -15}):
+    if signalled or (codes and codes <= {EXIT_PREEMPTED, -signal.SIGTERM}):
         return EXIT_PREEMPTED
     return EXIT_FAILED
 

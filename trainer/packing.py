@@ -26,9 +26,12 @@ three layouts.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from kubetune.trainer.chat import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    import torch
 
 Feature = dict[str, Any]
 """One example as the dataset yields it: ``input_ids`` and ``labels`` (lists of ints)."""
@@ -59,8 +62,8 @@ def prefix_groups(
 ) -> list[tuple[int, list[Feature]]]:
     """``(shared tokens, examples)`` groups; examples sorted so that common prefixes meet."""
     groups: list[tuple[list[int], list[Feature]]] = []
-    for feature in sorted(features, key=shareable_head):
-        head = shareable_head(feature)
+    heads = sorted(((shareable_head(f), f) for f in features), key=lambda pair: pair[0])
+    for head, feature in heads:
         if groups:
             prefix, members = groups[-1]
             shared = common_length(prefix, head)
@@ -94,6 +97,40 @@ def pack(features: Sequence[Feature], *, share_prefix: bool = False) -> dict[str
         "labels": torch.tensor([labels], dtype=torch.long),
         "position_ids": torch.tensor([position_ids], dtype=torch.long),
     }
+
+
+class Segment(NamedTuple):
+    """``row[start:end]``; with ``shared > 0``, it continues the first ``shared`` tokens of
+    segment number ``leader`` (its own index when it continues nothing)."""
+
+    start: int
+    end: int
+    leader: int
+    shared: int
+
+
+def segments(position_ids: torch.Tensor) -> list[Segment] | None:
+    """The layout :func:`pack` wrote, read back from a one-row batch's position ids: a segment
+    starts wherever a position is not its predecessor plus one; one that starts at ``p > 0``
+    continues the first ``p`` tokens of the last segment that started at 0. None if the row
+    holds a single sequence."""
+    if position_ids.dim() != 2 or position_ids.shape[0] != 1 or position_ids.shape[1] < 2:
+        return None
+    positions = position_ids[0]
+    breaks = (positions[1:] != positions[:-1] + 1).nonzero().flatten() + 1
+    if breaks.numel() == 0 or int(positions[0]) != 0:
+        return None
+    starts = [0, *breaks.tolist()]
+    firsts = positions[starts].tolist()
+    ends = [*starts[1:], positions.shape[0]]
+    result, leader, leader_length = [], 0, 0
+    for index, (start, end, first) in enumerate(zip(starts, ends, firsts, strict=True)):
+        if first == 0:
+            leader, leader_length = index, end - start
+        elif first > leader_length:
+            raise ValueError(f"packed segment at {start} continues {first} tokens of a shorter one")
+        result.append(Segment(start, end, leader, first))
+    return result
 
 
 def pad(features: Sequence[Feature], pad_token_id: int) -> dict[str, Any]:
@@ -133,8 +170,5 @@ def real_tokens(batch: dict[str, Any]) -> int:
         return int(mask.sum().item())
     tokens = int(batch["input_ids"].numel())
     positions = batch.get("position_ids")
-    if positions is None or positions.numel() < 2:
-        return tokens
-    row = positions.flatten()
-    continued = row[1:][row[1:] != row[:-1] + 1]  # first positions of the segments after the first
-    return tokens + int(continued.sum().item())
+    parts = None if positions is None else segments(positions)
+    return tokens + sum(part.shared for part in parts or ())

@@ -134,7 +134,7 @@ def test_examples_with_one_system_prompt_share_it_once() -> None:
     total = sum(len(e["input_ids"]) for e in examples)
     assert batch["input_ids"].shape[1] == total - 2 * 24
     assert packing.real_tokens(batch) == total
-    parts = attention.segments(batch["position_ids"])
+    parts = packing.segments(batch["position_ids"])
     assert parts is not None
     assert sorted(p.shared for p in parts) == [0, 0, 24, 24]
     continued = [p for p in parts if p.shared]
@@ -150,10 +150,10 @@ def test_prefixes_shorter_than_the_minimum_are_not_shared() -> None:
 
 
 def test_segments_of_unpacked_and_inconsistent_rows() -> None:
-    assert attention.segments(torch.arange(10).unsqueeze(0)) is None
-    assert attention.segments(torch.arange(10).repeat(2, 1)) is None
+    assert packing.segments(torch.arange(10).unsqueeze(0)) is None
+    assert packing.segments(torch.arange(10).repeat(2, 1)) is None
     with pytest.raises(ValueError, match="continues 5 tokens"):
-        attention.segments(torch.tensor([[0, 1, 2, 5, 6]]))
+        packing.segments(torch.tensor([[0, 1, 2, 5, 6]]))
 
 
 def loss_and_grads(model: Any, batch: dict[str, Any]) -> tuple[float, list[torch.Tensor]]:
@@ -179,7 +179,7 @@ def test_shared_prefix_gives_the_loss_and_gradients_of_unpacked_examples() -> No
     # Continuations that do not see their prefix (positions restart at 0 instead) change the
     # loss well beyond the tolerance, so the comparison above can fail.
     blind = packing.pack(examples, share_prefix=True)
-    parts = attention.segments(blind["position_ids"])
+    parts = packing.segments(blind["position_ids"])
     assert parts is not None
     for part in parts:
         if part.shared:
