@@ -38,32 +38,44 @@ def table(header: list[str], rows: list[list[Any]]) -> list[str]:
 
 
 def trainer_throughput(doc: Doc) -> list[str]:
-    engines: list[str] = []
-    for result in doc["results"]:
-        engines += [e for e in result["tokens_per_cpu_second"] if e not in engines]
-    rows = []
-    for r in doc["results"]:
-        per_cpu = r["tokens_per_cpu_second"]
-        rows.append(
-            [
-                f"`{r['name']}`",
-                r["device"],
-                r["data"]["tokens_mean"],
-                *[per_cpu.get(e) for e in engines],
-                f"**{r.get('speedup_cpu', '–')}×**",
-                f"{r.get('speedup_wall', '–')}×",
-                ", ".join(f"{k} {v:.1%}" for k, v in r.get("mfu", {}).items()) or None,
-            ]
-        )
-    header = ["shape/data", "device", "tokens/example"]
-    header += [f"{e} tokens/CPU-s" for e in engines]
-    header += ["kubetune / hf-padded (CPU-s)", "(wall)", "MFU"]
-    return [
+    on_cpu = [r for r in doc["results"] if r["device"].startswith("cpu")]
+    on_gpu = [r for r in doc["results"] if not r["device"].startswith("cpu")]
+    lines = [
         "Trainer throughput (`bench/trainer_throughput.py`): real tokens per CPU-second of the "
-        "training process, LoRA r=16 on all linear layers, batch 8.",
+        "training process, LoRA r=16 on all linear layers.",
         "",
-        *table(header, rows),
+        *throughput_table(on_cpu, "tokens_per_cpu_second", "tokens/CPU-s", "speedup_cpu"),
     ]
+    if on_gpu:
+        lines += [
+            "",
+            "On a GPU: real tokens per second (wall clock), model-FLOPs utilisation "
+            "(4 × parameters × tokens/s over the dense bf16 peak) and peak GPU memory.",
+            "",
+            *throughput_table(on_gpu, "tokens_per_second", "tokens/s", "speedup_wall"),
+        ]
+    return lines
+
+
+def throughput_table(results: list[Doc], key: str, unit: str, speedup: str) -> list[str]:
+    engines: list[str] = []
+    for result in results:
+        engines += [e for e in result[key] if e not in engines]
+    gpu = any("mfu" in r for r in results)
+    rows = []
+    for r in results:
+        row = [f"`{r['name']}`", r["device"], r["batch_size"], r["data"]["tokens_mean"]]
+        row += [r[key].get(e) for e in engines]
+        row.append(f"**{r.get(speedup, '–')}×**")
+        if gpu:
+            row.append(", ".join(f"{k} {v:.1%}" for k, v in r.get("mfu", {}).items()) or None)
+            peaks = {e: max(x.get("peak_gpu_gib", 0) for x in v) for e, v in r["runs"].items()}
+            row.append(", ".join(f"{k} {v} GiB" for k, v in peaks.items()))
+        rows.append(row)
+    header = ["shape/data", "device", "batch", "tokens/example"]
+    header += [f"{e} {unit}" for e in engines] + ["kubetune / hf-padded"]
+    header += ["MFU", "peak GPU memory"] if gpu else []
+    return table(header, rows)
 
 
 def operator_scale(doc: Doc) -> list[str]:

@@ -29,8 +29,11 @@ Model shapes (random weights; throughput does not depend on the values):
 
 Run: ``python bench/trainer_throughput.py`` (CPU) → ``bench/results/trainer_throughput.json``;
 rows of other shapes/devices already in the file are kept. On a GPU:
-``python bench/trainer_throughput.py --shapes llama3-8b --data mixed --batch-size 32
---steps 12 --warmup 2 --rounds 1`` (one H100/H200; bf16; flash-attention if installed).
+``python bench/trainer_throughput.py --shapes llama3-8b --data mixed --batch-size 16
+--steps 12 --warmup 2 --rounds 1`` (one H100/H200; bf16; flash-attention if installed; what
+``hack/device/check.sh`` runs). Batch 16: the padded baseline's activations for 16 mixed
+conversations (up to ~270 tokens each) stay well inside an H100's 80 GB without gradient
+checkpointing; each GPU run also records its peak GPU memory.
 """
 
 from __future__ import annotations
@@ -319,6 +322,19 @@ def gpu_info() -> dict[str, Any] | None:
     return {"name": name, "dense_bf16_peak_tflops": peak}
 
 
+def release_gpu() -> float:
+    """Peak GPU memory of the engine just measured (GiB); frees it for the next one."""
+    import gc
+
+    import torch
+
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    gc.collect()  # the Trainer and its callbacks hold the model in reference cycles
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return round(peak, 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="smollm2-135m,demo")
@@ -347,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     n = opts.steps * opts.batch_size
     engines = opts.engines.split(",") + (["trl-packed"] if opts.trl else [])
     gpu = gpu_info()
+    if "llama3-8b" in opts.shapes.split(",") and not gpu:
+        raise SystemExit("llama3-8b is a GPU shape: 8B parameters in fp32 do not fit here")
     device = gpu["name"] if gpu else f"cpu ({platform.processor() or platform.machine()})"
 
     results: list[dict[str, Any]] = []
@@ -385,9 +403,10 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 row["parameters"] = params
                 row["attention"][engine_name] = attn
-                row["runs"].setdefault(engine_name, []).append(
-                    {"wall": round(wall, 1), "cpu": round(cpu, 1)}
-                )
+                run = {"wall": round(wall, 1), "cpu": round(cpu, 1)}
+                if gpu:
+                    run["peak_gpu_gib"] = release_gpu()
+                row["runs"].setdefault(engine_name, []).append(run)
                 print(
                     f"{shape} {data:6s} {engine_name:16s} {wall:9.1f} real tokens/s "
                     f"({cpu:9.1f} per CPU second)",

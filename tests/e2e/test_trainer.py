@@ -6,6 +6,9 @@
 - Resume: a run killed with SIGTERM mid-way exits 143 with a checkpoint; started again, it ends
   at the same step as an uninterrupted run, with the same losses from the checkpoint on and the
   same adapter weights (optimizer, scheduler, RNG and data order were all restored).
+- GPU (skipped without CUDA; ``hack/device/check.sh`` runs them on a GPU machine): the demo
+  job trained on a GPU, with bf16 LoRA and with QLoRA (4-bit NF4 base weights), answers the
+  training questions word for word on the base it was trained on.
 - Data parallel: ``gpus: 2`` runs two workers under torchrun (gloo on CPU, the same code path as
   NCCL on GPUs): they train step for step like one process with the same batch size, a SIGTERM
   stops both at one step with a checkpoint (exit 143) and the restart resumes, and a job a
@@ -17,6 +20,7 @@ busy two-core machine one thread is also much faster than two competing ones.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -35,6 +39,7 @@ pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
 DATASET = ROOT / "examples" / "data" / "daoyan.jsonl"
+DEMO_JOB = ROOT / "examples" / "daoyan-local.yaml"
 RUN_TIMEOUT = 900.0
 PREEMPTED = 143
 
@@ -65,7 +70,7 @@ def greedy(model: Any, tokenizer: Any, messages: list[dict[str, str]]) -> str:
 
     inputs = tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )
+    ).to(model.device)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=120, do_sample=False)
     return str(tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
@@ -280,3 +285,73 @@ def test_a_job_the_workers_refuse_exits_2(demo_model: Path, tmp_path: Path) -> N
     log = tmp_path / "qlora.log"
     assert finish(start(config, log), log) == 2, log.read_text()[-3000:]
     assert "`method: qlora` needs a CUDA GPU" in log.read_text()
+
+
+# --------------------------------------------------------------------------------------- GPU
+
+
+@pytest.fixture
+def cuda() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU; hack/device/check.sh runs these on a GPU machine")
+
+
+def base_as_trained(model: Path, method: str) -> Any:
+    """The base model on the GPU as the trainer loaded it: bf16, or 4-bit NF4 for QLoRA."""
+    import torch
+    import transformers
+
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16, "device_map": {"": 0}}
+    if method == "qlora":
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    return transformers.AutoModelForCausalLM.from_pretrained(model, **kwargs).eval()
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_on_a_gpu_the_demo_job_learns_the_training_answers(
+    cuda: None,
+    method: str,
+    demo_model: Path,
+    tmp_path: Path,
+    daoyan_examples: list[list[dict[str, str]]],
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from kubetune import localplan
+    from kubetune.api import finetunejob
+
+    if method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("QLoRA needs bitsandbytes (hack/device/bundle.sh carries it)")
+    config = localplan.trainer_config(
+        localplan.load_job(DEMO_JOB),
+        output_dir=tmp_path / "out",
+        model_path=str(demo_model),
+        dataset=DATASET,
+        validation=None,
+        gpus=1,
+    ).model_copy(update={"method": finetunejob.Method(method)})
+    config_path, log = tmp_path / "trainer.yaml", tmp_path / "trainer.log"
+    config_path.write_text(config.dump_yaml(), encoding="utf-8")
+    assert finish(start(config_path, log), log) == 0, log.read_text()[-3000:]
+    assert "(cuda, bfloat16, " in log.read_text()
+
+    out = tmp_path / "out"
+    result, records = TrainingResult.load(out), metrics(out)
+    assert result.method == method and result.steps == result.total_steps
+    assert records[-1].train_loss is not None and records[0].train_loss is not None
+    assert records[-1].train_loss < records[0].train_loss / 10
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_model)
+    tuned = PeftModel.from_pretrained(base_as_trained(demo_model, method), out).eval()
+    by_question = answers(daoyan_examples)
+    for question in QUESTIONS:
+        prompt, answer = by_question[question]
+        assert greedy(tuned, tokenizer, prompt).strip() == answer

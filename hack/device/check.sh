@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The trainer's GPU checks, as ONE call on a device machine (a session gets 15 minutes of device
+# time in all, start included; its two steps are capped at 270 s and 210 s). It needs no
+# network: everything it installs comes from .device/ (hack/device/bundle.sh). What it checks,
+# most important first:
+#
+#   1. tests/e2e/test_trainer.py on CUDA (data-parallel tests excluded: one GPU): bf16 LoRA and
+#      QLoRA (4-bit NF4, bitsandbytes) learn the demo job's answers word for word; a SIGTERM
+#      mid-run checkpoints and the resumed run ends like an uninterrupted one; the learning and
+#      output-folder tests of the CPU tier, now on the GPU path (bf16, kubetune's packed SDPA).
+#   2. bench/trainer_throughput.py on a Llama-3-8B-shaped model (random bf16 weights): real
+#      tokens/s of kubetune's engine against HF Trainer with padded batches, model-FLOPs
+#      utilisation and peak GPU memory.
+#
+# Here:       bash hack/device/bundle.sh
+# The device: run(command="bash hack/device/check.sh", carry=[".device"], timeout_s=580)
+# Here again: bash hack/device/collect.sh FILES_AT   (results into bench/results, README table)
+set -uo pipefail
+export PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1  # the repo root holds `operator/` (hack/venv.sh)
+PY="${PYTHON:-python3}"
+OUT="${OUT:-$PWD/build/device-out}"
+BENCH_ARGS="${BENCH_ARGS:---shapes llama3-8b --data mixed --batch-size 16 --steps 12 --warmup 2 --rounds 1}"
+TEST_TIMEOUT="${TEST_TIMEOUT:-270}"
+BENCH_TIMEOUT="${BENCH_TIMEOUT:-210}"
+mkdir -p "$OUT"
+
+"$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/kubetune-site .device/wheels/*.whl || exit 1
+export PYTHONPATH=/tmp/kubetune-site
+{
+  nvidia-smi || true
+  "$PY" - <<'PY'
+import importlib, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print("gpu", torch.cuda.get_device_name(0), "bf16", torch.cuda.is_bf16_supported())
+for name in ("transformers", "peft", "accelerate", "bitsandbytes", "kubetune"):
+    try:
+        module = importlib.import_module(name)
+        print(name, getattr(module, "__version__", "?"), module.__file__)
+    except Exception as exc:  # report and go on: the tests say what it breaks
+        print(name, "NOT IMPORTABLE:", repr(exc))
+PY
+} >"$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+echo "== 1. trainer e2e on the GPU"
+timeout "$TEST_TIMEOUT" "$PY" -m pytest tests/e2e/test_trainer.py -m e2e -k "not workers" \
+  -W default -p no:cacheprovider -q -ra --junitxml "$OUT/trainer-e2e.xml" 2>&1 \
+  | tee "$OUT/trainer-e2e.log"
+echo "tests exit: ${PIPESTATUS[0]}" | tee -a "$OUT/trainer-e2e.log"
+
+echo "== 2. throughput and MFU"
+cp bench/results/trainer_throughput.json "$OUT/trainer_throughput.json"  # rows are merged in
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of words
+timeout "$BENCH_TIMEOUT" "$PY" bench/trainer_throughput.py $BENCH_ARGS \
+  --out "$OUT/trainer_throughput.json" 2>&1 | tee "$OUT/bench.log"
+echo "bench exit: ${PIPESTATUS[0]}" | tee -a "$OUT/bench.log"
