@@ -4,7 +4,7 @@
 - ``vllm_args``: pure builders of vLLM's argv and environment;
 - ``adapter_checks``: reads adapter folders and refuses the ones vLLM cannot serve;
 - ``adapters``: a small HTTP client that loads and unloads adapters on a running server
-  (the operator imports it, so it needs only httpx).
+  (the operator imports it, so it needs only httpx and ``adapter_checks``).
 
 It never imports vLLM (only its CLI and HTTP API are used), kopf or the Kubernetes client.
 """

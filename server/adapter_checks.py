@@ -5,16 +5,19 @@ The launcher reads each adapter's ``adapter_config.json`` and the header of its
 ``adapter_model.safetensors`` first and refuses, with one clear message per cause, an adapter
 that vLLM cannot serve or that belongs to another base model. Only the standard library is
 used: the safetensors header is JSON behind an 8-byte length, so no torch is needed to read it.
+The runtime adapter client (:mod:`kubetune.server.adapters`) runs the same checks before it
+asks a running server to load an adapter.
 
 Exception tree (all carry the adapter's name and path in their message)::
 
     AdapterRefused                  the server must not start with this adapter
     ├── AdapterNotReady             files missing or still being written (waited for first)
     │   ├── AdapterConfigMissing    no readable adapter_config.json
-    │   ├── AdapterWeightsMissing   no adapter_model.safetensors
+    │   ├── AdapterWeightsMissing   no adapter_model.safetensors (nor legacy .bin / .pt)
     │   └── AdapterWeightsIncomplete  the safetensors file is shorter than its header says
-    ├── AdapterNotLora              a PEFT type other than LoRA
-    ├── AdapterUnsupported          a LoRA variant vLLM refuses (DoRA, modules_to_save, ...)
+    ├── AdapterWeightsInvalid       the safetensors header is all there but not valid
+    ├── AdapterNotLora              a PEFT type other than LoRA, or a field vLLM needs is missing
+    ├── AdapterUnsupported          a LoRA variant vLLM refuses (DoRA, bias, modules_to_save, ...)
     ├── AdapterRankTooHigh          rank above the server's limit (or vLLM's maximum)
     └── AdapterBaseModelMismatch    trained on another base model
 """
@@ -38,7 +41,15 @@ log = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-LEGACY_WEIGHTS = "adapter_model.bin"
+LEGACY_WEIGHTS = ("adapter_model.bin", "adapter_model.pt")
+"""Pickled weights, which vLLM 0.32 loads (``LoRAModel.from_local_checkpoint``) when there is
+no safetensors file."""
+
+REQUIRED_FIELDS = ("r", "lora_alpha", "target_modules")
+"""Keys vLLM 0.32 requires in ``adapter_config.json`` (``PEFTHelper.from_dict``)."""
+
+MAX_SAFETENSORS_HEADER = 100_000_000
+"""The largest header the safetensors library reads; a longer one is not safetensors."""
 
 
 class AdapterRefused(Exception):
@@ -63,6 +74,10 @@ class AdapterWeightsMissing(AdapterNotReady):
 
 
 class AdapterWeightsIncomplete(AdapterNotReady):
+    pass
+
+
+class AdapterWeightsInvalid(AdapterRefused):
     pass
 
 
@@ -100,13 +115,16 @@ class AdapterInfo:
 def safetensors_complete(path: Path) -> bool:
     """True when the file is as long as its header says: every tensor's bytes are there.
 
-    Raises ValueError when the file is not safetensors at all (no writer produces that).
+    Raises ValueError when the header is all there but is not a safetensors header (no writer
+    produces that, so waiting cannot help).
     """
     size = path.stat().st_size
     if size < 8:
         return False
     with path.open("rb") as f:
         header_len = int(struct.unpack("<Q", f.read(8))[0])
+        if header_len > MAX_SAFETENSORS_HEADER:
+            raise ValueError(f"{path.name} is not safetensors: its header length is {header_len}")
         if size < 8 + header_len:
             return False
         try:
@@ -115,18 +133,39 @@ def safetensors_complete(path: Path) -> bool:
             raise ValueError(f"{path.name} has no valid safetensors header: {e}") from e
     if not isinstance(header, dict):
         raise ValueError(f"{path.name} has no valid safetensors header")
-    ends = [
-        int(entry["data_offsets"][1])
-        for key, entry in header.items()
-        if key != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry
-    ]
-    return size >= 8 + header_len + max(ends, default=0)
+    ends = []
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and isinstance(offsets[1], int)):
+            raise ValueError(f"{path.name} has no valid safetensors header: tensor `{key}`")
+        ends.append(offsets[1])
+    end = 8 + header_len + max(ends, default=0)
+    if size > end:  # the safetensors library refuses such a file ("not fully covered")
+        raise ValueError(f"{path.name} is longer than its header says ({size} > {end} bytes)")
+    return size == end
 
 
 def adapter_rank(adapter_config: dict[str, Any]) -> int:
-    """The largest rank any layer of the adapter uses."""
-    ranks = [int(adapter_config.get("r") or 0)]
-    ranks += [int(r) for r in (adapter_config.get("rank_pattern") or {}).values()]
+    """The largest rank any layer of the adapter uses.
+
+    Raises ValueError, naming the field, for a rank vLLM 0.32 refuses (``PEFTHelper``): ``r``
+    must be a positive number, each ``rank_pattern`` entry a positive integer.
+    """
+    r = adapter_config.get("r")
+    if not isinstance(r, int | float) or r <= 0:
+        raise ValueError(f"`r` must be a positive LoRA rank, not {r!r}")
+    ranks = [int(r)]
+    pattern = adapter_config.get("rank_pattern") or {}
+    if not isinstance(pattern, dict):
+        raise ValueError(f"`rank_pattern` must map module names to ranks, not {pattern!r}")
+    for key, rank in pattern.items():
+        if not isinstance(rank, int) or rank <= 0:
+            raise ValueError(
+                f"`rank_pattern` gives `{key}` the rank {rank!r}, not a positive integer"
+            )
+        ranks.append(rank)
     return max(ranks)
 
 
@@ -160,11 +199,16 @@ def unsupported_features(adapter_config: dict[str, Any]) -> list[str]:
     init = adapter_config.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower() not in PLAIN_LORA_INITS:
         found.append(f"`init_lora_weights: {init}` (it changes the base weights)")
+    # vLLM compares with "none" (PEFTHelper.validate_legal): an explicit null is refused too.
+    bias = adapter_config.get("bias", "none")
+    if bias != "none":
+        found.append(f"`bias: {bias}` (trained biases; vLLM needs `bias: none`)")
     return found
 
 
 def read_adapter(adapter: AdapterSource) -> AdapterInfo:
-    """Reads one adapter folder; raises :class:`AdapterNotReady` or :class:`AdapterNotLora`."""
+    """Reads one adapter folder; raises an :class:`AdapterRefused` (:class:`AdapterNotReady`
+    while its files may still be being written)."""
     folder = Path(adapter.path)
     config_path = folder / ADAPTER_CONFIG
     try:
@@ -181,30 +225,47 @@ def read_adapter(adapter: AdapterSource) -> AdapterInfo:
         raise AdapterNotLora(
             adapter, f"PEFT type is {peft_type}; vLLM serves only LoRA adapters (`peft_type: LORA`)"
         )
+    missing = [f"`{key}`" for key in REQUIRED_FIELDS if key not in raw]
+    if missing:
+        raise AdapterNotLora(
+            adapter, f"{ADAPTER_CONFIG} lacks {', '.join(missing)}, which vLLM requires"
+        )
+    alpha = raw["lora_alpha"]
+    if not isinstance(alpha, int | float):
+        raise AdapterNotLora(
+            adapter, f"{ADAPTER_CONFIG}: `lora_alpha` must be a number, not {alpha!r}"
+        )
     unsupported = unsupported_features(raw)
     if unsupported:
         raise AdapterUnsupported(adapter, "uses what vLLM cannot serve: " + "; ".join(unsupported))
-    rank = adapter_rank(raw)
-    if rank < 1:
-        raise AdapterNotLora(adapter, f"{ADAPTER_CONFIG} has no LoRA rank `r`")
+    try:
+        rank = adapter_rank(raw)
+    except ValueError as e:
+        raise AdapterNotLora(adapter, f"{ADAPTER_CONFIG}: {e}") from e
 
     weights = folder / ADAPTER_WEIGHTS
-    if not weights.exists():
-        reason = f"{ADAPTER_WEIGHTS} is missing"
-        if (folder / LEGACY_WEIGHTS).exists():
-            reason += (
-                f" (found {LEGACY_WEIGHTS}: save the adapter with "
-                "`save_pretrained(..., safe_serialization=True)`)"
-            )
-        raise AdapterWeightsMissing(adapter, reason)
-    try:
-        complete = safetensors_complete(weights)
-    except ValueError as e:
-        raise AdapterWeightsIncomplete(adapter, str(e)) from e
-    if not complete:
-        raise AdapterWeightsIncomplete(
-            adapter, f"{ADAPTER_WEIGHTS} is shorter than its header says (still being written?)"
+    if not weights.is_file():
+        legacy = [name for name in LEGACY_WEIGHTS if (folder / name).is_file()]
+        if not legacy:
+            raise AdapterWeightsMissing(adapter, f"{ADAPTER_WEIGHTS} is missing")
+        # vLLM loads pickled weights when there is no safetensors file. A pickle has no header
+        # that gives its length, so whether it is completely written cannot be checked here.
+        log.info(
+            "adapter %s has only %s: vLLM loads it, but its completeness cannot be checked",
+            adapter.name,
+            legacy[0],
         )
+    else:
+        try:
+            complete = safetensors_complete(weights)
+        except ValueError as e:
+            raise AdapterWeightsInvalid(adapter, str(e)) from e
+        except OSError as e:
+            raise AdapterWeightsMissing(adapter, f"{ADAPTER_WEIGHTS} is not readable: {e}") from e
+        if not complete:
+            raise AdapterWeightsIncomplete(
+                adapter, f"{ADAPTER_WEIGHTS} is shorter than its header says (still being written?)"
+            )
     base = raw.get("base_model_name_or_path")
     return AdapterInfo(
         name=adapter.name, path=adapter.path, rank=rank, base_model=str(base) if base else None

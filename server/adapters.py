@@ -4,16 +4,26 @@ vLLM accepts ``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` only
 started with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`` (``runtimeLoraUpdating`` in the serve
 config). A 200 from those endpoints is not taken as proof: after every change the client reads
 ``/v1/models`` and reports an adapter as served only if it is listed there, with the base model
-as its parent. The operator imports this module, so it needs nothing but httpx.
+as its parent. The operator imports this module, so it needs nothing but httpx and the
+launcher's adapter checks (standard library and the serve config): never vLLM.
 
 Both operations are idempotent, as a level-triggered caller needs: loading an adapter already
 served from the same path, or unloading one that is not served, succeeds without a request.
 
+Before asking for a load, the client runs the launcher's checks
+(:mod:`kubetune.server.adapter_checks`) when the adapter's folder is readable here too: vLLM
+answers a LoRA variant it cannot serve, a rank above ``--max-lora-rank`` or unexpected target
+modules with a 500, which only its message tells apart from a server failure.
+
 Exception tree (every HTTP or transport failure is mapped here, in :meth:`AdapterClient._call`)::
 
     AdapterError                    base: the change did not happen
-    ├── ServerUnavailable           connection failed, timed out, or a 5xx: retry later
-    └── AdapterRequestRefused       the server said no (4xx): retrying the same call is useless
+    ├── ServerUnavailable           connection failed, timed out, or a 5xx (other than a
+    │                               failed adapter load): retry later
+    ├── AdapterNotReady             the adapter's files are still being written: retry later
+    └── AdapterRequestRefused       the server (4xx) or our checks said no: do not retry as is
+        ├── AdapterInvalid          the adapter can never load (our checks, or vLLM's 500 saying
+        │                           it failed to load it)
         ├── RuntimeUpdatesDisabled  the endpoints do not exist (runtime updating is off)
         └── Unauthorized            401: missing or wrong API key
     AdapterNotConfirmed             (an AdapterError) the server said yes, /v1/models disagrees
@@ -23,12 +33,22 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import httpx
 
+from kubetune.api.serveconfig import AdapterSource, ServeConfig
+from kubetune.server import adapter_checks
+
 log = logging.getLogger(__name__)
+
+LOAD_FAILED_PREFIX = "Call to add_lora method failed:"
+"""How vLLM 0.32's engine process reports an exception from loading an adapter (PEFT checks,
+weight loading); its API server passes it on as a 500 ``InternalServerError``. Other 500s (the
+engine died or is shutting down) say otherwise and stay temporary. An in-process engine
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``) sends the bare message, which is not recognised."""
 
 
 class AdapterError(Exception):
@@ -39,12 +59,20 @@ class ServerUnavailable(AdapterError):
     """The server could not be reached or failed (5xx); the same call may work later."""
 
 
+class AdapterNotReady(AdapterError):
+    """The adapter's files are incomplete (still being written?); the same call may work later."""
+
+
 class AdapterRequestRefused(AdapterError):
-    """The server refused the request (4xx); repeating it unchanged will not help."""
+    """The request was refused (4xx, or a check here); repeating it unchanged will not help."""
 
     def __init__(self, message: str, status_code: int) -> None:
         super().__init__(message)
         self.status_code = status_code
+
+
+class AdapterInvalid(AdapterRequestRefused):
+    """The adapter itself cannot be served: fix or replace it, then load it again."""
 
 
 class RuntimeUpdatesDisabled(AdapterRequestRefused):
@@ -74,6 +102,20 @@ class ServedModel:
         return self.parent is not None
 
 
+def _failed_load(response: httpx.Response) -> bool:
+    """Whether a 500 is vLLM's answer that it could not load the adapter."""
+    try:
+        body: Any = response.json()
+    except ValueError:
+        return False
+    error = body.get("error") if isinstance(body, dict) else None
+    return (
+        isinstance(error, dict)
+        and error.get("type") == "InternalServerError"
+        and str(error.get("message", "")).startswith(LOAD_FAILED_PREFIX)
+    )
+
+
 def _error_text(response: httpx.Response) -> str:
     try:
         body: Any = response.json()
@@ -92,6 +134,8 @@ class AdapterClient:
 
     ``base_url`` is the server's root (``http://host:8000``) or its OpenAI base URL
     (``http://host:8000/v1``); ``api_key`` is sent as a bearer token when the server has one.
+    ``config``, the server's serve config when known, adds the launcher's rank-limit and
+    base-model checks to those run on an adapter folder readable here.
     """
 
     def __init__(
@@ -101,7 +145,9 @@ class AdapterClient:
         api_key: str | None = None,
         timeout: float = 120.0,
         transport: httpx.BaseTransport | None = None,
+        config: ServeConfig | None = None,
     ) -> None:
+        self._config = config
         root = base_url.rstrip("/").removesuffix("/v1")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         # Loading reads the adapter from disk and may have to evict another: allow for it.
@@ -155,6 +201,7 @@ class AdapterClient:
                 f"{current.root} (pass replace=True to swap it)",
                 409,
             )
+        self._check_files(name, path)
         payload: dict[str, Any] = {"lora_name": name, "lora_path": path}
         if current is not None:
             payload["load_inplace"] = True
@@ -191,6 +238,27 @@ class AdapterClient:
             )
         log.info("adapter %s unloaded", name)
 
+    def _check_files(self, name: str, path: str) -> None:
+        """Refuses an adapter that vLLM would fail to load, if its folder is readable here.
+
+        The path is the server's; when this process does not see an adapter config there,
+        only the server can judge it.
+        """
+        if not (Path(path) / adapter_checks.ADAPTER_CONFIG).is_file():
+            return
+        # vLLM accepts any name at run time: skip the serve config's stricter name rules.
+        source = AdapterSource.model_construct(name=name, path=path)
+        try:
+            info = adapter_checks.read_adapter(source)
+            if self._config is not None:
+                adapter_checks.check_adapter(info, self._config)
+        except adapter_checks.AdapterNotReady as e:
+            raise AdapterNotReady(f"cannot load adapter `{name}` from {path}: {e.reason}") from e
+        except adapter_checks.AdapterRefused as e:
+            raise AdapterInvalid(
+                f"cannot load adapter `{name}` from {path}: {e.reason}", 422
+            ) from e
+
     # -------------------------------------------------------------------------- transport
 
     def _call(self, method: str, path: str, *, what: str, **kwargs: Any) -> httpx.Response:
@@ -214,6 +282,9 @@ class AdapterClient:
                 "`runtimeLoraUpdating: true`)",
                 code,
             )
+        if code == 500 and path == "/v1/load_lora_adapter" and _failed_load(response):
+            reason = detail.removeprefix(LOAD_FAILED_PREFIX).strip()
+            raise AdapterInvalid(f"cannot {what}: vLLM failed to load it: {reason}", code)
         if code >= 500:
             raise ServerUnavailable(f"cannot {what}: server error {code}: {detail}")
         raise AdapterRequestRefused(f"cannot {what}: {code} {detail}", code)

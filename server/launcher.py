@@ -23,6 +23,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import yaml
 from pydantic import ValidationError
 
 from kubetune.api.serveconfig import ServeConfig
@@ -91,6 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         config = ServeConfig.load(args.config)
+    except yaml.YAMLError as e:
+        return refuse(f"cannot read serve config {args.config}: {yaml_problem(e)}")
     except (OSError, ValueError, ValidationError) as e:
         return refuse(f"cannot read serve config {args.config}: {e}")
     try:
@@ -110,6 +113,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execvpe(command[0], command, env)
+
+
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """yaml's error on one line, with the line and column it points at (counted from 1)."""
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem_mark is not None:
+        mark, problem = e.problem_mark, e.problem or "syntax error"
+        return f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return "invalid YAML: " + " ".join(str(e).split())
 
 
 TERMINATION_LOG = Path("/dev/termination-log")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,11 +54,14 @@ def test_missing_weights(make_adapter: MakeAdapter) -> None:
         ac.check_adapters(config(make_adapter(weights=False)))
 
 
-def test_missing_weights_with_a_bin_file_says_how_to_fix_it(make_adapter: MakeAdapter) -> None:
+@pytest.mark.parametrize("legacy", ["adapter_model.bin", "adapter_model.pt"])
+def test_legacy_pickled_weights_are_served_as_vllm_does(
+    make_adapter: MakeAdapter, legacy: str
+) -> None:
     folder = make_adapter(weights=False)
-    (folder / "adapter_model.bin").write_bytes(b"pickle")
-    with pytest.raises(ac.AdapterWeightsMissing, match="safe_serialization=True"):
-        ac.check_adapters(config(folder))
+    (folder / legacy).write_bytes(b"PK\x03\x04 a torch.save zip")
+    [info] = ac.check_adapters(config(folder))
+    assert info.rank == 8
 
 
 def test_another_base_model(make_adapter: MakeAdapter) -> None:
@@ -69,6 +74,23 @@ def test_another_base_model(make_adapter: MakeAdapter) -> None:
         ac.check_adapters(config(folder))
 
 
+def invalid_weights(folder: Path, header: bytes) -> Path:
+    """Replaces the adapter's weights by a file whose header is all there but not valid."""
+    blob = struct.pack("<Q", len(header)) + header
+    (folder / "adapter_model.safetensors").write_bytes(blob)
+    return folder
+
+
+def edit_config(folder: Path, **fields: Any) -> Path:
+    """Sets (or, with None, removes) keys of the adapter's adapter_config.json."""
+    path = folder / "adapter_config.json"
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    doc.update(fields)
+    doc = {k: v for k, v in doc.items() if v is not None}
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    return folder
+
+
 def test_each_refusal_is_a_distinct_class_with_a_distinct_message(
     make_adapter: MakeAdapter,
 ) -> None:
@@ -78,6 +100,7 @@ def test_each_refusal_is_a_distinct_class_with_a_distinct_message(
         ac.AdapterBaseModelMismatch: make_adapter("c", base="other/model"),
         ac.AdapterConfigMissing: make_adapter("d", config=False),
         ac.AdapterWeightsIncomplete: make_adapter("e", truncate=100),
+        ac.AdapterWeightsInvalid: invalid_weights(make_adapter("h"), b"[]"),
         ac.AdapterNotLora: make_adapter("f", peft_type="PREFIX_TUNING"),
         ac.AdapterUnsupported: make_adapter("g", use_dora=True),
     }
@@ -127,6 +150,9 @@ def test_safetensors_completeness_is_read_from_the_header(make_adapter: MakeAdap
     assert not ac.safetensors_complete(weights)
     weights.write_bytes(weights.read_bytes() + b"\0")
     assert ac.safetensors_complete(weights)
+    weights.write_bytes(weights.read_bytes() + b"\0")
+    with pytest.raises(ValueError, match="longer than its header says"):
+        ac.safetensors_complete(weights)
     weights.write_bytes(b"\x00" * 4)
     assert not ac.safetensors_complete(weights)
 
@@ -200,11 +226,70 @@ def test_lora_variants_vllm_cannot_serve_are_refused_up_front(
         ac.check_adapters(config(make_adapter(**fields), adapterWaitSeconds=3600))
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"{not json}",
+        b"[1, 2]",
+        b'{"w": {"dtype": "F32", "shape": [2]}}',  # a tensor without data_offsets
+    ],
+)
+def test_an_invalid_safetensors_header_is_refused_at_once_not_waited_for(
+    make_adapter: MakeAdapter, header: bytes
+) -> None:
+    folder = invalid_weights(make_adapter(), header)
+    start = time.monotonic()
+    with pytest.raises(ac.AdapterWeightsInvalid, match="no valid safetensors header"):
+        ac.check_adapters(config(folder, adapterWaitSeconds=3600))
+    assert time.monotonic() - start < 5
+
+
+@pytest.mark.timeout(30)
+def test_a_pickle_named_safetensors_is_refused_at_once(make_adapter: MakeAdapter) -> None:
+    folder = make_adapter()
+    # torch.save's zip: its first 8 bytes read as a header length of petabytes.
+    (folder / "adapter_model.safetensors").write_bytes(b"PK\x03\x04\x00\x00\x08\x00" * 4)
+    with pytest.raises(ac.AdapterWeightsInvalid, match="is not safetensors"):
+        ac.check_adapters(config(folder, adapterWaitSeconds=3600))
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only", None])
+def test_trained_biases_are_refused_as_vllm_does(
+    make_adapter: MakeAdapter, bias: str | None
+) -> None:
+    with pytest.raises(ac.AdapterUnsupported, match=f"`bias: {bias}`") as err:
+        ac.check_adapters(config(make_adapter(bias=bias), adapterWaitSeconds=3600))
+    assert "adapter `daoyan`" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"lora_alpha": None}, "lacks `lora_alpha`, which vLLM requires"),
+        ({"target_modules": None}, "lacks `target_modules`, which vLLM requires"),
+        ({"r": None, "lora_alpha": None}, "lacks `r`, `lora_alpha`, which vLLM requires"),
+        ({"r": 0}, "`r` must be a positive LoRA rank, not 0"),
+        ({"lora_alpha": "16"}, "`lora_alpha` must be a number, not '16'"),
+        ({"rank_pattern": {"q_proj": 0}}, "`rank_pattern` gives `q_proj` the rank 0"),
+        ({"rank_pattern": {"q_proj": "8"}}, "`rank_pattern` gives `q_proj` the rank '8'"),
+    ],
+)
+def test_fields_vllm_requires_are_checked_up_front(
+    make_adapter: MakeAdapter, fields: dict[str, Any], named: str
+) -> None:
+    folder = edit_config(make_adapter(), **fields)
+    with pytest.raises(ac.AdapterNotLora, match=re.escape(named)) as err:
+        ac.check_adapters(config(folder, adapterWaitSeconds=3600))
+    assert "adapter `daoyan`" in str(err.value)
+
+
 @pytest.mark.parametrize(
     "fields",
     [
         {"modules_to_save": None, "init_lora_weights": True, "use_dora": False},
         {"modules_to_save": ["score"], "init_lora_weights": "gaussian"},
+        {"bias": "none", "target_modules": "all-linear", "lora_alpha": 8.5},
     ],
 )
 def test_plain_lora_settings_pass(make_adapter: MakeAdapter, fields: dict[str, Any]) -> None:

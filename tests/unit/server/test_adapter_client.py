@@ -7,12 +7,19 @@ run the same client against the real server.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from kubetune.api.serveconfig import ServeConfig
 from kubetune.server import adapters
+
+MakeAdapter = Callable[..., Path]
+
+ENGINE_DEAD = "EngineCore encountered an issue. See stack trace (above) for the root cause."
 
 
 class FakeVllm:
@@ -24,6 +31,7 @@ class FakeVllm:
         self.api_key = api_key
         self.lie_on_load = False  # answer 200 but do not load
         self.fail_with: int | None = None
+        self.load_error: str | None = None  # why the engine cannot load an adapter
         self.requests: list[tuple[str, str]] = []
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
@@ -49,6 +57,8 @@ class FakeVllm:
                 return self.error(404, f"Loading lora {name} failed: No adapter found for x")
             if name in self.loras and not body.get("load_inplace"):
                 return self.error(400, f"The lora adapter '{name}' has already been loaded.")
+            if self.load_error:  # the engine process raised: vLLM relays it as a 500
+                return self.error(500, self.load_error)
             if not self.lie_on_load:
                 self.loras[name] = body["lora_path"]
             return httpx.Response(200, text=f"Success: LoRA adapter '{name}' added successfully.")
@@ -59,7 +69,9 @@ class FakeVllm:
 
     @staticmethod
     def error(code: int, message: str) -> httpx.Response:
-        return httpx.Response(code, json={"error": {"message": message, "code": code}})
+        kind = {400: "InvalidUserInput", 404: "NotFoundError", 500: "InternalServerError"}[code]
+        error = {"message": message, "type": kind, "param": None, "code": code}
+        return httpx.Response(code, json={"error": error})
 
 
 def client(fake: FakeVllm, **kw: Any) -> adapters.AdapterClient:
@@ -131,10 +143,11 @@ def test_api_key_is_sent_and_its_absence_is_reported() -> None:
         c.adapters()
 
 
-def test_server_errors_and_unreachable_servers_are_temporary() -> None:
+@pytest.mark.parametrize("code", [500, 502, 503, 504])
+def test_server_errors_and_unreachable_servers_are_temporary(code: int) -> None:
     fake = FakeVllm()
-    fake.fail_with = 503
-    with client(fake) as c, pytest.raises(adapters.ServerUnavailable, match="503"):
+    fake.fail_with = code
+    with client(fake) as c, pytest.raises(adapters.ServerUnavailable, match=str(code)):
         c.load("second", "/out/second")
 
     def refuse(request: httpx.Request) -> httpx.Response:
@@ -155,3 +168,69 @@ def test_base_url_with_or_without_v1(base_url: str) -> None:
     with adapters.AdapterClient(base_url, transport=httpx.MockTransport(fake)) as c:
         c.models()
     assert fake.requests == [("GET", "/v1/models")]
+
+
+@pytest.mark.parametrize(
+    "reason",
+    [
+        "vLLM does not yet support DoRA.",
+        "LoRA rank 64 is greater than max_lora_rank 16.",
+        "Adapter bias is not supported.",
+        "While loading /out/second, expected target modules in {'q_proj'} but received ['x'].",
+    ],
+)
+def test_an_adapter_vllm_fails_to_load_is_refused_not_retried(reason: str) -> None:
+    fake = FakeVllm()
+    fake.load_error = f"Call to add_lora method failed: {reason}"  # vLLM 0.32's wording
+    with client(fake) as c:
+        with pytest.raises(adapters.AdapterRequestRefused) as err:
+            c.load("second", "/out/second")
+        assert isinstance(err.value, adapters.AdapterInvalid) and err.value.status_code == 500
+        assert str(err.value).endswith(f"vLLM failed to load it: {reason}")
+        assert "second" not in c.adapters()
+
+
+def test_a_dead_engine_is_temporary_even_on_the_load_route() -> None:
+    fake = FakeVllm()
+    fake.load_error = ENGINE_DEAD
+    with client(fake) as c, pytest.raises(adapters.ServerUnavailable, match="EngineCore"):
+        c.load("second", "/out/second")
+
+
+@pytest.mark.parametrize(
+    ("fields", "over", "reason"),
+    [
+        ({"use_dora": True}, {}, "DoRA"),
+        ({"bias": "all"}, {}, "`bias: all`"),
+        ({"rank": 64}, {"maxLoraRank": 16}, "LoRA rank 64 is too high"),
+        ({"base": "other/model"}, {}, "trained on base model `other/model`"),
+    ],
+)
+def test_an_adapter_readable_here_is_checked_before_it_is_sent(
+    make_adapter: MakeAdapter, fields: dict[str, Any], over: dict[str, Any], reason: str
+) -> None:
+    folder = make_adapter(**fields)
+    served = ServeConfig.model_validate({"model": "/models/tiny-llama", **over})
+    fake = FakeVllm()
+    with client(fake, config=served) as c, pytest.raises(adapters.AdapterInvalid, match=reason):
+        c.load("second", str(folder))
+    assert ("POST", "/v1/load_lora_adapter") not in fake.requests
+
+
+def test_without_a_serve_config_only_the_folder_is_checked(make_adapter: MakeAdapter) -> None:
+    fake = FakeVllm()
+    with client(fake) as c:
+        with pytest.raises(adapters.AdapterInvalid, match="DoRA"):
+            c.load("dora", str(make_adapter("dora", use_dora=True)))
+        assert c.load("other-base", str(make_adapter("x", base="other/model"))).parent == "tiny"
+
+
+def test_an_adapter_still_being_written_is_not_ready_yet(make_adapter: MakeAdapter) -> None:
+    folder = make_adapter(truncate=10)
+    fake = FakeVllm()
+    with client(fake) as c:
+        with pytest.raises(adapters.AdapterNotReady, match="still being written"):
+            c.load("second", str(folder))
+        assert ("POST", "/v1/load_lora_adapter") not in fake.requests
+        make_adapter()  # the trainer finishes
+        assert c.load("second", str(folder)).root == str(folder)

@@ -133,3 +133,30 @@ def test_in_a_pod_the_refusal_is_the_termination_message(
     cfg = write_config(tmp_path, make_adapter(rank=600))
     assert launcher.main(["--config", str(cfg)]) == launcher.EXIT_REFUSED
     assert "LoRA rank 600 is too high" in term.read_text()
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("model: /m\n  port: 8000\n", "line 2, column 7: mapping values are not allowed here"),
+        ('model: "/m\n', "line 2, column 1: found unexpected end of stream"),
+        ("model: /m\nextraArgs: [--x,\n", "line 3, column 1: expected the node content"),
+    ],
+)
+def test_a_yaml_syntax_error_is_a_one_line_refusal_naming_file_line_and_column(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    text: str,
+    where: str,
+) -> None:
+    term = tmp_path / "termination-log"
+    term.write_text("")
+    monkeypatch.setattr(launcher, "TERMINATION_LOG", term)
+    bad = tmp_path / "serve.yaml"
+    bad.write_text(text)
+    assert launcher.main(["--config", str(bad)]) == launcher.EXIT_REFUSED
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"kubetune.server: refusing to start: cannot read serve config {bad}")
+    assert f"invalid YAML at {where}" in line
+    assert term.read_text() == line + "\n"
