@@ -10,6 +10,8 @@ a PVC cannot be read from here and are checked by the trainer with the same vali
 from __future__ import annotations
 
 import functools
+import ipaddress
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +49,43 @@ class DatasetCheck:
     text: bytes
 
 
-def fetch_dataset(src: ftj.DatasetSource, namespace: str, field: str) -> bytes | None:
+def _refuse_internal(request: httpx.Request, field: str) -> None:
+    """Refuses a request (the first or a redirect) to this host's own or link-local addresses.
+
+    The operator fetches what any FineTuneJob author names, from inside its own pod: without
+    this, a job could read the cloud's instance-metadata service (169.254.169.254, which hands
+    out node credentials) or services listening on the operator's loopback. Cluster-internal
+    (private) addresses stay allowed: object stores such as MinIO live there. The name is
+    resolved here and again when connecting, so a DNS answer that changes in between is not
+    caught; a NetworkPolicy on the operator's egress is the complete answer.
+    """
+    host = request.url.host
+    try:
+        infos = socket.getaddrinfo(host, request.url.port or 443, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return  # let the connection attempt report it
+    for info in infos:
+        address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        if (
+            address.is_loopback
+            or address.is_link_local
+            or address.is_unspecified
+            or address.is_multicast
+        ):
+            raise InvalidJob(
+                f"{field}.url: {host} resolves to {address}, a loopback or link-local address "
+                "the operator does not fetch from"
+            )
+
+
+def fetch_dataset(
+    src: ftj.DatasetSource,
+    namespace: str,
+    field: str,
+    transport: httpx.BaseTransport | None = None,
+) -> bytes | None:
     """The dataset's bytes, or None for a PVC source (the trainer checks those)."""
     if src.config_map is not None:
         ref = src.config_map
@@ -57,7 +95,15 @@ def fetch_dataset(src: ftj.DatasetSource, namespace: str, field: str) -> bytes |
         return value.encode("utf-8")
     if src.url is not None:
         try:
-            with httpx.stream("GET", src.url, timeout=30, follow_redirects=True) as resp:
+            with (
+                httpx.Client(
+                    transport=transport,
+                    timeout=30,
+                    follow_redirects=True,
+                    event_hooks={"request": [functools.partial(_refuse_internal, field=field)]},
+                ) as client,
+                client.stream("GET", src.url) as resp,
+            ):
                 if resp.status_code in (404, 401, 403):
                     raise InvalidJob(f"{field}.url: HTTP {resp.status_code} from {src.url}")
                 resp.raise_for_status()

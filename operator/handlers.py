@@ -10,6 +10,7 @@ status schema is structural and would prune a ``status.kopf`` field.
 from __future__ import annotations
 
 import copy
+import datetime
 import logging
 from typing import Any
 
@@ -24,6 +25,7 @@ from kubetune.operator import (
     openai_errors,
     openai_handlers,
 )
+from kubetune.operator import status as st
 from kubetune.operator.openai_status import Event
 from kubetune.operator.settings import OperatorSettings
 
@@ -75,9 +77,34 @@ def servers(namespace: str | None, labels: Any, body: Any, **_: Any) -> dict[Key
     return {_owner_key(namespace, labels): copy.deepcopy(dict(body))}
 
 
-def _one(index: kopf.Index[Key, Any], key: Key) -> dict[str, Any] | None:
-    items = list(index.get(key, []))
+def _owned(items: Any, uid: str | None) -> list[dict[str, Any]]:
+    """The objects whose owner references name ``uid``.
+
+    Indices are keyed by namespace and job name; a job deleted and created again under the same
+    name can leave the old one's children there until the garbage collector removes them.
+    """
+    return [
+        obj
+        for obj in items
+        if any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences") or [])
+    ]
+
+
+def _one(index: kopf.Index[Key, Any], key: Key, uid: str | None) -> dict[str, Any] | None:
+    items = _owned(index.get(key, []), uid)
     return items[-1] if items else None
+
+
+def _children(indices: dict[str, kopf.Index[Key, Any]], key: Key, uid: str) -> Any:
+    job = _one(indices["trainer_jobs"], key, uid)
+    return local_provider.Children(
+        job=job,
+        pods=_owned(
+            indices["trainer_pods"].get(key, []), (job or {}).get("metadata", {}).get("uid")
+        ),
+        progress=_one(indices["progress_maps"], key, uid),
+        deployment=_one(indices["servers"], key, uid),
+    )
 
 
 # ----------------------------------------------------------------------------- status
@@ -91,11 +118,13 @@ def _status_patch(old: dict[str, Any], new: ftj.FineTuneJobStatus) -> dict[str, 
     return patch
 
 
+RECONCILED = "Reconciled"
+"""Condition present (False) only while the operator retries a failed step, with the error."""
+
+
 def _fail(
     status: ftj.FineTuneJobStatus, message: str, generation: int | None
 ) -> ftj.FineTuneJobStatus:
-    from kubetune.operator import status as st
-
     new = status.model_copy(deep=True)
     new.phase = ftj.Phase.FAILED
     new.message = message
@@ -162,12 +191,7 @@ def reconcile(
         if parsed.provider == ftj.Provider.OPENAI:
             new, events = openai_handlers.reconcile(parsed, owner, new, SETTINGS, generation)
         else:
-            children = local_provider.Children(
-                job=_one(indices["trainer_jobs"], key),
-                pods=list(indices["trainer_pods"].get(key, [])),
-                progress=_one(indices["progress_maps"], key),
-                deployment=_one(indices["servers"], key),
-            )
+            children = _children(indices, key, uid)
             new = local_provider.reconcile(parsed, owner, new, children, SETTINGS, generation)
     except (
         checks.InvalidJob,
@@ -176,7 +200,14 @@ def reconcile(
     ) as exc:
         new = _fail(old, str(exc), generation)
     except (kube.TemporaryKubeError, openai_errors.TemporaryProviderError) as exc:
+        # Shown in status (timers apply the patch on every attempt), then retried after delay.
+        retrying = old.model_copy(deep=True)
+        retrying.conditions = st.set_condition(
+            old.conditions, RECONCILED, False, "Retrying", str(exc), generation
+        )
+        _write(body, patch, stored, old, retrying, [])
         raise kopf.TemporaryError(str(exc), delay=exc.delay) from None
+    new.conditions = [c for c in new.conditions if c.type != RECONCILED]
     _write(body, patch, stored, old, new, events)
 
 
@@ -206,17 +237,73 @@ def _drops_output(spec: kopf.Spec, **_: Any) -> bool:
     )
 
 
+CLEANUP_PATIENCE = datetime.timedelta(hours=1)
+"""How long a deletion retries its cleanup (an API that stays unreachable) before letting go:
+a finalizer that never finishes would keep the FineTuneJob, and its namespace, Terminating."""
+
+
+def _parse_for_cleanup(body: kopf.Body, spec: kopf.Spec) -> ftj.FineTuneJobSpec | None:
+    """The spec, or None (with a Warning) when the stored one no longer parses."""
+    try:
+        return checks.parse_spec(dict(spec))
+    except checks.InvalidJob as exc:
+        kopf.warn(body, reason="CleanupSkipped", message=f"the stored spec is invalid: {exc}")
+        return None
+
+
+FINISHED_PODS = ("Succeeded", "Failed")
+
+
+def _retry_or_let_go(
+    body: kopf.Body,
+    exc: kube.TemporaryKubeError | openai_errors.TemporaryProviderError,
+    runtime: datetime.timedelta,
+    left_behind: str,
+) -> None:
+    """Retries the cleanup later; after CLEANUP_PATIENCE, says what is left and lets go."""
+    if runtime < CLEANUP_PATIENCE:
+        raise kopf.TemporaryError(str(exc), delay=exc.delay) from None
+    kopf.warn(
+        body, reason="CleanupSkipped", message=f"gave up after {runtime}: {exc}; {left_behind}"
+    )
+
+
 @kopf.on.delete(ftj.GROUP, ftj.VERSION, ftj.PLURAL, when=_drops_output)
 def delete_output(
-    body: kopf.Body, spec: kopf.Spec, name: str, namespace: str | None, uid: str, **_: Any
+    body: kopf.Body,
+    spec: kopf.Spec,
+    name: str,
+    namespace: str | None,
+    uid: str,
+    runtime: datetime.timedelta,
+    **kwargs: Any,
 ) -> None:
-    """Children go with the owner references; the adapter folder goes only when asked."""
-    parsed = checks.parse_spec(dict(spec))
+    """Children go with the owner references; the adapter folder goes only when asked.
+
+    The folder is emptied only once no trainer pod runs: the trainer writes a checkpoint when
+    it is stopped, and the garbage collector stops it only after this finalizer is done. So the
+    trainer Job is suspended first (its pods get their grace period), then the cleanup starts.
+    """
+    parsed = _parse_for_cleanup(body, spec)
+    if parsed is None:
+        return
     owner = manifests.Owner(name=name, namespace=namespace or "default", uid=uid)
+    children = _children(kwargs, (owner.namespace, name), uid)
+    running = [p for p in children.pods if p.get("status", {}).get("phase") not in FINISHED_PODS]
     try:
+        if running:
+            if children.job is not None and not children.job.get("spec", {}).get("suspend"):
+                kube.patch_merge(
+                    "batch/v1",
+                    "Job",
+                    owner.namespace,
+                    manifests.trainer_name(owner),
+                    {"spec": {"suspend": True}},
+                )
+            raise kube.TemporaryKubeError("waiting for the trainer pods to stop", delay=5.0)
         kube.create_or_adopt(manifests.cleanup_job(parsed, owner, SETTINGS))
     except kube.TemporaryKubeError as exc:
-        raise kopf.TemporaryError(str(exc), delay=exc.delay) from None
+        _retry_or_let_go(body, exc, runtime, "the output folder was not removed")
     except kube.PermanentKubeError as exc:
         # Typically the namespace is being deleted (no new Jobs allowed there); blocking the
         # finalizer would keep the namespace Terminating forever, so give up loudly instead.
@@ -235,10 +322,13 @@ def delete_remote(
     name: str,
     namespace: str | None,
     uid: str,
+    runtime: datetime.timedelta,
     **_: Any,
 ) -> None:
     """A finalizer: cancel the paid remote job if it is still running, delete the uploads."""
-    parsed = checks.parse_spec(dict(spec))
+    parsed = _parse_for_cleanup(body, spec)
+    if parsed is None:
+        return
     owner = manifests.Owner(name=name, namespace=namespace or "default", uid=uid)
     old = ftj.FineTuneJobStatus.model_validate(
         {k: v for k, v in dict(status).items() if k != "kopf"}
@@ -246,7 +336,10 @@ def delete_remote(
     try:
         events = openai_handlers.cleanup(parsed, owner, old)
     except (kube.TemporaryKubeError, openai_errors.TemporaryProviderError) as exc:
-        raise kopf.TemporaryError(str(exc), delay=exc.delay) from None
+        remote = old.remote.id if old.remote else None
+        left = f"remote job {remote} may still run: cancel it and delete its files at OpenAI"
+        _retry_or_let_go(body, exc, runtime, left)
+        return
     except openai_errors.PermanentProviderError as exc:
         raise kopf.PermanentError(str(exc)) from None
     for ev in events:

@@ -6,6 +6,7 @@ Errors from the API are classified here, once:
     ApiException 404            -> None (for reads) / NotFound
     ApiException 409 on create  -> adopt the existing object if we own it, else NameTaken
     ApiException 400/403/422    -> PermanentKubeError (retrying cannot help)
+    ApiException 403 quota      -> TemporaryKubeError (a full ResourceQuota frees up)
     ApiException 429/5xx, I/O   -> TemporaryKubeError (kopf retries after a delay)
 
 Secret values are returned to the caller and never logged or put into an exception message.
@@ -54,7 +55,13 @@ def _classify(exc: ApiException, what: str) -> KubeError:
         delay = float(retry_after) if retry_after and str(retry_after).isdigit() else 5.0
         return TemporaryKubeError(f"{what}: API server answered {status} {reason}", delay)
     body = str(exc.body or "")[:500]
+    if status == 403 and "exceeded quota" in body:
+        # A ResourceQuota is full: other jobs finishing frees it, so this is a wait.
+        return TemporaryKubeError(f"{what}: {QUOTA_HINT}: {body}", delay=60.0)
     return PermanentKubeError(f"{what}: API server answered {status} {reason}: {body}")
+
+
+QUOTA_HINT = "the namespace's ResourceQuota is used up; retrying every minute"
 
 
 @functools.cache
@@ -119,14 +126,53 @@ def create_or_adopt(obj: dict[str, Any]) -> dict[str, Any]:
     existing = get(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
     if existing is None:  # deleted between the two calls; the next reconcile creates it
         raise TemporaryKubeError(f"{what}: conflict, then gone", delay=1.0)
+    _check_ours(obj, existing)
+    return existing
+
+
+def _check_ours(obj: dict[str, Any], existing: dict[str, Any]) -> None:
+    """Raises unless ``existing`` (same kind and name as ``obj``) has ``obj``'s owner.
+
+    An object that is being deleted (a FineTuneJob deleted and created again under the same
+    name, before the garbage collector removed the old one's children) is waited for.
+    """
+    meta = obj["metadata"]
+    name = f"{obj['kind']} {meta['namespace']}/{meta['name']}"
     want = {r["uid"] for r in meta.get("ownerReferences", [])}
     have = {r["uid"] for r in existing["metadata"].get("ownerReferences") or []}
-    if want and not want & have:
-        raise NameTaken(
-            f"{obj['kind']} {meta['namespace']}/{meta['name']} already exists and belongs to "
-            "something else; rename the FineTuneJob or remove that object"
-        )
-    return existing
+    if not want or want & have:
+        return
+    if existing["metadata"].get("deletionTimestamp"):
+        raise TemporaryKubeError(f"{name} of an earlier object is being deleted", delay=5.0)
+    raise NameTaken(
+        f"{name} already exists and belongs to something else; "
+        "rename the FineTuneJob or remove that object"
+    )
+
+
+FIELD_MANAGER = "kubetune"
+
+
+def apply(obj: dict[str, Any]) -> dict[str, Any]:
+    """Server-side apply of one of our objects: creates it, or makes its fields ``obj``'s.
+
+    Fields the operator set before and no longer sets are removed; fields other managers set
+    (an HPA's replicas, say, where ``obj`` has none) stay. An object of that name that is not
+    ours is refused (NameTaken), never taken over.
+    """
+    meta = obj["metadata"]
+    existing = get(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
+    if existing is not None:
+        _check_ours(obj, existing)
+    res = _call(
+        f"apply {obj['kind']} {meta['namespace']}/{meta['name']}",
+        _resource(obj["apiVersion"], obj["kind"]).server_side_apply,
+        body=obj,
+        namespace=meta["namespace"],
+        field_manager=FIELD_MANAGER,
+        force_conflicts=True,
+    )
+    return dict(res.to_dict())
 
 
 def patch_merge(

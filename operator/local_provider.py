@@ -7,6 +7,7 @@ new status. Calling it twice, or after an operator restart, creates nothing twic
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,13 +73,17 @@ def read_progress(
     return record, result
 
 
-def ensure_serving(
-    spec: ftj.FineTuneJobSpec,
-    owner: manifests.Owner,
-    settings: OperatorSettings,
-) -> None:
+APPLIED_HASH = "kubetune.io/applied-hash"
+"""On the server Deployment: the hash of the serving objects last applied, all of them."""
+
+
+def serving_wanted(
+    spec: ftj.FineTuneJobSpec, owner: manifests.Owner, settings: OperatorSettings
+) -> list[dict[str, Any]]:
+    """The serving objects and the endpoint ConfigMap, the Deployment last and stamped with
+    the hash of them all (so a Deployment carrying that hash means every one was applied)."""
     assert spec.model is not None
-    for obj in serving_manifests.serving_objects(
+    objects = serving_manifests.serving_objects(
         owner=owner,
         serve=spec.serve,
         base_model=spec.model,
@@ -86,18 +91,84 @@ def ensure_serving(
         adapter_subpath=manifests.output_subpath(spec, owner),
         lora_rank=spec.lora.r,
         settings=settings,
-    ):
-        kube.create_or_adopt(obj)
-    kube.create_or_adopt(manifests.endpoint_configmap(owner, endpoint_url(owner), owner.name))
+    )
+    objects.append(manifests.endpoint_configmap(owner, endpoint_url(owner), owner.name))
+    objects.sort(key=lambda obj: obj["kind"] == "Deployment")
+    digest = hashlib.sha256(json.dumps(objects, sort_keys=True).encode()).hexdigest()[:16]
+    objects[-1]["metadata"].setdefault("annotations", {})[APPLIED_HASH] = digest
+    return objects
+
+
+def ensure_serving(
+    spec: ftj.FineTuneJobSpec,
+    owner: manifests.Owner,
+    settings: OperatorSettings,
+    deployment: dict[str, Any] | None,
+) -> None:
+    """Applies the serving objects when they are missing or ``spec.serve`` changed.
+
+    The common case, nothing changed, costs no request: the watched Deployment carries the
+    hash of what was applied.
+    """
+    wanted = serving_wanted(spec, owner, settings)
+    applied = ((deployment or {}).get("metadata") or {}).get("annotations") or {}
+    if applied.get(APPLIED_HASH) == wanted[-1]["metadata"]["annotations"][APPLIED_HASH]:
+        return
+    for obj in wanted:
+        kube.apply(obj)
 
 
 def remove_serving(owner: manifests.Owner) -> None:
-    """`spec.serve.enabled` turned off after success: take the server and endpoint away."""
+    """`spec.serve.enabled` turned off after success: take the endpoint and server away."""
     name = serving_manifests.server_name(owner)
+    kube.delete("v1", "ConfigMap", owner.namespace, manifests.endpoint_name(owner))
     kube.delete("apps/v1", "Deployment", owner.namespace, name)
     kube.delete("v1", "Service", owner.namespace, name)
     kube.delete("v1", "ConfigMap", owner.namespace, serving_manifests.config_name(owner))
-    kube.delete("v1", "ConfigMap", owner.namespace, manifests.endpoint_name(owner))
+
+
+def serve(
+    spec: ftj.FineTuneJobSpec,
+    owner: manifests.Owner,
+    new: ftj.FineTuneJobStatus,
+    children: Children,
+    settings: OperatorSettings,
+    generation: int | None,
+) -> None:
+    """Serving after success, in ``new``: the server follows ``spec.serve``.
+
+    A server the API refuses (a name taken, a quota or a policy that forbids it) is reported in
+    the ServingReady condition; the training result stands and the job stays Succeeded.
+    """
+    if not spec.serve.enabled:
+        # Removal is decided by what status says exists, so a removal cut short is finished.
+        if children.deployment is not None or new.endpoint is not None:
+            remove_serving(owner)
+            new.endpoint = None
+            new.fine_tuned_model = None
+            new.conditions = [c for c in new.conditions if c.type != "ServingReady"]
+            new.message = "training finished; serving is off"
+        return
+    try:
+        ensure_serving(spec, owner, settings, children.deployment)
+    except kube.PermanentKubeError as exc:
+        new.conditions = st.set_condition(
+            new.conditions, "ServingReady", False, "ServingRefused", str(exc), generation
+        )
+        new.message = f"training finished; the server could not be created: {exc}"
+        return
+    ready, why = st.deployment_ready(children.deployment)
+    reason = "DeploymentReady" if ready else "DeploymentNotReady"
+    new.conditions = st.set_condition(
+        new.conditions, "ServingReady", ready, reason, why, generation
+    )
+    new.fine_tuned_model = owner.name
+    new.endpoint = ftj.EndpointStatus(
+        base_url=endpoint_url(owner),
+        model=owner.name,
+        config_map=manifests.endpoint_name(owner),
+    )
+    new.message = "serving" if ready else f"training finished; waiting for vLLM: {why}"
 
 
 def reconcile(
@@ -147,23 +218,6 @@ def reconcile(
         )
         if result and result.get("trainedTokens") is not None:
             new.trained_tokens = int(result["trainedTokens"])
-        if spec.serve.enabled:
-            ensure_serving(spec, owner, settings)
-            ready, why = st.deployment_ready(children.deployment)
-            reason = "DeploymentReady" if ready else "DeploymentNotReady"
-            new.conditions = st.set_condition(
-                new.conditions, "ServingReady", ready, reason, why, generation
-            )
-            new.fine_tuned_model = owner.name
-            new.endpoint = ftj.EndpointStatus(
-                base_url=endpoint_url(owner),
-                model=owner.name,
-                config_map=manifests.endpoint_name(owner),
-            )
-            new.message = "serving" if ready else f"training finished; waiting for vLLM: {why}"
-        elif children.deployment is not None:
-            remove_serving(owner)
-            new.endpoint = None
-            new.conditions = [c for c in new.conditions if c.type != "ServingReady"]
+        serve(spec, owner, new, children, settings, generation)
     new.observed_generation = generation
     return new

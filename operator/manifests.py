@@ -91,6 +91,11 @@ def endpoint_name(owner: Owner) -> str:
     return f"{owner.name}-endpoint"
 
 
+def cleanup_name(owner: Owner) -> str:
+    """``-cleanup-`` and 6 characters of the uid: within the 15 that names may add."""
+    return f"{owner.name}-cleanup-{owner.uid[:6]}"
+
+
 def output_subpath(spec: ftj.FineTuneJobSpec, owner: Owner) -> str:
     """The job's own folder on the output claim: nothing else is mounted into the trainer."""
     base = spec.output.pvc.path.strip("/") if spec.output.pvc else ""
@@ -443,7 +448,7 @@ def cleanup_job(
     It is not owned by the FineTuneJob (which is going away) and removes itself when done.
     It mounts only that job's folder, so it cannot touch another job's adapters.
     """
-    name = f"{owner.name}-cleanup-{owner.uid[:8]}"
+    name = cleanup_name(owner)
     script = (
         "import pathlib, shutil\n"
         f"for p in pathlib.Path({OUTPUT_DIR!r}).iterdir():\n"

@@ -395,6 +395,22 @@ def test_operator_runs_a_job_end_to_end_under_the_charts_rbac(
         assert cluster.get("service", "chart-rbac-server", "-n", team)
         assert cluster.get("configmap", "chart-rbac-endpoint", "-n", team)
 
+        # spec.serve may change after success: the server follows (server-side apply).
+        first = cluster.get("deployment", "chart-rbac-server", "-n", team)
+        patch_ftj(
+            cluster, team, "chart-rbac",
+            {"serve": {"replicas": 2, "apiKeySecretRef": {"name": "chart-key", "key": "token"}}},
+        )  # fmt: skip
+
+        def updated() -> dict[str, Any] | None:
+            deploy = cluster.get("deployment", "chart-rbac-server", "-n", team)
+            return deploy if deploy["spec"]["replicas"] == 2 else None
+
+        deploy = wait_until(updated, timeout=60, description="the Deployment to follow spec.serve")
+        env = {e["name"]: e for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["KUBETUNE_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "chart-key"
+        assert deploy["metadata"]["uid"] == first["metadata"]["uid"]  # updated, not replaced
+
         patch_ftj(cluster, team, "chart-rbac", {"serve": {"enabled": False}})
         wait_until(
             lambda: (
@@ -416,7 +432,7 @@ def test_operator_runs_a_job_end_to_end_under_the_charts_rbac(
         # Deletion: kopf removes its finalizer (a patch) after creating the cleanup Job.
         uid = queued["metadata"]["uid"]
         cluster.kubectl("delete", "ftj", "chart-rbac", "-n", team, "--timeout=60s")
-        assert cluster.get("job", f"chart-rbac-cleanup-{uid[:8]}", "-n", team)
+        assert cluster.get("job", f"chart-rbac-cleanup-{uid[:6]}", "-n", team)
         assert_no_permission_errors(op)
 
 

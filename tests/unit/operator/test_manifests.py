@@ -166,6 +166,22 @@ def test_cleanup_job_mounts_only_the_jobs_folder_and_outlives_its_owner() -> Non
     assert j["spec"]["ttlSecondsAfterFinished"] > 0
 
 
+def test_every_child_of_a_longest_named_job_has_a_valid_name() -> None:
+    from kubetune.operator import serving_manifests
+
+    owner = manifests.Owner(name="x" * ftj.MAX_NAME_LENGTH, namespace="team-a", uid=OWNER.uid)
+    names = [
+        manifests.trainer_name(owner),
+        manifests.config_name(owner),
+        manifests.progress_name(owner),
+        manifests.endpoint_name(owner),
+        manifests.cleanup_name(owner),  # a Job: its name is also its pods' job-name label
+        serving_manifests.server_name(owner),
+        serving_manifests.config_name(owner),
+    ]
+    assert max(len(n) for n in names) <= 63, names
+
+
 def test_a_queued_job_is_created_suspended_for_kueue_to_admit() -> None:
     assert job(spec(queue="team-a"))["spec"]["suspend"] is True
     assert job(spec(queue=None))["spec"]["suspend"] is False

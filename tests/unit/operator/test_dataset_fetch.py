@@ -1,0 +1,49 @@
+"""Dataset URLs the operator fetches itself: never its own loopback or the metadata service."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from kubetune.api import finetunejob as ftj
+from kubetune.operator import checks
+
+LINES = (
+    b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+)
+
+
+def serve(request: httpx.Request) -> httpx.Response:
+    if request.url.path == "/moved":
+        return httpx.Response(302, headers={"Location": "http://169.254.169.254/latest/meta-data/"})
+    return httpx.Response(200, content=LINES)
+
+
+def fetch(url: str) -> bytes | None:
+    src = ftj.DatasetSource(url=url)
+    return checks.fetch_dataset(src, "team-a", "spec.dataset", httpx.MockTransport(serve))
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8080/train.jsonl",
+        "http://localhost/train.jsonl",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[::ffff:127.0.0.1]/train.jsonl",
+        "http://[::1]/train.jsonl",
+    ],
+)
+def test_loopback_and_link_local_addresses_are_refused_naming_the_field(url: str) -> None:
+    with pytest.raises(checks.InvalidJob, match=r"spec\.dataset\.url: .* loopback or link-local"):
+        fetch(url)
+
+
+def test_a_redirect_to_the_metadata_service_is_refused() -> None:
+    with pytest.raises(checks.InvalidJob, match=r"169\.254\.169\.254"):
+        fetch("http://93.184.216.34/moved")
+
+
+@pytest.mark.parametrize("url", ["http://93.184.216.34/train.jsonl", "http://10.0.0.5/train.jsonl"])
+def test_public_and_cluster_internal_addresses_are_fetched(url: str) -> None:
+    assert fetch(url) == LINES

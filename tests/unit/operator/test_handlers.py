@@ -1,0 +1,163 @@
+"""The kopf glue: which children count as a job's, retries shown in status, deletion cleanup."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+import kopf
+import pytest
+
+from kubetune.api import finetunejob as ftj
+from kubetune.operator import checks, handlers, kube, local_provider
+
+UID = "0123456789abcdef"
+SPEC: dict[str, Any] = {
+    "model": {"id": "Qwen/Qwen2.5-0.5B-Instruct"},
+    "dataset": {"configMap": {"name": "daoyan-data", "key": "train.jsonl"}},
+    "output": {"keepOnDelete": False},
+}
+KEY = ("team-a", "daoyan")
+
+
+def owned(name: str, owner_uid: str, uid: str = "", **extra: Any) -> dict[str, Any]:
+    meta = {"name": name, "uid": uid, "ownerReferences": [{"uid": owner_uid}]}
+    return {"metadata": meta, **extra}
+
+
+def pod(job_uid: str, phase: str) -> dict[str, Any]:
+    return owned("daoyan-trainer-abcde", job_uid, status={"phase": phase})
+
+
+def indices(job: dict[str, Any] | None, *pods: dict[str, Any], **more: Any) -> dict[str, Any]:
+    return {
+        "trainer_jobs": {KEY: [job] if job else []},
+        "trainer_pods": {KEY: list(pods)},
+        "progress_maps": {KEY: more.get("progress", [])},
+        "servers": {KEY: more.get("servers", [])},
+    }
+
+
+def test_children_of_an_earlier_job_of_the_same_name_are_not_this_ones() -> None:
+    old_job = owned("daoyan-trainer", "earlier-uid", uid="old-job")
+    new_job = owned("daoyan-trainer", UID, uid="new-job")
+    found = handlers._children(
+        {
+            "trainer_jobs": {KEY: [new_job, old_job]},
+            "trainer_pods": {KEY: [pod("old-job", "Running"), pod("new-job", "Pending")]},
+            "progress_maps": {KEY: [owned("daoyan-progress", "earlier-uid")]},
+            "servers": {KEY: []},
+        },
+        KEY,
+        UID,
+    )
+    assert found.job is new_job
+    assert [p["status"]["phase"] for p in found.pods] == ["Pending"]
+    assert found.progress is None and found.deployment is None
+
+
+class Recorder:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[tuple[str, Any]] = []
+        self.warnings: list[str] = []
+        monkeypatch.setattr(kube, "patch_merge", lambda *a: self.calls.append(("patch", a)))
+        monkeypatch.setattr(
+            kube, "create_or_adopt", lambda obj: self.calls.append(("create", obj)) or obj
+        )
+        monkeypatch.setattr(
+            kopf, "warn", lambda body, reason, message: self.warnings.append(message)
+        )
+
+
+def body(spec: dict[str, Any], status: dict[str, Any] | None = None) -> kopf.Body:
+    meta = {"name": "daoyan", "namespace": "team-a", "uid": UID, "generation": 2}
+    return kopf.Body({"metadata": meta, "spec": spec, "status": status or {}})
+
+
+def delete_output(index: dict[str, Any], spec: dict[str, Any] = SPEC, runtime: float = 0.0) -> None:
+    b = body(spec)
+    handlers.delete_output(
+        body=b,
+        spec=b.spec,
+        name="daoyan",
+        namespace="team-a",
+        uid=UID,
+        runtime=datetime.timedelta(seconds=runtime),
+        **index,
+    )
+
+
+def test_deletion_stops_the_trainer_before_emptying_its_folder(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rec = Recorder(monkeypatch)
+    job = owned("daoyan-trainer", UID, uid="job", spec={"suspend": False})
+    with pytest.raises(kopf.TemporaryError, match="trainer pods to stop"):
+        delete_output(indices(job, pod("job", "Running")))
+    assert rec.calls == [
+        ("patch", ("batch/v1", "Job", "team-a", "daoyan-trainer", {"spec": {"suspend": True}}))
+    ]
+    rec.calls.clear()
+    delete_output(indices(job, pod("job", "Succeeded")))
+    assert [(what, obj["metadata"]["name"]) for what, obj in rec.calls] == [
+        ("create", "daoyan-cleanup-012345")
+    ]
+
+
+def test_deletion_lets_go_of_a_cleanup_that_keeps_failing(monkeypatch: pytest.MonkeyPatch) -> None:
+    rec = Recorder(monkeypatch)
+    job = owned("daoyan-trainer", UID, uid="job", spec={"suspend": True})
+    with pytest.raises(kopf.TemporaryError):
+        delete_output(indices(job, pod("job", "Running")), runtime=60)
+    later = handlers.CLEANUP_PATIENCE.total_seconds() + 1
+    delete_output(indices(job, pod("job", "Running")), runtime=later)  # returns: finalizer goes
+    assert "the output folder was not removed" in rec.warnings[-1]
+
+
+def test_deletion_of_a_job_whose_stored_spec_no_longer_parses_is_not_blocked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rec = Recorder(monkeypatch)
+    delete_output(indices(None), spec={**SPEC, "lora": {"r": 0}})
+    assert rec.calls == [] and "invalid" in rec.warnings[-1]
+    with pytest.raises(checks.InvalidJob):
+        checks.parse_spec({**SPEC, "lora": {"r": 0}})
+
+
+def reconcile(status: dict[str, Any], patch: kopf.Patch) -> None:
+    b = body(SPEC, status)
+    handlers.reconcile(
+        body=b,
+        spec=b.spec,
+        status=b.status,
+        name="daoyan",
+        namespace="team-a",
+        uid=UID,
+        meta=b.meta,
+        patch=patch,
+        **indices(None),
+    )
+
+
+def test_a_step_being_retried_is_shown_in_status_until_it_succeeds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    running = ftj.FineTuneJobStatus(phase=ftj.Phase.RUNNING, start_time="2026-11-28T00:00:00Z")
+
+    def busy(*_: Any) -> ftj.FineTuneJobStatus:
+        raise kube.TemporaryKubeError("create Job team-a/daoyan-trainer: API server answered 503")
+
+    monkeypatch.setattr(local_provider, "reconcile", busy)
+    patch = kopf.Patch()
+    with pytest.raises(kopf.TemporaryError):
+        reconcile(running.to_wire(), patch)
+    conditions = {c["type"]: c for c in patch["status"]["conditions"]}
+    assert conditions["Reconciled"]["status"] == "False"
+    assert "503" in conditions["Reconciled"]["message"]
+
+    retried = running.model_copy(deep=True)
+    retried.conditions = [ftj.Condition.model_validate(c) for c in patch["status"]["conditions"]]
+    monkeypatch.setattr(local_provider, "reconcile", lambda spec, owner, new, *_: new)
+    patch = kopf.Patch()
+    reconcile(retried.to_wire(), patch)
+    assert "Reconciled" not in {c["type"] for c in patch["status"]["conditions"]}
