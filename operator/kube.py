@@ -178,14 +178,19 @@ def apply(obj: dict[str, Any]) -> dict[str, Any]:
 def patch_merge(
     api_version: str, kind: str, namespace: str, name: str, body: dict[str, Any]
 ) -> dict[str, Any]:
-    res = _call(
-        f"patch {kind} {namespace}/{name}",
-        _resource(api_version, kind).patch,
-        name=name,
-        namespace=namespace,
-        body=body,
-        content_type="application/merge-patch+json",
-    )
+    """A JSON merge patch. An object gone since it was seen is a wait: the next reconcile
+    sees it missing and creates it again."""
+    what = f"patch {kind} {namespace}/{name}"
+    try:
+        res = _resource(api_version, kind).patch(
+            name=name, namespace=namespace, body=body, content_type="application/merge-patch+json"
+        )
+    except ApiException as exc:
+        if exc.status == 404:
+            raise TemporaryKubeError(f"{what}: not found (deleted meanwhile?)", delay=1.0) from None
+        raise _classify(exc, what) from None
+    except (OSError, ConnectionError) as exc:
+        raise TemporaryKubeError(f"{what}: {type(exc).__name__}") from None
     return dict(res.to_dict())
 
 

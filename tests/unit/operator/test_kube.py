@@ -1,0 +1,49 @@
+"""How the API server's refusals are classified: wait and retry, or fail for good."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from kubernetes.client.exceptions import ApiException
+
+from kubetune.operator import kube
+
+
+def refusal(status: int, body: str = "") -> ApiException:
+    exc = ApiException(status=status, reason="Refused")
+    exc.body = body
+    return exc
+
+
+def test_a_full_resource_quota_is_waited_for_not_a_failure() -> None:
+    body = '{"message": "jobs.batch \\"x\\" is forbidden: exceeded quota: gpus, requested: ..."}'
+    err = kube._classify(refusal(403, body), "create Job team-a/x")
+    assert isinstance(err, kube.TemporaryKubeError) and err.delay == 60.0
+    assert "ResourceQuota" in str(err)
+    assert isinstance(
+        kube._classify(refusal(403, "forbidden by policy"), "x"), kube.PermanentKubeError
+    )
+
+
+def test_patching_an_object_deleted_meanwhile_is_a_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Gone:
+        def patch(self, **_: Any) -> Any:
+            raise refusal(404)
+
+    monkeypatch.setattr(kube, "_resource", lambda api_version, kind: Gone())
+    with pytest.raises(kube.TemporaryKubeError, match="not found"):
+        kube.patch_merge("batch/v1", "Job", "team-a", "x-trainer", {"spec": {"suspend": True}})
+
+
+def test_an_object_of_an_earlier_owner_being_deleted_is_waited_for() -> None:
+    ours = {
+        "kind": "Job",
+        "metadata": {"namespace": "a", "name": "x", "ownerReferences": [{"uid": "new"}]},
+    }
+    theirs: dict[str, Any] = {"metadata": {"ownerReferences": [{"uid": "old"}]}}
+    with pytest.raises(kube.NameTaken):
+        kube._check_ours(ours, theirs)
+    theirs["metadata"]["deletionTimestamp"] = "2026-11-28T00:00:00Z"
+    with pytest.raises(kube.TemporaryKubeError, match="being deleted"):
+        kube._check_ours(ours, theirs)
