@@ -471,7 +471,11 @@ def immutability_rule() -> dict[str, str]:
 
 
 class Condition(ApiModel):
-    type: str = Field(max_length=316, description="Condition type, e.g. `Ready`, `ServingReady`.")
+    type: str = Field(
+        max_length=316,
+        description="Condition type: `Ready`, `ServingReady`, or `Reconciled` (present, False, "
+        "only while the operator retries a step that failed for a passing reason).",
+    )
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(default="", max_length=1024, description="CamelCase reason.")
     message: str = Field(default="", max_length=32768, description="Human-readable details.")
