@@ -334,7 +334,7 @@ def delete_remote(
         {k: v for k, v in dict(status).items() if k != "kopf"}
     )
     try:
-        events = openai_handlers.cleanup(parsed, owner, old)
+        events = openai_handlers.cleanup(parsed, owner, old, SETTINGS)
     except (kube.TemporaryKubeError, openai_errors.TemporaryProviderError) as exc:
         remote = old.remote.id if old.remote else None
         left = f"remote job {remote} may still run: cancel it and delete its files at OpenAI"

@@ -9,12 +9,12 @@ Errors from the API are classified here, once:
     ApiException 403 quota      -> TemporaryKubeError (a full ResourceQuota frees up)
     ApiException 429/5xx, I/O   -> TemporaryKubeError (kopf retries after a delay)
 
-Secret values are returned to the caller and never logged or put into an exception message.
+Secrets are read with ``get`` (their values stay with the caller: never logged or put into an
+exception message).
 """
 
 from __future__ import annotations
 
-import base64
 import functools
 import logging
 from typing import Any
@@ -211,14 +211,3 @@ def read_configmap_key(namespace: str, name: str, key: str) -> str | None:
         return None
     value = (cm.get("data") or {}).get(key)
     return None if value is None else str(value)
-
-
-def read_secret_key(namespace: str, name: str, key: str) -> str:
-    """The decoded value of a Secret key. Raises PermanentKubeError naming what is missing."""
-    secret = get("v1", "Secret", namespace, name)
-    if secret is None:
-        raise PermanentKubeError(f"Secret {namespace}/{name} not found")
-    data = secret.get("data") or {}
-    if key not in data:
-        raise PermanentKubeError(f"Secret {namespace}/{name} has no key {key!r}")
-    return base64.b64decode(data[key]).decode("utf-8").strip()

@@ -8,6 +8,7 @@ exceptions onto two intents, in the manner of httpx's ``map_httpcore_exceptions`
     │   ├── 401 AuthenticationError ───────────────┐
     │   ├── 403 PermissionDeniedError ─────────────┴──► AuthProviderError      (permanent)
     │   ├── 404 NotFoundError ─────────────────────────► NotFoundProviderError  (permanent)
+    │   ├── 429 RateLimitError, insufficient_quota ────► QuotaProviderError     (permanent)
     │   ├── 400 BadRequestError, 422, other 4xx ───────► PermanentProviderError
     │   └── 408, 409, 429 RateLimitError, 5xx ─────────► TemporaryProviderError(delay)
     ├── APIConnectionError, APITimeoutError ───────────► TemporaryProviderError(delay)
@@ -16,8 +17,19 @@ exceptions onto two intents, in the manner of httpx's ``map_httpcore_exceptions`
     ProviderError
     ├── PermanentProviderError      retrying the same request cannot help: the job fails
     │   ├── AuthProviderError       the key, organization or project is wrong
-    │   └── NotFoundProviderError   the job or file is gone (cleanup ignores it)
+    │   ├── NotFoundProviderError   the job or file is gone (cleanup ignores it)
+    │   ├── QuotaProviderError      the account has no quota left (billing), not a rate limit
+    │   └── RefusedProviderError    kubetune itself refuses: the Secret is not marked for
+    │                               kubetune, or the base URL is not in the operator's allowlist
     └── TemporaryProviderError      try again after ``delay`` seconds
+
+A 429 is a rate limit unless its ``code`` or ``type`` is ``insufficient_quota``: then the
+account (organization or project) has no credit or billing left, and no wait fixes that.
+
+Once a remote job exists, an account-level error (auth, not found, quota) while *following* it
+must not end the FineTuneJob: the remote job keeps running, and billing, whatever kubetune
+reads. :func:`while_following` turns such an error into a long temporary wait whose message
+says what to fix; the provider applies it (``openai_provider.step``).
 
 A temporary error's ``delay`` is the server's ``retry-after-ms`` or ``Retry-After`` (seconds
 or an HTTP date) when it sent one, else a default per kind. The client itself already retried
@@ -50,6 +62,20 @@ DEFAULT_DELAY_SERVER = 15.0
 DEFAULT_DELAY_CONNECTION = 10.0
 """Seconds to wait after a timeout or a connection error."""
 
+DELAY_WHILE_FOLLOWING = 300.0
+"""Seconds between two tries to follow a remote job that the credentials cannot read (a revoked
+key, a project without access, no quota): long, because a person has to fix something, and
+short enough that following resumes within minutes once they have."""
+
+QUOTA_CODE = "insufficient_quota"
+"""``code``/``type`` of OpenAI's 429 when the account has no credit or billing left."""
+
+QUOTA_ADVICE = (
+    "; the OpenAI account (its organization or project) has no quota left, which no retry "
+    "fixes: add credit or raise its limits under Billing in the OpenAI dashboard, then create "
+    "the FineTuneJob again"
+)
+
 MAX_DELAY = 3600.0
 """An absurd ``Retry-After`` is capped at an hour; the handler polls again after that."""
 
@@ -80,6 +106,14 @@ class AuthProviderError(PermanentProviderError):
 
 class NotFoundProviderError(PermanentProviderError):
     """404: the job or file does not exist (any more)."""
+
+
+class QuotaProviderError(PermanentProviderError):
+    """429 ``insufficient_quota``: the account has no quota left; retrying cannot help."""
+
+
+class RefusedProviderError(PermanentProviderError):
+    """kubetune refuses to send the credentials (unmarked Secret, base URL not allowed)."""
 
 
 class TemporaryProviderError(ProviderError):
@@ -122,6 +156,29 @@ def retry_after(headers: Any, *, now: float | None = None) -> float | None:
     return max(0.0, email.utils.mktime_tz(parsed) - (time.time() if now is None else now))
 
 
+def is_quota_exhausted(code: object, type_: object) -> bool:
+    """Whether an error's ``code`` or ``type`` says the account has no quota left."""
+    return QUOTA_CODE in (code, type_)
+
+
+def response_is_quota_exhausted(response: Any) -> bool:
+    """Whether an HTTP 429 response's body is OpenAI's ``insufficient_quota`` error.
+
+    Reads the body only if it has been read already (openai-python reads it before deciding to
+    retry a non-streaming request); anything unreadable counts as an ordinary rate limit.
+    """
+    if getattr(response, "status_code", None) != 429:
+        return False
+    try:
+        body = response.json()
+    except Exception:  # not read yet, not JSON: an ordinary 429
+        return False
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        return False
+    return is_quota_exhausted(error.get("code"), error.get("type"))
+
+
 def _server_message(exc: openai.APIError) -> str:
     body = exc.body
     if isinstance(body, dict) and isinstance(body.get("message"), str):
@@ -162,6 +219,8 @@ def classify(exc: openai.OpenAIError, what: str, secrets: Iterable[str] = ()) ->
             return AuthProviderError(msg, reason=reason)
         if status == 404:
             return NotFoundProviderError(msg, reason="NotFound")
+        if status == 429 and is_quota_exhausted(exc.code, exc.type):
+            return QuotaProviderError(msg + QUOTA_ADVICE, reason="InsufficientQuota")
         if status == 429:
             delay = _delay(exc, DEFAULT_DELAY_RATE_LIMITED)
             return TemporaryProviderError(msg, reason="RateLimited", delay=delay)
@@ -186,6 +245,39 @@ def classify(exc: openai.OpenAIError, what: str, secrets: Iterable[str] = ()) ->
         redact(f"{what}: unexpected answer from the OpenAI API ({type(exc).__name__})", secrets),
         reason="BadResponse",
         delay=DEFAULT_DELAY_SERVER,
+    )
+
+
+def while_following(exc: PermanentProviderError, job_id: str, secret: str) -> ProviderError:
+    """What an error reading the existing remote job ``job_id`` means for the FineTuneJob.
+
+    Auth, not-found and quota errors, and kubetune's own refusal to use the credentials,
+    become a :class:`TemporaryProviderError` retried after :data:`DELAY_WHILE_FOLLOWING`, with
+    a message that says what to fix in ``secret`` (the Secret, as ``namespace/name``); anything
+    else is returned as it is.
+    """
+    if isinstance(exc, AuthProviderError) and exc.reason == "Forbidden":
+        fix = f"give the key in Secret {secret} (its organization, project) access to that job"
+    elif isinstance(exc, AuthProviderError):
+        fix = f"put a valid API key of the project that created it in Secret {secret}"
+    elif isinstance(exc, RefusedProviderError):
+        fix = "make the change named above (until then nothing is read from the Secret or sent)"
+    elif isinstance(exc, NotFoundProviderError):
+        fix = (f"the key in Secret {secret} does not see the job: it belongs to another "
+               "organization or project than the one that created it; restore a key of that "
+               "project (or the Secret's organization/project keys)")  # fmt: skip
+    elif isinstance(exc, QuotaProviderError):
+        fix = "add credit or raise the account's limits under Billing in the OpenAI dashboard"
+    else:
+        return exc
+    minutes = round(DELAY_WHILE_FOLLOWING / 60)
+    happened = exc.message.removesuffix(QUOTA_ADVICE).rstrip(".")
+    return TemporaryProviderError(
+        f"{happened}. OpenAI job {job_id} exists and may "
+        f"still be running (and billing); the FineTuneJob is kept and kubetune tries again "
+        f"every {minutes} minutes. To resume following it: {fix}",
+        reason=exc.reason,
+        delay=DELAY_WHILE_FOLLOWING,
     )
 
 

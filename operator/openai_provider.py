@@ -14,10 +14,12 @@ Never a second paid job
    again on our side in case a compatible server ignores the filter) and adopt what it finds.
 2. Only when no job exists: find the uploaded files by their deterministic names
    (``kubetune-<uid>-<role>-<sha256 prefix>.jsonl``, so an edited dataset is a new file), upload
-   what is missing, then create the job with that metadata.
-3. Create is sent once (client retries off for it): a lost answer leaves a job we cannot see,
-   so a retry would duplicate it. The error goes to the handler as temporary; the next tick's
-   step 1 finds the job.
+   what is missing, wait (tick by tick, ids recorded in ``status.remote``) until OpenAI has
+   processed them, then create the job with that metadata.
+3. Uploads and create are sent once (client retries off for them): OpenAI has no idempotency
+   key, so a retry after a lost answer would store a second file or start a second paid job.
+   The error goes to the handler as temporary; the next tick finds the file by its name, or
+   the job by step 1.
 
 So if the operator dies anywhere (after an upload, after create, before the status patch) the
 next tick adopts what exists instead of creating it again. What this relies on: the list
@@ -31,6 +33,10 @@ Each tick retrieves the job and reads its events newest first, back to
 endpoint (the handler creates the endpoint ConfigMap from ``status.endpoint``). ``suspend``
 cancels an unfinished job (it ends Cancelled); :func:`cleanup` on deletion cancels and deletes
 the uploaded files unless ``keepFiles``.
+
+Once ``status.remote.id`` is recorded, an auth, not-found or quota error while following is
+temporary with a long delay (:func:`openai_errors.while_following`): the remote job runs on,
+so the FineTuneJob waits for fixed credentials instead of failing. Before that, they fail it.
 
 Errors leave as :mod:`openai_errors` classes; the API key never appears in anything returned
 or raised (see that module).
@@ -114,6 +120,8 @@ class _Client(openai.OpenAI):
         asked = errors.retry_after(response.headers)
         if asked is not None and asked > MAX_INLINE_RETRY_AFTER:
             return False
+        if errors.response_is_quota_exhausted(response):  # no quota: waiting cannot help
+            return False
         return super()._should_retry(response)
 
 
@@ -185,12 +193,8 @@ def files_of(client: openai.OpenAI, uid: str) -> list[FileObject]:
     return sorted(found, key=lambda f: f.created_at, reverse=True)
 
 
-def _find_job(
-    client: openai.OpenAI, uid: str, remote: ftj.RemoteJob, events: list[Event]
-) -> FineTuningJob | None:
-    if remote.id:
-        with errors.translated(f"reading job {remote.id}", _secrets(client)):
-            return client.fine_tuning.jobs.retrieve(remote.id)
+def _find_job(client: openai.OpenAI, uid: str, events: list[Event]) -> FineTuningJob | None:
+    """The job made for ``uid`` that no status recorded (a lost answer, a crash), if any."""
     found = jobs_of(client, uid)
     if not found:
         return None
@@ -210,32 +214,79 @@ def _ensure_files(
     remote: ftj.RemoteJob,
     training: Dataset,
     validation: Dataset | None,
-) -> None:
-    """Fills ``remote.training_file`` / ``validation_file``: found by name, else uploaded."""
+) -> dict[str, FileObject]:
+    """Fills ``remote.training_file`` / ``validation_file``: found by name, else uploaded.
+
+    Returns the file objects seen on the way (by id), for :func:`_files_waiting`. An upload is
+    sent once (client retries off): OpenAI has no idempotency key for files, so a retry after a
+    lost answer would store the file twice; the next tick finds the first one by its name.
+    """
     wanted: list[tuple[str, bytes]] = []
     if remote.training_file is None:
         wanted.append(("training", _read(training)))
     if validation is not None and remote.validation_file is None:
         wanted.append(("validation", _read(validation)))
     if not wanted:
-        return
+        return {}
     existing: dict[str, FileObject] = {}
     for f in files_of(client, uid):
         if f.status != "error":
             existing.setdefault(f.filename, f)
+    seen: dict[str, FileObject] = {}
+    once = client.with_options(max_retries=0)
     for role, data in wanted:
         name = file_name(uid, role, data)
         found = existing.get(name)
         if found is None:
             with errors.translated(f"uploading the {role} file", _secrets(client)):
-                found = client.files.create(
+                found = once.files.create(
                     file=(name, data, "application/jsonl"), purpose="fine-tune"
                 )
             log.info("uploaded %s file %s (%d bytes) for uid %s", role, found.id, len(data), uid)
+        seen[found.id] = found
         if role == "training":
             remote.training_file = found.id
         else:
             remote.validation_file = found.id
+    return seen
+
+
+def _files_waiting(
+    client: openai.OpenAI, remote: ftj.RemoteJob, seen: Mapping[str, FileObject]
+) -> str | None:
+    """None when every recorded file is ``processed``; else what creation waits for.
+
+    OpenAI processes an upload after answering it (status ``uploaded``, then ``processed`` or
+    ``error``) and refuses to create a job on a file it has not processed yet. A file not
+    known to be processed is looked at once more now (it usually is by then). A file in
+    ``error`` fails the FineTuneJob with OpenAI's ``status_details``; a recorded file that is
+    gone is forgotten, so the next tick uploads it again.
+    """
+    waiting: list[str] = []
+    for role in ("training", "validation"):
+        file_id = remote.training_file if role == "training" else remote.validation_file
+        if file_id is None:
+            continue
+        f = seen.get(file_id)
+        status = getattr(f, "status", None)  # None too from a server without the deprecated field
+        if f is None or status != "processed":
+            try:
+                with errors.translated(f"reading the {role} file {file_id}", _secrets(client)):
+                    f = client.files.retrieve(file_id)
+            except errors.NotFoundProviderError:
+                setattr(remote, f"{role}_file", None)
+                waiting.append(f"the {role} file {file_id} is gone; uploading it again")
+                continue
+            status = getattr(f, "status", None)
+        if status == "error":
+            details = errors.redact(str(f.status_details or "no details given"), _secrets(client))
+            raise errors.PermanentProviderError(
+                f"OpenAI could not process the uploaded {role} file {file_id}: {details}",
+                reason="FileProcessingFailed",
+            )
+        if status not in (None, "processed"):
+            waiting.append(f"OpenAI is processing the {role} file {file_id} (status {status})")
+    return "; ".join(waiting) or None
 
 
 def _number_or_auto(value: str) -> float | Literal["auto"]:
@@ -345,14 +396,25 @@ def step(
     ``delay``); nothing is half-written: the next call finds what this one created.
     """
     oa = _openai_spec(spec)
-    secrets = _secrets(client)
     new = status.model_copy(deep=True)
     if ftj.Phase(new.phase).finished:
         return StepResult(new, {}, [], True)
     remote = new.remote.model_copy() if new.remote is not None else ftj.RemoteJob()
     out: list[Event] = []
+    if remote.id:
+        try:
+            with errors.translated(f"reading job {remote.id}", _secrets(client)):
+                recorded = client.fine_tuning.jobs.retrieve(remote.id)
+            return _follow(
+                client, spec, owner, status, new, remote, recorded, out, prices, generation
+            )
+        except errors.PermanentProviderError as exc:
+            # The remote job runs (and bills) whatever we can read: never end the
+            # FineTuneJob over its credentials; wait until someone fixes them.
+            secret = f"{owner.namespace}/{oa.api_key_secret_ref.name}"
+            raise errors.while_following(exc, remote.id, secret) from None
 
-    job = _find_job(client, owner.uid, remote, out)
+    job = _find_job(client, owner.uid, out)
     if job is None:
         if spec.suspend:
             new.phase = ftj.Phase.QUEUED
@@ -362,10 +424,33 @@ def step(
             )
             new.observed_generation = generation
             return StepResult(new, ostatus.status_patch(status, new), out, False)
-        _ensure_files(client, owner.uid, remote, training, validation)
+        seen = _ensure_files(client, owner.uid, remote, training, validation)
+        waiting = _files_waiting(client, remote, seen)
+        if waiting is not None:
+            # Recorded, so the next tick neither reads the dataset nor lists the files again.
+            new.remote, new.message, new.observed_generation = remote, waiting, generation
+            return StepResult(new, ostatus.status_patch(status, new), out, False)
         job = _create_job(client, oa, owner, remote)
         out.append(Event("Normal", "Created", f"created OpenAI fine-tuning job {job.id}"))
-    elif spec.suspend and job.status not in TERMINAL:
+    return _follow(client, spec, owner, status, new, remote, job, out, prices, generation)
+
+
+def _follow(
+    client: openai.OpenAI,
+    spec: ftj.FineTuneJobSpec,
+    owner: manifests.Owner,
+    status: ftj.FineTuneJobStatus,
+    new: ftj.FineTuneJobStatus,
+    remote: ftj.RemoteJob,
+    job: FineTuningJob,
+    out: list[Event],
+    prices: Mapping[str, float],
+    generation: int | None,
+) -> StepResult:
+    """Cancels ``job`` if suspended, then reads it and its new events into the status."""
+    oa = _openai_spec(spec)
+    secrets = _secrets(client)
+    if spec.suspend and job.status not in TERMINAL:
         job = _cancel(client, job.id) or job
         out.append(Event("Normal", "Cancelled", f"spec.suspend: cancelled OpenAI job {job.id}"))
 

@@ -26,8 +26,9 @@ from kubetune.api import finetunejob as ftj
 from kubetune.operator import manifests
 from kubetune.operator import openai_errors as errors
 from kubetune.operator import status as st
+from kubetune.operator.settings import DEFAULT_OPENAI_BASE_URL
 
-DEFAULT_BASE_URL = "https://api.openai.com/v1"
+DEFAULT_BASE_URL = DEFAULT_OPENAI_BASE_URL
 PHASES: dict[str, ftj.Phase] = {
     "validating_files": ftj.Phase.VALIDATING,
     "queued": ftj.Phase.QUEUED,

@@ -10,9 +10,21 @@ import json
 import os
 from dataclasses import dataclass, field
 
+DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
+
 
 def _env(name: str, default: str) -> str:
     return os.environ.get(name, default)
+
+
+def _url_list(name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    value = json.loads(raw)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{name} must be a JSON list of URLs, got {raw!r}")
+    return tuple(value)
 
 
 @dataclass(frozen=True)
@@ -33,7 +45,16 @@ class OperatorSettings:
     """Seconds between two looks at a running job (lower in tests)."""
 
     openai_poll_interval: float = 30.0
-    """Seconds between two polls of a remote OpenAI job."""
+    """Seconds between two polls of a remote OpenAI job once it is created (chart value
+    ``openai.pollInterval``). Polls happen on reconcile ticks, so the effective interval is
+    this rounded to a multiple of ``reconcile_interval`` (and never shorter than one tick)."""
+
+    openai_allowed_base_urls: tuple[str, ...] = (DEFAULT_OPENAI_BASE_URL,)
+    """The only API base URLs ``spec.openai.baseURL`` may name (chart value
+    ``openai.allowedBaseURLs``); a job without one uses OpenAI's, which must be listed too.
+    The operator sends a namespace's API key there, so whoever may create FineTuneJobs must
+    not be able to pick the server. Compared without a trailing ``/``, scheme and host
+    case-insensitively. Empty: no ``provider: openai`` job runs."""
 
     gpu_resource_name: str = "nvidia.com/gpu"
     """GPU resource of jobs that name none (chart value ``jobDefaults.gpuResourceName``)."""
@@ -64,6 +85,9 @@ class OperatorSettings:
             ),
             openai_poll_interval=float(
                 _env("KUBETUNE_OPENAI_POLL_INTERVAL", str(default.openai_poll_interval))
+            ),
+            openai_allowed_base_urls=_url_list(
+                "KUBETUNE_OPENAI_ALLOWED_BASE_URLS", default.openai_allowed_base_urls
             ),
             prices_per_million=json.loads(prices) if prices else default.prices_per_million,
             gpu_resource_name=_env("KUBETUNE_GPU_RESOURCE_NAME", default.gpu_resource_name),

@@ -270,7 +270,10 @@ class ServeSpec(ApiModel):
 
 
 class OpenAIKeyRef(ApiModel):
-    name: DNSName = Field(description="Secret holding the OpenAI credentials.")
+    name: DNSName = Field(
+        description="Secret holding the OpenAI credentials. It must carry the label "
+        "`kubetune.io/credentials: openai`: the operator reads no other Secret."
+    )
     key: ConfigKey = Field(default="api-key", description="Key of the API key in the Secret.")
     organization_key: ConfigKey | None = Field(
         default=None, description="Key of the organization id in the Secret, if any."
@@ -311,7 +314,9 @@ class OpenAISpec(ApiModel):
         alias="baseURL",
         max_length=2048,
         pattern=r"^https?://",
-        description="API base URL, for OpenAI-compatible providers (default api.openai.com/v1).",
+        description="API base URL, for OpenAI-compatible providers (default "
+        "https://api.openai.com/v1). It must be in the operator's allowlist "
+        "(chart value `openai.allowedBaseURLs`): the key is sent only there.",
     )
     keep_files: bool = Field(
         default=False, description="Keep the uploaded files when the FineTuneJob is deleted."

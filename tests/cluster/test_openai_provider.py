@@ -5,19 +5,25 @@ each FineTuneJob points ``spec.openai.baseURL`` at it; the operator talks to it 
 ``openai`` client. The tests look at what a user sees (status, Events, the endpoint ConfigMap)
 and at what the fake saw (how many paid jobs exist for a UID, what was cancelled and deleted,
 and whether the API key travelled anywhere but the Authorization header).
+
+The operator runs with the fake as its only allowed base URL (what the chart's
+``openai.allowedBaseURLs`` sets), and the Secrets carry the label that lets kubetune use them.
+The fake processes uploads for a second, as OpenAI does, before a job may use them.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import yaml
 
 from fakes.openai_finetune import AdminClient, Timing, run_subprocess
 from support import ftj
-from support.cluster import Cluster, wait_until
+from support.cluster import Cluster, ensure_binaries, wait_until
 from support.operator import OperatorProcess, running_operator
 
 pytestmark = pytest.mark.cluster
@@ -26,7 +32,8 @@ KEY = "sk-kubetune-cluster-3Fh8Jk2Lm9Np4Qr7St1V"
 WRONG_KEY = "sk-kubetune-cluster-wrong-9Zy8Xw7Vu6Ts5R"
 MODEL = "gpt-4o-mini-2024-07-18"
 PRICES = {"gpt-4o-mini": 3.0, "gpt-4o": 25.0, "gpt-4.1-mini": 5.0}  # the chart's defaults
-FAKE_TIMING = Timing(validating_s=1, queued_s=1, running_s=6)
+FAKE_TIMING = Timing(validating_s=1, queued_s=1, running_s=6, processing_s=1)
+LABEL = {"kubetune.io/credentials": "openai"}
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +45,14 @@ def fake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AdminClient]:
 
 @pytest.fixture(scope="module")
 def operator(
-    cluster: Cluster, tmp_path_factory: pytest.TempPathFactory
+    cluster: Cluster, fake: AdminClient, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
     ftj.install_crd(cluster)
     log = tmp_path_factory.mktemp("operator-openai") / "operator.log"
-    env = {"KUBETUNE_OPENAI_PRICES": json.dumps(PRICES)}  # what the chart sets from its values
+    env = {  # what the chart sets from its values
+        "KUBETUNE_OPENAI_PRICES": json.dumps(PRICES),
+        "KUBETUNE_OPENAI_ALLOWED_BASE_URLS": json.dumps([fake.base_url]),
+    }
     with running_operator(cluster.kubeconfig, log, env=env) as op:
         yield op
 
@@ -50,16 +60,21 @@ def operator(
 @pytest.fixture
 def team(cluster: Cluster, namespace: str, fake: AdminClient) -> Iterator[str]:
     ftj.dataset_configmap(cluster, namespace, ftj.dataset_text())
-    cluster.apply(secret("openai", KEY), secret("openai-wrong", WRONG_KEY), namespace=namespace)
+    cluster.apply(
+        secret("openai", KEY),
+        secret("openai-wrong", WRONG_KEY),
+        secret("openai-unmarked", KEY, labels={}),
+        namespace=namespace,
+    )
     yield namespace
     fake.timing(**vars(FAKE_TIMING))
 
 
-def secret(name: str, key: str) -> dict[str, Any]:
+def secret(name: str, key: str, labels: dict[str, str] = LABEL) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": {"name": name},
+        "metadata": {"name": name, "labels": labels},
         "stringData": {"api-key": key},
     }
 
@@ -131,6 +146,8 @@ def test_full_success_with_fine_tuned_model_cost_and_endpoint(
     }
     reasons = {e["reason"] for e in ftj.events_for(cluster, team, "daoyan")}
     assert {"Running", "Succeeded"} <= reasons, reasons
+    # The upload was processed (a second) before the job was created: OpenAI refused nothing.
+    assert [r for r in fake.requests() if r["status"] == 400] == []
     columns = cluster.kubectl("get", "ftj", "daoyan", "-n", team).stdout
     assert "Succeeded" in columns and "(100%)" in columns and fake.base_url in columns
 
@@ -178,6 +195,88 @@ def test_wrong_key_fails_fast_without_retries(
     assert fake.files_for(failed["metadata"]["uid"]) == []
     denied = [r for r in fake.requests()[before:] if r["status"] == 401]
     assert len(denied) == 1, "a 401 must be neither retried by the client nor by the operator"
+
+
+def test_a_secret_without_the_kubetune_label_is_never_used(
+    cluster: Cluster, operator: OperatorProcess, fake: AdminClient, team: str
+) -> None:
+    cluster.apply(openai_job("unmarked", fake, secret_name="openai-unmarked"), namespace=team)
+
+    failed = ftj.wait_phase(cluster, team, "unmarked", "Failed", timeout=30)
+    message = failed["status"]["message"]
+    assert f"Secret {team}/openai-unmarked" in message
+    assert "kubetune.io/credentials=openai" in message
+    uid = failed["metadata"]["uid"]
+    assert fake.files_for(uid) == [] and fake.jobs_for(uid) == []
+
+
+def test_a_base_url_outside_the_allowlist_gets_no_key(
+    cluster: Cluster, operator: OperatorProcess, fake: AdminClient, team: str
+) -> None:
+    # Nothing listens there: were the key sent, the job would retry connection errors forever.
+    job = openai_job("elsewhere", fake)
+    job["spec"]["openai"]["baseURL"] = "http://127.0.0.1:9/v1"
+    cluster.apply(job, namespace=team)
+
+    failed = ftj.wait_phase(cluster, team, "elsewhere", "Failed", timeout=30)
+    message = failed["status"]["message"]
+    assert "spec.openai.baseURL 'http://127.0.0.1:9/v1'" in message
+    assert fake.base_url in message and "openai.allowedBaseURLs" in message
+
+
+def test_lost_upload_answer_makes_no_second_file(
+    cluster: Cluster, operator: OperatorProcess, fake: AdminClient, team: str
+) -> None:
+    fake.fail(500, method="POST", path="/v1/files", after_handling=True)
+    cluster.apply(openai_job("upload", fake), namespace=team)
+
+    done = ftj.wait_phase(cluster, team, "upload", "Succeeded", timeout=90)
+    files = fake.files_for(done["metadata"]["uid"])
+    assert len(files) == 1 and done["status"]["remote"]["trainingFile"] == files[0]["id"]
+
+
+def test_a_revoked_key_while_following_keeps_the_job_and_says_what_to_fix(
+    cluster: Cluster, operator: OperatorProcess, fake: AdminClient, team: str
+) -> None:
+    fake.timing(running_s=600)
+    cluster.apply(openai_job("rotated", fake), namespace=team)
+    running = ftj.wait_phase(cluster, team, "rotated", "Running", timeout=60)
+    job_id = running["status"]["remote"]["id"]
+    fake.fail(401, method="GET", path=f"/v1/fine_tuning/jobs/{job_id}")
+
+    wait_until(
+        lambda: f"OpenAI job {job_id} exists and may still be running" in operator.logs(),
+        timeout=30,
+        description="the operator to report the 401 as a wait",
+    )
+    assert "tries again every 5 minutes" in operator.logs()
+    assert ftj.get_ftj(cluster, team, "rotated")["status"]["phase"] == "Running"
+    assert [j["status"] for j in fake.jobs_for(running["metadata"]["uid"])] == ["running"]
+
+
+def test_the_chart_passes_the_allowlist_to_the_operator(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from kubetune.operator.settings import OperatorSettings
+
+    def env_of(*args: str) -> dict[str, str]:
+        rendered = subprocess.run(
+            [str(ensure_binaries() / "helm"), "template", "kt", str(ftj.REPO / "charts/kubetune"),
+             "--show-only", "templates/deployment.yaml", *args],
+            capture_output=True, text=True, timeout=120, check=True,
+        ).stdout  # fmt: skip
+        container = yaml.safe_load(rendered)["spec"]["template"]["spec"]["containers"][0]
+        return {e["name"]: e["value"] for e in container["env"]}
+
+    for args, expected in [
+        ((), ("https://api.openai.com/v1",)),
+        (("--set", "openai.allowedBaseURLs={https://gw.example.com/v1}"),
+         ("https://gw.example.com/v1",)),
+        (("--set", "openai.allowedBaseURLs=null"), ()),
+    ]:  # fmt: skip
+        value = env_of(*args)["KUBETUNE_OPENAI_ALLOWED_BASE_URLS"]
+        monkeypatch.setenv("KUBETUNE_OPENAI_ALLOWED_BASE_URLS", value)
+        assert OperatorSettings.from_env().openai_allowed_base_urls == expected
 
 
 def test_delete_mid_run_cancels_the_remote_job_and_deletes_its_files(

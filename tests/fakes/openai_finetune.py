@@ -14,8 +14,10 @@ How jobs move over time and fail: ``openai_state``. The clock is frozen for unit
 (``advance``) and real time in a subprocess.
 
 Test controls, in Python (``FakeOpenAI``) and over HTTP (``/_admin``, no auth): inject
-failures (status, ``Retry-After``/``retry-after-ms``, on a method/path, optionally *after*
-handling the request, as when an answer is lost), make the next job fail with an error object,
+failures (status, OpenAI's error ``code`` such as ``insufficient_quota``,
+``Retry-After``/``retry-after-ms``, on a method/path, optionally *after* handling the request,
+as when an answer is lost), make the next upload fail processing, or the next job fail with an
+error object,
 force a job's status (``paused``), advance time, inspect jobs/files/cancels, and read the
 request log (every request but its ``Authorization`` header; see :meth:`FakeOpenAI.leaks`).
 
@@ -204,14 +206,13 @@ def build_app(fake: FakeOpenAI) -> Starlette:
     async def files_list(request: Request, _: bytes) -> Any:
         q = request.query_params
         with fake.lock:
-            items = [f for f in fake.files.values()
-                     if q.get("purpose") in (None, f["purpose"])]  # fmt: skip
+            items = [dict(f) for f in fake.list_files(q.get("purpose"))]
             items.sort(key=lambda f: (f["created_at"], f["id"]), reverse=q.get("order") != "asc")
             return _page(items, q.get("after"), _limit(request, 10000, 10000), ids=True)
 
     async def files_get(request: Request, _: bytes) -> Any:
         with fake.lock:
-            return fake.file(request.path_params["fid"])
+            return dict(fake.file(request.path_params["fid"]))
 
     async def files_content(request: Request, _: bytes) -> Any:
         with fake.lock:
@@ -283,6 +284,8 @@ def build_app(fake: FakeOpenAI) -> Starlette:
             fake.fail(**body)
         elif action == "fail_next_job":
             fake.fail_next_job(**body)
+        elif action == "fail_next_file":
+            fake.fail_next_file(**body)
         elif action == "advance":
             fake.advance(float(body.get("seconds", 0)))
         elif action == "finish_all":
@@ -340,8 +343,13 @@ class AdminClient:
         self._call("fail_next_job", {"code": code, "message": message, "param": param,
                                      "at_step": at_step})  # fmt: skip
 
+    def fail_next_file(self, details: str) -> None:
+        """The next ``fine-tune`` upload ends ``error`` with these ``status_details``."""
+        self._call("fail_next_file", {"details": details})
+
     def timing(self, **seconds: float) -> None:
-        """Changes ``validating_s`` / ``queued_s`` / ``running_s`` for jobs created from now."""
+        """Changes ``validating_s`` / ``queued_s`` / ``running_s`` / ``processing_s`` for jobs
+        and uploads from now."""
         self._call("timing", dict(seconds))
 
     def advance(self, seconds: float) -> None:
@@ -385,7 +393,8 @@ def run_subprocess(
     t = timing or Timing()
     args = [sys.executable, str(Path(__file__).resolve()), "--port", "0",
             "--validating-s", str(t.validating_s), "--queued-s", str(t.queued_s),
-            "--running-s", str(t.running_s), "--min-examples", str(min_examples)]  # fmt: skip
+            "--running-s", str(t.running_s), "--processing-s", str(t.processing_s),
+            "--min-examples", str(min_examples)]  # fmt: skip
     for key in api_keys:
         args += ["--api-key", key]
     err = log_path.open("ab") if log_path else subprocess.DEVNULL
@@ -415,11 +424,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--validating-s", type=float, default=Timing.validating_s)
     parser.add_argument("--queued-s", type=float, default=Timing.queued_s)
     parser.add_argument("--running-s", type=float, default=Timing.running_s)
+    parser.add_argument("--processing-s", type=float, default=Timing.processing_s)
     parser.add_argument("--min-examples", type=int, default=10)
     args = parser.parse_args(argv)
     fake = FakeOpenAI(
         api_keys=tuple(args.api_key), realtime=True, min_examples=args.min_examples,
-        timing=Timing(args.validating_s, args.queued_s, args.running_s),
+        timing=Timing(args.validating_s, args.queued_s, args.running_s, args.processing_s),
     )  # fmt: skip
     with fake.serve(args.host, args.port):
         print(f"fake OpenAI listening on {fake.base_url}", flush=True)

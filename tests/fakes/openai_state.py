@@ -8,6 +8,12 @@ is checked: JSONL, the method's format, at least ``min_examples``) → ``queued`
 ``succeeded`` with ``fine_tuned_model``, ``trained_tokens`` and a result file. State advances
 lazily when a job is looked at, so nothing runs in the background. Errors are
 :class:`ApiError` with OpenAI's status codes and ``{"error": {...}}`` bodies.
+
+Uploads are processed after the upload has answered, as OpenAI does: a ``fine-tune`` file is
+``uploaded`` (so says the upload's answer), then ``processed`` once ``Timing.processing_s``
+has passed (0: at the next look), or ``error`` with ``status_details`` after
+:meth:`FineTuneState.fail_next_file`. Creating a job on a file that is not ``processed`` is
+refused with a 400, as OpenAI refuses it ("... is not ready").
 """
 
 from __future__ import annotations
@@ -50,6 +56,9 @@ class Timing:
     queued_s: float = 2.0
     running_s: float = 10.0
     """Seconds from start to success, spread evenly over the job's steps."""
+    processing_s: float = 0.0
+    """Seconds a ``fine-tune`` upload stays ``uploaded`` before it is ``processed``; 0: the
+    upload's answer says ``uploaded``, and any later look sees ``processed``."""
 
 
 @dataclass
@@ -61,6 +70,9 @@ class Failure:
     """Path prefix it applies to (``/v1/fine_tuning/jobs``); None: every API request."""
     retry_after: str | None = None
     retry_after_ms: str | None = None
+    code: str | None = None
+    """OpenAI's error code to answer with; ``insufficient_quota`` (with 429) is the account
+    without quota or billing, not a rate limit."""
     after_handling: bool = False
     """Do the request, then answer the error: a lost answer (the job exists, the client
     does not know)."""
@@ -76,6 +88,12 @@ class Failure:
             headers["retry-after"] = self.retry_after
         if self.retry_after_ms is not None:
             headers["retry-after-ms"] = self.retry_after_ms
+        if self.status == 429 and self.code == "insufficient_quota":
+            return ApiError(429, "You exceeded your current quota, please check your plan and "
+                            "billing details. For more information on this error, read the docs: "
+                            "https://platform.openai.com/docs/guides/error-codes/api-errors.",
+                            type_="insufficient_quota", code="insufficient_quota",
+                            headers=headers)  # fmt: skip
         if self.status == 429:
             return ApiError(429, "Rate limit reached for requests", type_="requests",
                             code="rate_limit_exceeded", headers=headers)  # fmt: skip
@@ -165,6 +183,8 @@ class FineTuneState:
         self.lock = threading.RLock()
         self.files: dict[str, dict[str, Any]] = {}
         self.contents: dict[str, bytes] = {}
+        self._processing: dict[str, tuple[float, str | None]] = {}  # id -> ready at, error
+        self.next_file_error: str | None = None
         self.jobs: dict[str, dict[str, Any]] = {}
         self._plans: dict[str, dict[str, Any]] = {}  # job id -> timeline, sizes, plan
         self.failures: list[Failure] = []
@@ -194,6 +214,11 @@ class FineTuneState:
         with self.lock:
             self.next_job = JobPlan({"code": code, "message": message, "param": param}, at_step)
 
+    def fail_next_file(self, details: str) -> None:
+        """The next ``fine-tune`` upload ends ``error`` with these ``status_details``."""
+        with self.lock:
+            self.next_file_error = details
+
     def force_status(self, job_id: str, status: str) -> None:
         with self.lock:
             self._advance(self.jobs[job_id])
@@ -220,6 +245,8 @@ class FineTuneState:
         with self.lock:
             for job in self.jobs.values():
                 self._advance(job)
+            for f in self.files.values():
+                self._process(f)
             return {
                 "now": self.clock.now(),
                 "jobs": [dict(j) for j in self.jobs.values()],
@@ -238,7 +265,13 @@ class FineTuneState:
         if purpose == "fine-tune" and not filename.endswith(".jsonl"):
             raise ApiError(400, "Invalid file format for Fine-Tuning API. Must be .jsonl",
                            param="file")  # fmt: skip
-        return self._add_file(filename, data, purpose)
+        f = self._add_file(filename, data, purpose)
+        if purpose == "fine-tune":
+            f["status"] = "uploaded"
+            ready_at = self.clock.now() + self.timing.processing_s
+            self._processing[f["id"]] = (ready_at, self.next_file_error)
+            self.next_file_error = None
+        return dict(f)
 
     def _add_file(self, filename: str, data: bytes, purpose: str) -> dict[str, Any]:
         fid = self._id("file-")
@@ -250,10 +283,21 @@ class FineTuneState:
         self.contents[fid] = data
         return self.files[fid]
 
+    def _process(self, f: dict[str, Any]) -> dict[str, Any]:
+        """Finishes processing an ``uploaded`` file whose time has come."""
+        plan = self._processing.get(f["id"])
+        if f["status"] == "uploaded" and plan is not None and self.clock.now() >= plan[0]:
+            error = plan[1]
+            f["status"], f["status_details"] = ("error", error) if error else ("processed", None)
+        return f
+
     def file(self, fid: str) -> dict[str, Any]:
         if fid not in self.files:
             raise ApiError(404, f"No such File object: {fid}", param="id")
-        return self.files[fid]
+        return self._process(self.files[fid])
+
+    def list_files(self, purpose: str | None) -> list[dict[str, Any]]:
+        return [self._process(f) for f in self.files.values() if purpose in (None, f["purpose"])]
 
     def delete_file(self, fid: str) -> dict[str, Any]:
         self.file(fid)
@@ -282,6 +326,15 @@ class FineTuneState:
             if f["purpose"] != "fine-tune":
                 raise ApiError(400, f"File {fid} has purpose '{f['purpose']}'; fine-tuning "
                                "needs purpose 'fine-tune'.", param=param)  # fmt: skip
+            status = self._process(f)["status"]
+            if status == "uploaded":
+                raise ApiError(400, f"File '{fid}' is still being processed and is not ready "
+                               "to be used for fine-tuning. Please try again later.",
+                               param=param)  # fmt: skip
+            if status == "error":
+                raise ApiError(400, f"File '{fid}' could not be processed: "
+                               f"{f['status_details']}", param=param,
+                               code="invalid_file")  # fmt: skip
         suffix = body.get("suffix")
         if suffix is not None and len(str(suffix)) > 64:
             raise ApiError(400, "suffix must be at most 64 characters", param="suffix")

@@ -304,7 +304,8 @@ def test_rate_limits_and_server_errors_are_retried_to_success(
     assert status.phase == ftj.Phase.SUCCEEDED
     assert fake.jobs_created() == 1
     uploads = [r for r in fake.requests if r["method"] == "POST" and r["path"] == "/v1/files"]
-    assert len(uploads) == 3  # two 429s, retried by the client, then the upload
+    assert len(uploads) == 3  # two 429s, each retried on the next tick, then the upload
+    assert len([f for f in fake.files.values() if f["purpose"] == "fine-tune"]) == 1
     assert fake.failures == []
 
 
@@ -345,15 +346,72 @@ def test_wrong_key_fails_fast_and_permanently(fake: FakeOpenAI) -> None:
     assert WRONG_KEY not in str(caught.value) and WRONG_KEY[-4:] not in str(caught.value)
 
 
-@pytest.mark.parametrize(("status", "reason"), [(401, "Unauthorized"), (403, "Forbidden")])
-def test_auth_errors_while_following_are_permanent(
-    fake: FakeOpenAI, client: openai.OpenAI, status: int, reason: str
+@pytest.mark.parametrize(
+    ("status", "code", "reason", "fix"),
+    [
+        (401, None, "Unauthorized", "put a valid API key"),
+        (403, None, "Forbidden", "access to that job"),
+        (404, None, "NotFound", "another organization or project"),
+        (429, "insufficient_quota", "InsufficientQuota", "Billing"),
+    ],
+)
+def test_account_errors_while_following_wait_long_and_following_resumes(
+    fake: FakeOpenAI, client: openai.OpenAI, status: int, code: str | None, reason: str, fix: str
 ) -> None:
     first = tick(client, make_spec(), ftj.FineTuneJobStatus())
-    fake.fail(status)
-    with pytest.raises(errors.AuthProviderError) as caught:
+    assert first.status.remote is not None and first.status.remote.id
+    job_id = first.status.remote.id
+    fake.fail(status, code=code, path=f"/v1/fine_tuning/jobs/{job_id}")
+    with pytest.raises(errors.TemporaryProviderError) as caught:
         tick(client, make_spec(), first.status)
-    assert caught.value.reason == reason
+
+    assert caught.value.reason == reason and caught.value.delay == 300
+    text = str(caught.value)
+    assert job_id in text and "may still be running" in text and fix in text
+    assert "Secret team-a/openai" in text or reason == "InsufficientQuota"
+    # The key is fixed (the injected failure is spent): following resumes where it stopped.
+    final, _, _ = drive(fake, client, make_spec(), first.status)
+    assert final.phase == ftj.Phase.SUCCEEDED and fake.jobs_created() == 1
+
+
+@pytest.mark.parametrize(("status", "reason"), [(401, "Unauthorized"), (403, "Forbidden")])
+def test_auth_errors_before_anything_was_created_stay_permanent(
+    fake: FakeOpenAI, client: openai.OpenAI, status: int, reason: str
+) -> None:
+    fake.fail(status, method="POST", path="/v1/files")
+    with pytest.raises(errors.AuthProviderError) as caught:
+        tick(client, make_spec(), ftj.FineTuneJobStatus())
+    assert caught.value.reason == reason and fake.jobs_created() == 0
+
+
+def test_insufficient_quota_is_permanent_not_a_rate_limit(
+    fake: FakeOpenAI, client: openai.OpenAI
+) -> None:
+    fake.fail(429, code="insufficient_quota", count=5, retry_after="1")
+    with pytest.raises(errors.PermanentProviderError) as caught:
+        tick(client, make_spec(), ftj.FineTuneJobStatus())
+
+    assert isinstance(caught.value, errors.QuotaProviderError)
+    assert caught.value.reason == "InsufficientQuota"
+    text = str(caught.value)
+    assert "429 (insufficient_quota)" in text and "no quota left" in text and "Billing" in text
+    assert len(fake.requests) == 1, "no quota is not retried, neither by the client nor later"
+    assert fake.jobs_created() == 0
+
+
+def test_lost_upload_answer_is_not_retried_and_the_file_is_found_by_name(
+    fake: FakeOpenAI, client: openai.OpenAI
+) -> None:
+    fake.fail(500, method="POST", path="/v1/files", after_handling=True)
+    with pytest.raises(errors.TemporaryProviderError):
+        tick(client, make_spec(), ftj.FineTuneJobStatus())
+    uploads = [r for r in fake.requests if r["method"] == "POST" and r["path"] == "/v1/files"]
+    assert len(uploads) == 1
+
+    status, _, _ = drive(fake, client, make_spec())
+    training = [f for f in fake.files.values() if "-training-" in f["filename"]]
+    assert len(training) == 1 and status.phase == ftj.Phase.SUCCEEDED
+    assert status.remote is not None and status.remote.training_file == training[0]["id"]
 
 
 def test_bad_request_is_permanent_with_the_servers_message(
@@ -393,6 +451,86 @@ def test_remote_job_that_fails_mid_run_keeps_its_progress(
         "the OpenAI job failed: server_error: Fine-tuning job failed due to an internal error."
     )
     assert status.progress is not None and status.progress.step == 3
+
+
+# ----------------------------------------------------------------------------- file processing
+
+
+def test_openai_refuses_a_job_on_a_file_it_has_not_processed_yet(fake: FakeOpenAI) -> None:
+    """What the provider guards against, as the fake models it (through the raw client)."""
+    fake.timing = Timing(2, 2, 10, processing_s=5)
+    with openai.OpenAI(api_key=KEY, base_url=fake.base_url, max_retries=0) as raw:
+        upload = raw.files.create(file=("t.jsonl", TRAINING), purpose="fine-tune")
+        assert upload.status == "uploaded"
+        with pytest.raises(openai.BadRequestError, match="not ready"):
+            raw.fine_tuning.jobs.create(model=MODEL, training_file=upload.id)
+        fake.advance(5)
+        assert raw.files.retrieve(upload.id).status == "processed"
+        assert raw.fine_tuning.jobs.create(model=MODEL, training_file=upload.id).id
+
+
+def test_job_is_created_only_once_openai_has_processed_the_files(
+    fake: FakeOpenAI, client: openai.OpenAI
+) -> None:
+    fake.timing = Timing(2, 2, 10, processing_s=5)
+    first = tick(client, make_spec(), ftj.FineTuneJobStatus(), validation=VALIDATION)
+
+    assert fake.jobs_created() == 0 and not first.finished
+    assert not [
+        r for r in fake.requests if r["path"] == "/v1/fine_tuning/jobs" and r["method"] == "POST"
+    ]
+    remote = first.status.remote
+    assert remote is not None and remote.id is None
+    assert remote.training_file and remote.validation_file
+    assert "OpenAI is processing the training file" in (first.status.message or "")
+    assert first.patch["message"] == first.status.message
+
+    def must_not_read() -> bytes:
+        raise AssertionError("dataset read again while waiting for processing")
+
+    second = tick(client, make_spec(), first.status, training=must_not_read,
+                  validation=must_not_read)  # fmt: skip
+    assert fake.jobs_created() == 0 and second.patch == {}
+    fake.advance(5)
+    third = tick(client, make_spec(), second.status, training=must_not_read,
+                 validation=must_not_read)  # fmt: skip
+    assert fake.jobs_created() == 1
+    job = next(iter(fake.jobs.values()))
+    assert (job["training_file"], job["validation_file"]) == (
+        remote.training_file,
+        remote.validation_file,
+    )
+    assert third.status.remote is not None and third.status.remote.id == job["id"]
+    assert len(fake.files) == 2
+
+
+def test_a_file_openai_could_not_process_fails_the_job_with_its_details(
+    fake: FakeOpenAI, client: openai.OpenAI
+) -> None:
+    fake.fail_next_file('Invalid file format. Line 3, key "messages": missing')
+    with pytest.raises(errors.PermanentProviderError) as caught:
+        tick(client, make_spec(), ftj.FineTuneJobStatus())
+
+    assert caught.value.reason == "FileProcessingFailed"
+    assert "could not process the uploaded training file file-" in str(caught.value)
+    assert 'Line 3, key "messages": missing' in str(caught.value)
+    assert fake.jobs_created() == 0
+
+
+def test_a_recorded_file_that_is_gone_is_uploaded_again(
+    fake: FakeOpenAI, client: openai.OpenAI
+) -> None:
+    fake.timing = Timing(2, 2, 10, processing_s=5)
+    first = tick(client, make_spec(), ftj.FineTuneJobStatus())
+    assert first.status.remote is not None and first.status.remote.training_file
+    client.files.delete(first.status.remote.training_file)
+
+    second = tick(client, make_spec(), first.status)
+    assert second.status.remote is not None and second.status.remote.training_file is None
+    assert "gone" in (second.status.message or "")
+    fake.advance(5)
+    status, _, _ = drive(fake, client, make_spec(), second.status)
+    assert status.phase == ftj.Phase.SUCCEEDED and fake.jobs_created() == 1
 
 
 # ----------------------------------------------------------------------------- cancel, cleanup
@@ -604,4 +742,6 @@ def test_openai_example_and_its_secret_parse() -> None:
     assert (secret["kind"], secret["metadata"]["name"]) == ("Secret", ref.name)
     assert ref.key in secret["stringData"]
     assert secret["metadata"]["namespace"] == job["metadata"]["namespace"]
+    labels = secret["metadata"].get("labels") or {}
+    assert labels.get("kubetune.io/credentials") == "openai", "kubetune uses only marked Secrets"
     assert spec.dataset.config_map is not None
