@@ -9,24 +9,17 @@ from __future__ import annotations
 
 import base64
 import json
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from fakes.openai_finetune import FakeOpenAI, Timing
 from kubetune.api import finetunejob as ftj
 from kubetune.operator import checks, kube, manifests
 from kubetune.operator import openai_errors as errors
 from kubetune.operator import openai_handlers as handlers
 from kubetune.operator.settings import OperatorSettings
-
-ROOT = Path(__file__).resolve().parents[3]
-if str(ROOT / "tests") not in sys.path:
-    sys.path.insert(0, str(ROOT / "tests"))
-
-from fakes.openai_finetune import FakeOpenAI, Timing  # noqa: E402
 
 KEY = "sk-kubetune-handlers-Q2w3E4r5T6y7U8i9O0pA"
 NAMESPACE = "team-a"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 import traceback
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ import openai
 import pytest
 import yaml
 
+from fakes.openai_finetune import FakeOpenAI, Timing
 from kubetune.api import finetunejob as ftj
 from kubetune.operator import manifests
 from kubetune.operator import openai_errors as errors
@@ -28,10 +28,6 @@ from kubetune.operator import openai_provider as provider
 from kubetune.operator import openai_status as ostatus
 
 ROOT = Path(__file__).resolve().parents[3]
-if str(ROOT / "tests") not in sys.path:
-    sys.path.insert(0, str(ROOT / "tests"))
-
-from fakes.openai_finetune import FakeOpenAI, Timing  # noqa: E402
 
 KEY = "sk-kubetune-test-7f3Qx9LmN2pR8sVw4Zq9W"
 WRONG_KEY = "sk-kubetune-wrong-Hh5Tt6Yy7Uu8Ii9Oo0Pk3J"
