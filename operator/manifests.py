@@ -38,6 +38,9 @@ VALIDATION_PVC_DIR = "/kubetune/validation"
 MODEL_DIR = "/kubetune/model"
 OUTPUT_DIR = "/kubetune/output"
 CACHE_DIR = "/kubetune/cache"
+TRAINER_GRACE_SECONDS = 120
+GRACE_ENV = "KUBETUNE_TERMINATION_GRACE_SECONDS"
+"""Read by the trainer (``kubetune.trainer.launch.GRACE_ENV``); the operator does not import it."""
 
 
 @dataclass(frozen=True)
@@ -378,6 +381,9 @@ def trainer_job(
                     {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
                     {"name": "PYTHONUNBUFFERED", "value": "1"},
                     {"name": "PYTHONSAFEPATH", "value": "1"},
+                    # Multi-GPU pods give their workers this long, less a margin, to
+                    # checkpoint after SIGTERM (kubetune.trainer.launch.shutdown_timeout).
+                    {"name": GRACE_ENV, "value": str(TRAINER_GRACE_SECONDS)},
                 ],
                 "resources": resource_requirements(res),
                 "volumeMounts": mounts,
@@ -388,7 +394,7 @@ def trainer_job(
         "volumes": volumes,
         "tolerations": tolerations(res),
         # Checkpointing on SIGTERM needs a moment; preemption grants this much.
-        "terminationGracePeriodSeconds": 120,
+        "terminationGracePeriodSeconds": TRAINER_GRACE_SECONDS,
     }
     if spec.resources.node_selector:
         pod_spec["nodeSelector"] = dict(spec.resources.node_selector)

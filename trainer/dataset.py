@@ -11,6 +11,7 @@ into ``result.json`` is the file that was trained on.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -98,12 +99,47 @@ def _field(obj: Any, name: str, default: Any = None) -> Any:
 EXTRA_KEYS = ("name", "tool_calls", "function_call", "tool_call_id")
 
 
+def _arguments_as_object(arguments: Any) -> Any:
+    if arguments is None or (isinstance(arguments, str) and not arguments.strip()):
+        return {}  # as vLLM renders a call without arguments
+    if not isinstance(arguments, str):
+        return arguments
+    try:
+        parsed = json.loads(arguments)
+    except ValueError:
+        return arguments
+    return parsed if isinstance(parsed, dict) else arguments
+
+
+def parse_tool_call_arguments(tool_calls: Any) -> Any:
+    """``tool_calls`` with each ``function.arguments`` JSON string parsed into an object.
+
+    OpenAI's format carries the arguments as a JSON string; vLLM parses it into a dict before
+    rendering the chat template, and templates write it with ``tojson``. Left a string, it would
+    be trained double-encoded. A string that is not a JSON object is kept as it is.
+    """
+    if not isinstance(tool_calls, list):
+        return tool_calls
+    parsed = []
+    for call in tool_calls:
+        function = call.get("function") if isinstance(call, Mapping) else None
+        if isinstance(function, Mapping) and "arguments" in function:
+            arguments = _arguments_as_object(function["arguments"])
+            call = {**call, "function": {**function, "arguments": arguments}}
+        parsed.append(call)
+    return parsed
+
+
 def to_conversation(example: Any, line: int) -> Conversation:
     """One example from :func:`kubetune.data.read_examples` as the trainer's conversation."""
     messages = []
     for m in _field(example, "messages") or []:
         weight = _field(m, "weight")
-        extra = tuple((k, v) for k in EXTRA_KEYS if (v := _field(m, k)) is not None)
+        extra = tuple(
+            (k, parse_tool_call_arguments(v) if k == "tool_calls" else v)
+            for k in EXTRA_KEYS
+            if (v := _field(m, k)) is not None
+        )
         messages.append(
             Message(
                 role=str(_field(m, "role")),

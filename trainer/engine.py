@@ -146,7 +146,8 @@ class KubetuneTrainer(Trainer):
 
 
 class PreemptionCallback(TrainerCallback):
-    """SIGTERM → save a checkpoint at the end of the current step and stop training."""
+    """SIGTERM → save a checkpoint at the end of the current step and stop training,
+    without the validation pass that step may have been due for."""
 
     def __init__(self, preemption: Preemption) -> None:
         self.preemption = preemption
@@ -171,6 +172,9 @@ class PreemptionCallback(TrainerCallback):
             self.preemption.requested = True
             control.should_save = True
             control.should_training_stop = True
+            # A full validation pass now could outlast the grace period; the run that
+            # resumes evaluates again at its next evaluation step.
+            control.should_evaluate = False
         return control
 
 
@@ -192,6 +196,8 @@ class ProgressCallback(TrainerCallback):
         self.last_tokens: int | None = None
         self.train_loss: float | None = None
         self.valid_loss: float | None = None
+        self.valid_step: int | None = None
+        """The step of this process's latest evaluation (every process: they evaluate together)."""
         self.learning_rate: float | None = None
         self.last_record: ProgressRecord | None = None
 
@@ -207,6 +213,8 @@ class ProgressCallback(TrainerCallback):
         self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
     ) -> Any:
         logs = logs or {}
+        if "eval_loss" in logs:
+            self.valid_step = int(state.global_step)
         if not state.is_world_process_zero or ("loss" not in logs and "eval_loss" not in logs):
             return control
         tokens_per_second = None

@@ -2,10 +2,11 @@
 
 Decides the device-dependent things in one place: dtype (bf16 on GPUs that support it, fp16
 on older GPUs, fp32 on CPU), the attention kernel (flash-attention 2's varlen kernel when it is
-installed on CUDA, else PyTorch SDPA run per packed example, :mod:`.attention`), and
-whether 4-bit QLoRA is possible (CUDA and bitsandbytes only; :class:`QLoraUnavailable` says
-why not before any weights are read). The flat LoRA fields of the API become a peft
-``LoraConfig`` here and nowhere else.
+installed on CUDA, else PyTorch SDPA run per packed example, :mod:`.attention`), whether the
+model's layers allow packed rows at all (:func:`packing_refusal`), and whether 4-bit QLoRA is
+possible (CUDA and bitsandbytes only; :class:`QLoraUnavailable` says why not before any
+weights are read). The flat LoRA fields of the API become a peft ``LoraConfig`` here and
+nowhere else.
 """
 
 from __future__ import annotations
@@ -77,6 +78,53 @@ def choose_placement() -> Placement:
         flash = importlib.util.find_spec("flash_attn") is not None
         return Placement("cuda", dtype, "flash_attention_2" if flash else PACKED_SDPA)
     return Placement("cpu", "float32", PACKED_SDPA)
+
+
+RECURRENT_MODEL_TYPES = frozenset(
+    {
+        "bamba", "falcon_h1", "falcon_mamba", "granitemoehybrid", "jamba", "lfm2", "lfm2_moe",
+        "lfm2_vl", "mamba", "mamba2", "minimax", "nemotron_h", "qwen3_5", "qwen3_5_text",
+        "qwen3_next", "recurrent_gemma", "rwkv", "xlstm", "zamba", "zamba2",
+    }
+)  # fmt: skip
+"""Models with convolution, state-space or linear-attention layers beside (or instead of)
+attention, whether or not their config lists them in ``layer_types``."""
+
+
+def packing_refusal(model_config: Any) -> str | None:
+    """Why packed rows would not train this model as it runs, or None if they would.
+
+    Packed examples are kept apart only by position ids that restart, which the per-example
+    attention (and flash-attention's varlen kernel) honour as plain causal attention. So only
+    a model whose every token-mixing layer is full causal attention packs: convolution and
+    state-space layers carry state from one example into the next, and a sliding window, an
+    attention chunk or logit soft-capping would be lost.
+    """
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else None
+    config = text if text is not None else model_config
+    model_type = str(getattr(config, "model_type", "") or "")
+    layer_types = list(getattr(config, "layer_types", None) or [])
+    others = sorted(set(layer_types) - {"full_attention", "sliding_attention", "chunked_attention"})
+    if model_type in RECURRENT_MODEL_TYPES or others:
+        kinds = f" ({', '.join(others)} layers)" if others else ""
+        return (
+            f"{model_type or 'the model'} mixes tokens with more than attention{kinds}, which "
+            "would carry state from one packed example into the next"
+        )
+    window = getattr(config, "sliding_window", None)
+    if layer_types:
+        window = window if "sliding_attention" in layer_types else None
+    elif getattr(config, "use_sliding_window", True) is False:
+        window = None
+    if window:
+        return f"{model_type} attends through a sliding window of {window} tokens"
+    chunk = getattr(config, "attention_chunk_size", None)
+    if chunk or "chunked_attention" in layer_types:
+        return f"{model_type} attends within chunks" + (f" of {chunk} tokens" if chunk else "")
+    softcap = getattr(config, "attn_logit_softcapping", None)
+    if softcap:
+        return f"{model_type} soft-caps its attention logits at {softcap}"
+    return None
 
 
 def check_qlora(method: Method | str, placement: Placement) -> None:

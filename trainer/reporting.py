@@ -1,7 +1,8 @@
 """Where the trainer tells the world how it is doing: metrics file, progress ConfigMap, exit note.
 
 - ``metrics.jsonl`` in the output folder: one :class:`~kubetune.progress.ProgressRecord` per
-  logged step, appended (a resumed run continues the same file).
+  logged step, appended (a resumed run continues the same file, first cut back to the step of
+  the checkpoint it resumes from: :func:`keep_metrics_through`).
 - The progress ConfigMap (in a cluster): the latest record under ``progress.json`` and, at the
   end, ``result.json``, written with a JSON merge patch through the API server's REST endpoint
   with the pod's service-account token. Plain httpx: the trainer image carries neither kopf nor
@@ -173,6 +174,30 @@ def read_metrics(path: Path) -> list[ProgressRecord]:
             except (ValueError, TypeError):
                 log.warning("skipping unreadable line in %s", path)
     return records
+
+
+def keep_metrics_through(path: Path, step: int) -> int:
+    """Keep only the records of steps up to ``step``; returns how many lines were dropped.
+
+    A run killed after its last checkpoint logged steps that the resumed run logs again; its
+    last line may be cut off too. The file is replaced atomically.
+    """
+    if not path.exists():
+        return 0
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            if ProgressRecord.from_json(line).step <= step:
+                kept.append(line)
+        except (ValueError, TypeError):
+            pass  # a line cut off by the kill
+    if len(kept) < len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        tmp.replace(path)
+        log.info("%s: dropped %d lines logged after step %d", path, len(lines) - len(kept), step)
+    return len(lines) - len(kept)
 
 
 def plot_loss(records: Iterable[ProgressRecord], path: Path, title: str = "") -> None:

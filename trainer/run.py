@@ -4,9 +4,9 @@ Order matters and is the point of this module: everything that can be wrong with
 (the data, the plan, QLoRA on a CPU, an output folder that belongs to another job) is found
 before the model's weights are read, and is reported as a permanent error (exit code 2) with
 the problem on the last line of ``/dev/termination-log``. A preempted run (SIGTERM) checkpoints
-and exits with 143; started again on the same output folder, it resumes from the newest
-complete checkpoint. Outputs are written so that none of them is ever seen half-written, with
-``result.json`` last.
+and exits with 143; started again on the same output folder (and the same data: the files'
+digests are recorded with the folder's owner), it resumes from the newest complete checkpoint.
+Outputs are written so that none of them is ever seen half-written, with ``result.json`` last.
 
 Exit codes: 0 finished (or already finished), 1 failed, 2 invalid job, 143 preempted.
 """
@@ -17,7 +17,7 @@ import hashlib
 import json
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -60,8 +60,8 @@ def _write_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
-def claim_output(config: TrainerConfig, output_dir: Path, sha: str, *, write: bool = True) -> bool:
-    """Take ownership of ``output_dir``; True if this exact job already finished there.
+def claim_output(config: TrainerConfig, output_dir: Path, sha: str, *, write: bool = True) -> None:
+    """Take ownership of ``output_dir`` for this job and config, before anything is written there.
 
     Only the main process writes (``write``); every process reads the same answer.
     """
@@ -82,13 +82,62 @@ def claim_output(config: TrainerConfig, output_dir: Path, sha: str, *, write: bo
     elif write:
         output_dir.mkdir(parents=True, exist_ok=True)
         _write_json(owner_path, {**mine, "config_sha256": sha})
+
+
+@dataclass(frozen=True)
+class DataDigests:
+    """SHA-256 of the files as read: the config names them, only this says what they hold."""
+
+    dataset_sha256: str
+    validation_sha256: str | None
+
+    def changed_from(self, dataset_sha256: Any, validation_sha256: Any) -> str | None:
+        """Which file differs from the recorded digests, if any."""
+        if dataset_sha256 != self.dataset_sha256:
+            return "the training file"
+        if validation_sha256 != self.validation_sha256:
+            return "the validation file"
+        return None
+
+
+def claim_data(output_dir: Path, data: DataDigests, *, write: bool = True) -> None:
+    """Record the data's digests with the folder's owner, or refuse data that changed since:
+    a resumed run would replay another dataset's sample order from the checkpoint."""
+    owner_path = output_dir / JOB_FILE
+    if not owner_path.exists():  # a worker that read before the main process wrote
+        return
+    owner = json.loads(owner_path.read_text(encoding="utf-8"))
+    if "dataset_sha256" not in owner:
+        if write:
+            _write_json(owner_path, {**owner, **asdict(data)})
+        return
+    changed = data.changed_from(owner["dataset_sha256"], owner.get("validation_sha256"))
+    if changed is not None:
+        raise OutputConflict(
+            f"{output_dir} holds a run of this job on different data: {changed} changed since "
+            "it started; resuming it would mix two trainings (use a new output folder)"
+        )
+
+
+def already_finished(output_dir: Path, sha: str, data: DataDigests) -> bool:
+    """True if ``result.json`` is this config's, trained on this data; refused if the data
+    changed (it would be reported done for data it never saw)."""
     result_path = output_dir / RESULT_FILE
-    if result_path.exists():
-        try:
-            return TrainingResult.load(result_path).config_sha256 == sha
-        except ValueError:
-            return False
-    return False
+    if not result_path.exists():
+        return False
+    try:
+        result = TrainingResult.load(result_path)
+    except ValueError:
+        return False
+    if result.config_sha256 != sha:
+        return False
+    changed = data.changed_from(result.dataset_sha256, result.validation_sha256)
+    if changed is not None:
+        raise OutputConflict(
+            f"{output_dir} holds this job's finished result, but {changed} changed since it "
+            "was trained; it is not the result of this data (use a new output folder)"
+        )
+    return True
 
 
 @dataclass
@@ -114,6 +163,7 @@ class DataFiles:
     train: list[chat.Conversation]
     valid_path: Path | None
     valid: list[chat.Conversation]
+    digests: DataDigests
 
 
 def read_data(config: TrainerConfig, output_dir: Path) -> DataFiles:
@@ -124,13 +174,16 @@ def read_data(config: TrainerConfig, output_dir: Path) -> DataFiles:
     if config.validation is not None:
         valid_path = dataset.localize(config.validation, output_dir / "data", "validation.jsonl")
         valid = dataset.read_conversations(valid_path)
-    return DataFiles(train_path, train, valid_path, valid)
+    digests = DataDigests(
+        dataset_sha256=dataset.sha256_file(train_path),
+        validation_sha256=None if valid_path is None else dataset.sha256_file(valid_path),
+    )
+    return DataFiles(train_path, train, valid_path, valid, digests)
 
 
 def prepare(config: TrainerConfig, files: DataFiles) -> Prepared:
     """Tokenise the data and make the plan; no model weights are read."""
     conversations, valid_conversations = files.train, files.valid
-    train_path, valid_path = files.train_path, files.valid_path
     tokenizer = modelload.load_tokenizer(config)
     template, fallback = chat.template_for(tokenizer)
     if fallback:
@@ -143,7 +196,7 @@ def prepare(config: TrainerConfig, files: DataFiles) -> Prepared:
         truncation=hp.truncation,
         template=template,
     )
-    valid_examples, _ = chat.tokenize_all(
+    valid_examples, valid_summary = chat.tokenize_all(
         tokenizer,
         valid_conversations,
         max_seq_length=hp.max_seq_length,
@@ -163,6 +216,8 @@ def prepare(config: TrainerConfig, files: DataFiles) -> Prepared:
     )
     if summary.dropped:
         log.warning("dropped examples (line numbers): %s", summary.dropped_lines[:50])
+    if files.valid_path is not None:
+        check_validation(files.valid_path, len(valid_conversations), valid_summary)
     the_plan = plan.make_plan(config, summary.kept)
     log.info("plan: %s", the_plan)
     return Prepared(
@@ -173,9 +228,45 @@ def prepare(config: TrainerConfig, files: DataFiles) -> Prepared:
         plan=the_plan,
         tokenizer=tokenizer,
         fallback_template=fallback,
-        dataset_sha256=dataset.sha256_file(train_path),
-        validation_sha256=None if valid_path is None else dataset.sha256_file(valid_path),
+        dataset_sha256=files.digests.dataset_sha256,
+        validation_sha256=files.digests.validation_sha256,
     )
+
+
+def check_validation(path: Path, examples: int, summary: chat.TokenizeSummary) -> None:
+    """Log what tokenising left out of the validation file; none left is a :class:`DataError`
+    (a validation file that is silently not used would look like one that is)."""
+    log.info(
+        "validation data: %d examples, %d kept (%d truncated), %d dropped as too long, %d "
+        "dropped with nothing to train on",
+        examples,
+        summary.kept,
+        summary.truncated,
+        summary.dropped_too_long,
+        summary.dropped_no_target,
+    )
+    if summary.dropped:
+        log.warning("dropped validation examples (line numbers): %s", summary.dropped_lines[:50])
+    if summary.kept == 0:
+        raise dataset.DataError(
+            path,
+            [
+                f"file: none of its {examples} examples is left to validate on "
+                f"({summary.dropped_too_long} longer than `maxSeqLength`, "
+                f"{summary.dropped_no_target} with no assistant token to train on)"
+            ],
+        )
+
+
+def use_packing(config: TrainerConfig, model_config: Any) -> bool:
+    """``packing``, unless the model's layers would let packed examples see each other."""
+    if not config.hyperparameters.packing:
+        return False
+    reason = modelload.packing_refusal(model_config)
+    if reason is not None:
+        log.warning("packing off: %s; training with padded batches", reason)
+        return False
+    return True
 
 
 def save_adapter(model: Any, tokenizer: Any, output_dir: Path, *, fallback: bool) -> None:
@@ -201,15 +292,17 @@ def train(config: TrainerConfig) -> int:
     proc = launch.process_info()
     output_dir = Path(config.output_dir)
     sha = config_sha256(config)
-    if claim_output(config, output_dir, sha, write=proc.is_main):
-        log.info("%s already holds the finished result of this job; nothing to do", output_dir)
-        return EXIT_OK
+    claim_output(config, output_dir, sha, write=proc.is_main)
 
     # Installed first: a SIGTERM while the data or model loads must not kill the process
     # before it can say it was preempted.
     preemption = Preemption()
     preemption.install()
     files = read_data(config, output_dir)  # bad data stops here, before torch is imported
+    claim_data(output_dir, files.digests, write=proc.is_main)
+    if already_finished(output_dir, sha, files.digests):
+        log.info("%s already holds the finished result of this job; nothing to do", output_dir)
+        return EXIT_OK
 
     from kubetune.trainer import engine, packing
 
@@ -234,12 +327,17 @@ def train(config: TrainerConfig) -> int:
     attempts = int((marker or {}).get("attempts", 0)) + 1
     if resume is not None:
         log.info("resuming from %s (attempt %d)", resume, attempts)
+    if proc.is_main:
+        # Steps logged after the checkpoint by a killed attempt are logged again from it.
+        resumed_step = 0 if resume is None else checkpoints.step_of(resume) or 0
+        reporting.keep_metrics_through(output_dir / reporting.METRICS_FILE, resumed_step)
 
     reporter = reporting.ProgressReporter(output_dir, config.progress)
     progress = engine.ProgressCallback(
         reporter.emit if proc.is_main else (lambda record: None), prior_seconds=prior_seconds
     )
     total = the_plan.total_steps
+    packed = use_packing(config, model.config)
     args = engine.training_arguments(
         checkpoint_root=root,
         total_steps=total,
@@ -266,7 +364,7 @@ def train(config: TrainerConfig) -> int:
         if prepared.valid_examples
         else None,
         data_collator=packing.Collator(
-            packing=config.hyperparameters.packing,
+            packing=packed,
             pad_token_id=int(prepared.tokenizer.pad_token_id),
             # flash-attention's varlen path reads restarting positions only
             share_prefix=placement.attn_implementation == modelload.PACKED_SDPA,
@@ -286,10 +384,9 @@ def train(config: TrainerConfig) -> int:
         if proc.is_main:
             reporting.write_termination_message(message)
         return EXIT_PREEMPTED
-    last_step_evaluated = (
-        trainer.state.global_step % args.eval_steps == 0 if args.eval_steps else False
-    )
-    if prepared.valid_examples and not last_step_evaluated:
+    # The Trainer evaluates at its last step itself, unless that step was not run here (a
+    # resume from the final checkpoint) or a SIGTERM on it skipped the evaluation.
+    if prepared.valid_examples and progress.valid_step != trainer.state.global_step:
         trainer.evaluate()
     preemption.uninstall()
     if not proc.is_main:
@@ -379,7 +476,7 @@ def main(config_path: str) -> int:
             return EXIT_INVALID
         return launch.run_torchrun(config_path, config.gpus)
     try:
-        return train(config)
+        exit_code = train(config)
     except PERMANENT as exc:
         log.error("%s", exc)
         reporting.write_termination_message(termination_line(exc))
@@ -388,3 +485,5 @@ def main(config_path: str) -> int:
         log.exception("training failed")
         reporting.write_termination_message(f"training failed: {type(exc).__name__}: {exc}")
         return EXIT_FAILED
+    launch.leave_process_group()
+    return exit_code

@@ -204,3 +204,12 @@ def test_cluster_defaults_fill_what_the_spec_leaves_out() -> None:
         "memory": "64Gi",
         "nvidia.com/mig-3g.40gb": "1",
     }
+
+
+def test_the_trainer_is_told_its_grace_period() -> None:
+    from kubetune.trainer import launch
+
+    pod = job()["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert manifests.GRACE_ENV == launch.GRACE_ENV
+    assert env[launch.GRACE_ENV] == str(pod["terminationGracePeriodSeconds"])

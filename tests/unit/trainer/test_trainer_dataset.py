@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from kubetune.trainer import dataset
+from kubetune.trainer.chat import IGNORE_INDEX, tokenize_conversation
 
 GOOD = {
     "messages": [
@@ -98,6 +99,54 @@ def test_good_lines_become_conversations_with_weights(tmp_path: Path) -> None:
         ("user", "上善"),
         ("assistant", "若水"),
     ]
+
+
+def test_tool_call_arguments_are_parsed_as_vllm_renders_them(
+    tmp_path: Path, tokenizer: Any
+) -> None:
+    def call(arguments: Any) -> dict[str, Any]:
+        function = {"name": "get_weather", "arguments": arguments}
+        return {"id": "c1", "type": "function", "function": function}
+
+    calls = [call('{"city": "Paris"}'), call("{not json"), call(""), call('["Paris"]')]
+    line = chat(
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "tool_calls": calls},
+        {"role": "tool", "tool_call_id": "c1", "content": "20C"},
+        {"role": "assistant", "content": "It is 20C."},
+    )
+    path = tmp_path / "train.jsonl"
+    path.write_text(line + "\n")
+    (conversation,) = dataset.read_conversations(path)
+    rendered = conversation.messages[1].as_dict()["tool_calls"]
+    # An object, as vLLM passes it to the template (tojson would double-encode a string);
+    # what is not a JSON object stays as written, and no arguments are {} as in vLLM.
+    assert [c["function"]["arguments"] for c in rendered] == [
+        {"city": "Paris"},
+        "{not json",
+        {},
+        '["Paris"]',
+    ]
+    assert rendered[0] == {"id": "c1", "type": "function", "function": {
+        "name": "get_weather", "arguments": {"city": "Paris"}}}  # fmt: skip
+
+    # Rendered the way Qwen2.5's template writes a call, the trained tokens hold the
+    # arguments once encoded, as the served model sees them.
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content or '' }}"
+        '{% for c in m.tool_calls or [] %}<tool_call>{"name": "{{ c.function.name }}", '
+        '"arguments": {{ c.function.arguments | tojson }}}</tool_call>{% endfor %}'
+        "<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    one_call = json.loads(line)
+    one_call["messages"][1]["tool_calls"] = calls[:1]
+    path.write_text(json.dumps(one_call) + "\n")
+    (conversation,) = dataset.read_conversations(path)
+    example = tokenize_conversation(tokenizer, template, conversation)
+    labels = zip(example.input_ids, example.labels, strict=True)
+    trained = tokenizer.decode([t for t, label in labels if label != IGNORE_INDEX])
+    assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}' in trained
 
 
 def test_missing_file_is_a_data_error(tmp_path: Path) -> None:

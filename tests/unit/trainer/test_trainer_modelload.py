@@ -1,10 +1,12 @@
-"""Model setup decisions: LoRA config mapping, QLoRA refusal on CPU, CPU limits."""
+"""Model setup decisions: LoRA config mapping, QLoRA refusal on CPU, CPU limits, packing."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+import transformers
 
 from kubetune.api.finetunejob import LoraSpec
 from kubetune.trainer import modelload
@@ -46,3 +48,48 @@ def test_cgroup_cpu_limit(tmp_path: Path, text: str, cpus: int | None) -> None:
 def test_placement_flags() -> None:
     assert GPU.bf16 and not GPU.fp16
     assert not CPU.bf16 and not CPU.fp16
+
+
+def tiny(name: str, **fields: Any) -> Any:
+    """A transformers config (no hub, no weights) with a few fields set."""
+    return getattr(transformers, name)(num_hidden_layers=2, **fields)
+
+
+@pytest.mark.parametrize(
+    ("config", "reason"),
+    [
+        # a sliding window (Mistral v0.1, Phi-3 mini) or local layers (Gemma 2/3)
+        (tiny("MistralConfig", sliding_window=4096), "sliding window of 4096 tokens"),
+        (tiny("Phi3Config", sliding_window=2047), "sliding window of 2047 tokens"),
+        (tiny("Gemma3TextConfig", sliding_window=512), "sliding window of 512 tokens"),
+        (tiny("Gemma2Config", layer_types=["full_attention"] * 2), "soft-caps its attention"),
+        (tiny("Qwen2Config", use_sliding_window=True, max_window_layers=0), "sliding window"),
+        # convolution or state-space layers beside attention carry state across examples
+        (tiny("Lfm2Config", layer_types=["conv", "full_attention"]), "lfm2 mixes tokens"),
+        (tiny("Lfm2Config"), "lfm2 mixes tokens"),
+        (tiny("Qwen3NextConfig"), "(linear_attention layers)"),
+        (tiny("JambaConfig"), "jamba mixes tokens"),
+        (tiny("GraniteMoeHybridConfig"), "granitemoehybrid mixes tokens"),
+        (tiny("Llama4TextConfig"), "chunks of 8192 tokens"),
+    ],
+)
+def test_packing_is_refused_where_packed_rows_would_not_train_the_model(
+    config: Any, reason: str
+) -> None:
+    refusal = modelload.packing_refusal(config)
+    assert refusal is not None and reason in refusal
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        tiny("LlamaConfig"),
+        tiny("Qwen2Config"),  # its sliding window is off
+        tiny("Qwen3Config"),
+        tiny("MistralConfig", sliding_window=None),  # Mistral v0.2 and later
+        tiny("Phi3Config"),
+        tiny("GemmaConfig"),
+    ],
+)
+def test_attention_only_models_pack(config: Any) -> None:
+    assert modelload.packing_refusal(config) is None

@@ -36,3 +36,13 @@ def test_callback_saves_and_stops_only_when_requested(tmp_path: object) -> None:
     preemption.requested = True
     control = callback.on_step_end(args, TrainerState(), TrainerControl())
     assert control.should_save and control.should_training_stop
+
+
+def test_a_preempted_step_checkpoints_without_a_validation_pass(tmp_path: object) -> None:
+    preemption = Preemption()
+    preemption.requested = True
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[])
+    due = TrainerControl(should_evaluate=True)  # what the Trainer decides on an eval step
+    control = engine.PreemptionCallback(preemption).on_step_end(args, TrainerState(), due)
+    assert control.should_save and control.should_training_stop
+    assert not control.should_evaluate  # a full pass could outlast the grace period

@@ -134,6 +134,24 @@ def test_reporter_appends_metrics_and_patches_progress_and_result(
     assert sent[-1] == {RESULT_KEY: '{"steps": 2}'}
 
 
+def test_resuming_keeps_the_metrics_up_to_the_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / reporting.METRICS_FILE
+    records = [ProgressRecord(step=s, total_steps=30, epoch=s / 30, train_loss=1.0) for s in (1, 2)]
+    records.append(ProgressRecord(step=2, total_steps=30, epoch=2 / 30, valid_loss=0.5))
+    records += [
+        ProgressRecord(step=s, total_steps=30, epoch=s / 30, train_loss=1.0) for s in (3, 4)
+    ]
+    # a killed run: steps after the checkpoint (2), and a line cut off mid-write
+    path.write_text("".join(r.to_json() + "\n" for r in records) + '{"step": 5, "to')
+    assert reporting.keep_metrics_through(path, 2) == 3
+    assert reporting.read_metrics(path) == records[:3]
+    assert not list(tmp_path.glob("*.tmp"))
+    assert reporting.keep_metrics_through(path, 2) == 0  # nothing more to drop
+    assert reporting.keep_metrics_through(path, 0) == 3  # no checkpoint: the run starts over
+    assert path.read_text() == ""
+    assert reporting.keep_metrics_through(tmp_path / "absent.jsonl", 0) == 0
+
+
 def test_termination_message_is_the_last_line(tmp_path: Path) -> None:
     log = tmp_path / "termination-log"
     log.write_text("")
