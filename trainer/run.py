@@ -203,19 +203,8 @@ def prepare(config: TrainerConfig, files: DataFiles) -> Prepared:
         truncation=hp.truncation,
         template=template,
     )
-    log.info(
-        "data: %d examples, %d trained (%d truncated), %d dropped as too long, %d dropped with "
-        "nothing to train on; %d tokens/epoch, %d of them trained",
-        len(conversations),
-        summary.kept,
-        summary.truncated,
-        summary.dropped_too_long,
-        summary.dropped_no_target,
-        summary.tokens,
-        summary.target_tokens,
-    )
-    if summary.dropped:
-        log.warning("dropped examples (line numbers): %s", summary.dropped_lines[:50])
+    log_summary("training", len(conversations), summary)
+    log.info("%d tokens/epoch, %d of them trained", summary.tokens, summary.target_tokens)
     if files.valid_path is not None:
         check_validation(files.valid_path, len(valid_conversations), valid_summary)
     the_plan = plan.make_plan(config, summary.kept)
@@ -233,12 +222,12 @@ def prepare(config: TrainerConfig, files: DataFiles) -> Prepared:
     )
 
 
-def check_validation(path: Path, examples: int, summary: chat.TokenizeSummary) -> None:
-    """Log what tokenising left out of the validation file; none left is a :class:`DataError`
-    (a validation file that is silently not used would look like one that is)."""
+def log_summary(kind: str, examples: int, summary: chat.TokenizeSummary) -> None:
+    """What tokenising kept of a data file, and the lines it dropped."""
     log.info(
-        "validation data: %d examples, %d kept (%d truncated), %d dropped as too long, %d "
-        "dropped with nothing to train on",
+        "%s data: %d examples, %d kept (%d truncated), %d dropped as too long, %d dropped with "
+        "nothing to train on",
+        kind,
         examples,
         summary.kept,
         summary.truncated,
@@ -246,7 +235,13 @@ def check_validation(path: Path, examples: int, summary: chat.TokenizeSummary) -
         summary.dropped_no_target,
     )
     if summary.dropped:
-        log.warning("dropped validation examples (line numbers): %s", summary.dropped_lines[:50])
+        log.warning("dropped %s examples (line numbers): %s", kind, summary.dropped_lines[:50])
+
+
+def check_validation(path: Path, examples: int, summary: chat.TokenizeSummary) -> None:
+    """Log what tokenising left out of the validation file; none left is a :class:`DataError`
+    (a validation file that is silently not used would look like one that is)."""
+    log_summary("validation", examples, summary)
     if summary.kept == 0:
         raise dataset.DataError(
             path,
