@@ -3,7 +3,7 @@
 Everything is plain dicts in and out, through the dynamic client, so the builders stay pure.
 Errors from the API are classified here, once:
 
-    ApiException 404            -> None (for reads) / NotFound
+    ApiException 404            -> NotFound (reads return None, deletes succeed, a patch waits)
     ApiException 409 on create  -> adopt the existing object if we own it, else NameTaken
     ApiException 400/403/422    -> PermanentKubeError (retrying cannot help)
     ApiException 403 quota      -> TemporaryKubeError (a full ResourceQuota frees up)
@@ -15,6 +15,7 @@ exception message).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from typing import Any
@@ -43,6 +44,10 @@ class TemporaryKubeError(KubeError):
         self.delay = delay
 
 
+class NotFound(PermanentKubeError):
+    """The object does not exist (any more)."""
+
+
 class NameTaken(PermanentKubeError):
     """A child's deterministic name is used by an object this FineTuneJob does not own."""
 
@@ -58,7 +63,8 @@ def _classify(exc: ApiException, what: str) -> KubeError:
     if status == 403 and "exceeded quota" in body:
         # A ResourceQuota is full: other jobs finishing frees it, so this is a wait.
         return TemporaryKubeError(f"{what}: {QUOTA_HINT}: {body}", delay=60.0)
-    return PermanentKubeError(f"{what}: API server answered {status} {reason}: {body}")
+    kind = NotFound if status == 404 else PermanentKubeError
+    return kind(f"{what}: API server answered {status} {reason}: {body}")
 
 
 QUOTA_HINT = "the namespace's ResourceQuota is used up; retrying every minute"
@@ -89,11 +95,14 @@ def _call(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 def get(api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
     try:
-        obj = _resource(api_version, kind).get(name=name, namespace=namespace)
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise _classify(exc, f"get {kind} {namespace}/{name}") from None
+        obj = _call(
+            f"get {kind} {namespace}/{name}",
+            _resource(api_version, kind).get,
+            name=name,
+            namespace=namespace,
+        )
+    except NotFound:
+        return None
     return dict(obj.to_dict())
 
 
@@ -182,26 +191,28 @@ def patch_merge(
     sees it missing and creates it again."""
     what = f"patch {kind} {namespace}/{name}"
     try:
-        res = _resource(api_version, kind).patch(
-            name=name, namespace=namespace, body=body, content_type="application/merge-patch+json"
+        res = _call(
+            what,
+            _resource(api_version, kind).patch,
+            name=name,
+            namespace=namespace,
+            body=body,
+            content_type="application/merge-patch+json",
         )
-    except ApiException as exc:
-        if exc.status == 404:
-            raise TemporaryKubeError(f"{what}: not found (deleted meanwhile?)", delay=1.0) from None
-        raise _classify(exc, what) from None
-    except (OSError, ConnectionError) as exc:
-        raise TemporaryKubeError(f"{what}: {type(exc).__name__}") from None
+    except NotFound:
+        raise TemporaryKubeError(f"{what}: not found (deleted meanwhile?)", delay=1.0) from None
     return dict(res.to_dict())
 
 
 def delete(api_version: str, kind: str, namespace: str, name: str) -> None:
-    try:
-        _resource(api_version, kind).delete(
-            name=name, namespace=namespace, body={"propagationPolicy": "Background"}
+    with contextlib.suppress(NotFound):  # gone already: what a delete wants
+        _call(
+            f"delete {kind} {namespace}/{name}",
+            _resource(api_version, kind).delete,
+            name=name,
+            namespace=namespace,
+            body={"propagationPolicy": "Background"},
         )
-    except ApiException as exc:
-        if exc.status != 404:
-            raise _classify(exc, f"delete {kind} {namespace}/{name}") from None
 
 
 def read_configmap_key(namespace: str, name: str, key: str) -> str | None:
