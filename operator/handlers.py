@@ -95,7 +95,9 @@ def _one(index: kopf.Index[Key, Any], key: Key, uid: str | None) -> dict[str, An
     return items[-1] if items else None
 
 
-def _children(indices: dict[str, kopf.Index[Key, Any]], key: Key, uid: str) -> Any:
+def _children(
+    indices: dict[str, kopf.Index[Key, Any]], key: Key, uid: str
+) -> local_provider.Children:
     job = _one(indices["trainer_jobs"], key, uid)
     return local_provider.Children(
         job=job,

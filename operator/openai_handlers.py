@@ -41,8 +41,8 @@ from kubetune.api import finetunejob as ftj
 from kubetune.operator import checks, kube, manifests
 from kubetune.operator import openai_errors as errors
 from kubetune.operator import openai_provider as provider
-from kubetune.operator.openai_status import DEFAULT_BASE_URL, TERMINAL, Event
-from kubetune.operator.settings import OperatorSettings
+from kubetune.operator.openai_status import TERMINAL, Event
+from kubetune.operator.settings import DEFAULT_OPENAI_BASE_URL, OperatorSettings
 
 CREDENTIALS_LABEL = "kubetune.io/credentials"
 CREDENTIALS_LABEL_VALUE = "openai"
@@ -60,7 +60,7 @@ def _normal_url(url: str) -> str:
 
 def allowed_base_url(spec: ftj.OpenAISpec, allowed: Iterable[str]) -> str:
     """The base URL to call; raises RefusedProviderError when the allowlist lacks it."""
-    url = spec.base_url or DEFAULT_BASE_URL
+    url = spec.base_url or DEFAULT_OPENAI_BASE_URL
     allowed = tuple(allowed)
     if _normal_url(url) in {_normal_url(a) for a in allowed}:
         return url

@@ -66,6 +66,7 @@ from kubetune.operator import openai_errors as errors
 from kubetune.operator import openai_status as ostatus
 from kubetune.operator import status as st
 from kubetune.operator.openai_status import TERMINAL, Event
+from kubetune.operator.settings import DEFAULT_OPENAI_BASE_URL
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ def make_client(
         api_key=key,
         organization=(organization or "").strip() or None,
         project=(project or "").strip() or None,
-        base_url=base_url or ostatus.DEFAULT_BASE_URL,
+        base_url=base_url or DEFAULT_OPENAI_BASE_URL,
         max_retries=max_retries,
         timeout=timeout,
     )

@@ -28,7 +28,6 @@ from kubetune.operator import openai_errors as errors
 from kubetune.operator import status as st
 from kubetune.operator.settings import DEFAULT_OPENAI_BASE_URL
 
-DEFAULT_BASE_URL = DEFAULT_OPENAI_BASE_URL
 PHASES: dict[str, ftj.Phase] = {
     "validating_files": ftj.Phase.VALIDATING,
     "queued": ftj.Phase.QUEUED,
@@ -205,7 +204,7 @@ def _succeeded(
                          "table (chart value openai.prices); costUsd is not set"))  # fmt: skip
     if model:
         new.endpoint = ftj.EndpointStatus(
-            base_url=oa.base_url or DEFAULT_BASE_URL,
+            base_url=oa.base_url or DEFAULT_OPENAI_BASE_URL,
             model=model,
             config_map=manifests.endpoint_name(owner),
         )

@@ -22,7 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,21 +89,40 @@ def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_demo_model(tmp_path_factory.mktemp("models") / "demo-tiny", DATASET)
 
 
-@pytest.fixture(scope="session")
-def trained_adapter(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The output folder of a real trainer run of the demo job; the adapter files are in it."""
+def write_demo_config(
+    work: Path, model: Path, *, gpus: int | None = None, method: str | None = None
+) -> Path:
+    """``work/trainer.yaml``: the demo job's trainer config (``examples/daoyan-local.yaml``,
+    resolved as the operator does) on ``model``, writing to ``work/out``."""
     from kubetune import localplan
+    from kubetune.api import finetunejob
 
-    work = tmp_path_factory.mktemp("train")
     config = localplan.trainer_config(
         localplan.load_job(DEMO_JOB),
         output_dir=work / "out",
-        model_path=str(demo_model),
+        model_path=str(model),
         dataset=DATASET,
         validation=None,
+        gpus=gpus,
     )
-    config_path = work / "trainer.yaml"
-    config_path.write_text(config.dump_yaml(), encoding="utf-8")
+    if method is not None:
+        config = config.model_copy(update={"method": finetunejob.Method(method)})
+    path = work / "trainer.yaml"
+    path.write_text(config.dump_yaml(), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def demo_config() -> Callable[..., Path]:
+    """:func:`write_demo_config`, for tests that train the demo job with other settings."""
+    return write_demo_config
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The output folder of a real trainer run of the demo job; the adapter files are in it."""
+    work = tmp_path_factory.mktemp("train")
+    config_path = write_demo_config(work, demo_model)
     log = work / "trainer.log"
     with log.open("wb") as out:
         proc = subprocess.run(

@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,6 @@ pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
 DATASET = ROOT / "examples" / "data" / "daoyan.jsonl"
-DEMO_JOB = ROOT / "examples" / "daoyan-local.yaml"
 RUN_TIMEOUT = 900.0
 PREEMPTED = 143
 
@@ -319,27 +319,17 @@ def test_on_a_gpu_the_demo_job_learns_the_training_answers(
     cuda: None,
     method: str,
     demo_model: Path,
+    demo_config: Callable[..., Path],
     tmp_path: Path,
     daoyan_examples: list[list[dict[str, str]]],
 ) -> None:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from kubetune import localplan
-    from kubetune.api import finetunejob
-
     if method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
         pytest.skip("QLoRA needs bitsandbytes (hack/device/bundle.sh carries it)")
-    config = localplan.trainer_config(
-        localplan.load_job(DEMO_JOB),
-        output_dir=tmp_path / "out",
-        model_path=str(demo_model),
-        dataset=DATASET,
-        validation=None,
-        gpus=1,
-    ).model_copy(update={"method": finetunejob.Method(method)})
-    config_path, log = tmp_path / "trainer.yaml", tmp_path / "trainer.log"
-    config_path.write_text(config.dump_yaml(), encoding="utf-8")
+    config_path = demo_config(tmp_path, demo_model, gpus=1, method=method)
+    log = tmp_path / "trainer.log"
     assert finish(start(config_path, log), log) == 0, log.read_text()[-3000:]
     assert "(cuda, bfloat16, " in log.read_text()
 
