@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Stops the kubetune test cluster and deletes its state (etcd data, certificates, logs).
+# Stops the kubetune test cluster (and its Kueue) and deletes its state (etcd data, certificates,
+# logs).
 #
 #   bash hack/cluster/cluster-down.sh
 #
@@ -17,6 +18,10 @@ CLUSTER_DIR="$KWOK_WORKDIR/clusters/$NAME"
 if [[ ! -d "$CLUSTER_DIR" ]]; then
   echo "[cluster-down] no cluster $NAME" >&2
   exit 0
+fi
+# Kueue runs beside the control plane (kueue-up.sh), not under kwokctl.
+if [[ -f "$CLUSTER_DIR/kueue/kueue.pid" ]]; then
+  kill "$(cat "$CLUSTER_DIR/kueue/kueue.pid")" 2>/dev/null || true
 fi
 BIN="$(bash "$REPO/hack/k8s/build.sh")"
 # kwokctl wants a kubeconfig to remove the context from; the cluster's own is about to go.

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Starts (or reuses) the kubetune test cluster: a real etcd, kube-apiserver, kube-controller-manager
 # and kube-scheduler run as local processes by kwokctl's binary runtime, with kwok simulating
-# 2 GPU nodes (8 nvidia.com/gpu each) and 1 CPU node. Nothing is downloaded: every binary comes
-# from hack/k8s/build.sh (or KUBETUNE_K8S_BIN).
+# 2 GPU nodes (8 nvidia.com/gpu each) and 1 CPU node, and Kueue (kueue-up.sh) to queue jobs for
+# them. Nothing is downloaded: every binary comes from hack/k8s/build.sh (or KUBETUNE_K8S_BIN).
 #
 #   bash hack/cluster/cluster-up.sh        prints the kubeconfig path as its last stdout line
 #
@@ -84,5 +84,7 @@ until kubectl get serviceaccount default --namespace default >/dev/null 2>&1; do
   ((SECONDS < deadline)) || { log "no default ServiceAccount after ${TIMEOUT}s"; exit 1; }
   sleep 0.5
 done
+# Kueue is part of the cluster: its Job webhook must be served whenever the cluster runs.
+bash "$HERE/kueue-up.sh" >/dev/null
 log "cluster $NAME ready in $((SECONDS - start))s; export KUBECONFIG=$KUBECONFIG_PATH"
 echo "$KUBECONFIG_PATH"
