@@ -284,7 +284,8 @@ def delete_output(
 
     The folder is emptied only once no trainer pod runs: the trainer writes a checkpoint when
     it is stopped, and the garbage collector stops it only after this finalizer is done. So the
-    trainer Job is suspended first (its pods get their grace period), then the cleanup starts.
+    trainer Job is deleted first, in the foreground (its pods get their grace period), then the
+    cleanup starts. Deleting, not suspending: Kueue would unsuspend an admitted queued Job.
     """
     parsed = _parse_for_cleanup(body, spec)
     if parsed is None:
@@ -294,14 +295,10 @@ def delete_output(
     running = [p for p in children.pods if p.get("status", {}).get("phase") not in FINISHED_PODS]
     try:
         if running:
-            if children.job is not None and not children.job.get("spec", {}).get("suspend"):
-                kube.patch_merge(
-                    "batch/v1",
-                    "Job",
-                    owner.namespace,
-                    manifests.trainer_name(owner),
-                    {"spec": {"suspend": True}},
-                )
+            job = children.job
+            if job is not None and not job["metadata"].get("deletionTimestamp"):
+                trainer = manifests.trainer_name(owner)
+                kube.delete("batch/v1", "Job", owner.namespace, trainer, foreground=True)
             raise kube.TemporaryKubeError("waiting for the trainer pods to stop", delay=5.0)
         kube.create_or_adopt(manifests.cleanup_job(parsed, owner, SETTINGS))
     except kube.TemporaryKubeError as exc:

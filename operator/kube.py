@@ -4,6 +4,7 @@ Everything is plain dicts in and out, through the dynamic client, so the builder
 Errors from the API are classified here, once:
 
     ApiException 404            -> NotFound (reads return None, deletes succeed, a patch waits)
+    kind not served (discovery) -> NotServed (its CRD is not installed, e.g. no Kueue)
     ApiException 409 on create  -> adopt the existing object if we own it, else NameTaken
     ApiException 400/403/422    -> PermanentKubeError (retrying cannot help)
     ApiException 403 quota      -> TemporaryKubeError (a full ResourceQuota frees up)
@@ -24,6 +25,7 @@ from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 from kubernetes import dynamic
 from kubernetes.client.exceptions import ApiException
+from kubernetes.dynamic.exceptions import ResourceNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,10 @@ class TemporaryKubeError(KubeError):
 
 class NotFound(PermanentKubeError):
     """The object does not exist (any more)."""
+
+
+class NotServed(PermanentKubeError):
+    """The API server serves no such kind at that version (its CRD is not installed)."""
 
 
 class NameTaken(PermanentKubeError):
@@ -80,8 +86,16 @@ def _client() -> dynamic.DynamicClient:
 
 
 @functools.cache
-def _resource(api_version: str, kind: str) -> Any:
+def _discover(api_version: str, kind: str) -> Any:
     return _client().resources.get(api_version=api_version, kind=kind)
+
+
+def _resource(api_version: str, kind: str) -> Any:
+    """The dynamic client's resource; discovery errors are classified like any other call."""
+    try:
+        return _call(f"discover {kind} {api_version}", _discover, api_version, kind)
+    except ResourceNotFoundError:
+        raise NotServed(f"the API server does not serve {kind} {api_version}") from None
 
 
 def _call(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -204,14 +218,18 @@ def patch_merge(
     return dict(res.to_dict())
 
 
-def delete(api_version: str, kind: str, namespace: str, name: str) -> None:
+def delete(
+    api_version: str, kind: str, namespace: str, name: str, *, foreground: bool = False
+) -> None:
+    """Deletes an object; with ``foreground`` it stays (being deleted) until its dependents
+    (a Job's pods, after their grace period) are gone."""
     with contextlib.suppress(NotFound):  # gone already: what a delete wants
         _call(
             f"delete {kind} {namespace}/{name}",
             _resource(api_version, kind).delete,
             name=name,
             namespace=namespace,
-            body={"propagationPolicy": "Background"},
+            body={"propagationPolicy": "Foreground" if foreground else "Background"},
         )
 
 

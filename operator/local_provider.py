@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubetune.api import finetunejob as ftj
-from kubetune.operator import kube, manifests, serving_manifests
+from kubetune.operator import kube, kueue, manifests, serving_manifests
 from kubetune.operator import status as st
 from kubetune.operator.settings import OperatorSettings
 from kubetune.progress import CONFIGMAP_KEY, RESULT_KEY, ProgressRecord
@@ -46,15 +46,28 @@ def ensure_trainer(
     return kube.create_or_adopt(manifests.trainer_job(spec, owner, settings, config))
 
 
-def sync_suspend(spec: ftj.FineTuneJobSpec, job: dict[str, Any], owner: manifests.Owner) -> None:
-    """`spec.suspend` maps onto the Job's suspend: pods go, a resume restarts from a checkpoint.
+def sync_suspend(
+    spec: ftj.FineTuneJobSpec, job: dict[str, Any], owner: manifests.Owner
+) -> kueue.Workload | None:
+    """`spec.suspend` stops the trainer (pods go; a resume restarts from a checkpoint).
 
-    A queued Job (``spec.queue``) is Kueue's to unsuspend when it admits the workload, so the
-    operator only ever suspends it.
+    A Job of its own is suspended and unsuspended directly. A queued Job (``spec.queue``) is
+    Kueue's to start: it is stopped and resumed through its Workload, which is returned (for
+    the status) whenever it was looked at. Kueue creates the Workload just after the Job; until
+    then a suspended queued Job is left as it is.
     """
     suspended = bool((job.get("spec") or {}).get("suspend"))
+    if spec.queue and (spec.suspend or suspended):
+        uid = (job.get("metadata") or {}).get("uid") or ""
+        workload = kueue.find(owner.namespace, uid)
+        if workload is not None:
+            if workload.active == spec.suspend:
+                workload = kueue.set_active(owner.namespace, workload, not spec.suspend)
+            return workload
+        if suspended:
+            return None
     if suspended == spec.suspend or (spec.queue and suspended):
-        return
+        return None
     kube.patch_merge(
         "batch/v1",
         "Job",
@@ -62,6 +75,7 @@ def sync_suspend(spec: ftj.FineTuneJobSpec, job: dict[str, Any], owner: manifest
         manifests.trainer_name(owner),
         {"spec": {"suspend": spec.suspend}},
     )
+    return None
 
 
 def read_progress(
@@ -182,18 +196,30 @@ def reconcile(
     new = status.model_copy(deep=True)
     new.trainer_job = manifests.trainer_name(owner)
     job = children.job
-    if job is None and not ftj.Phase(new.phase).finished:
+    finished = ftj.Phase(new.phase).finished
+    if job is None and not finished and spec.queue and spec.suspend:
+        # A queued Job would be admitted by Kueue before the next tick could stop it.
+        seen = st.Observation(ftj.Phase.QUEUED, st.SUSPENDED_BEFORE_START, "Suspended")
+        new.phase, new.message = seen.phase, seen.message
+        new.start_time = new.start_time or st.now()  # the spec is fixed from here, as it is run
+        new.conditions = st.set_condition(
+            new.conditions, "Ready", False, seen.reason, seen.message, generation
+        )
+        new.observed_generation = generation
+        return new
+    if job is None and not finished:
         job = ensure_trainer(spec, owner, settings)
         new.start_time = new.start_time or st.now()
-    if job is not None and not ftj.Phase(new.phase).finished:
-        sync_suspend(spec, job, owner)
+    workload = None
+    if job is not None and not finished:
+        workload = sync_suspend(spec, job, owner)
 
     record, result = read_progress(children.progress)
     if record is not None:
         new.progress = record.to_status()
 
     if not ftj.Phase(new.phase).finished:
-        seen = st.observe_trainer(job, children.pods)
+        seen = st.observe_trainer(job, children.pods, workload)
         if seen.phase != ftj.Phase.PENDING:
             new.phase = seen.phase
         new.message = seen.message

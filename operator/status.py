@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kubetune.api.finetunejob import Condition, Phase
+
+if TYPE_CHECKING:
+    from kubetune.operator.kueue import Workload
 
 
 def now() -> str:
@@ -72,8 +75,41 @@ def pending_reason(pods: list[dict[str, Any]]) -> str | None:
     return None
 
 
-def observe_trainer(job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> Observation:
-    """Maps a trainer Job and its pods to a phase."""
+SUSPENDED_BEFORE_START = "suspended (spec.suspend): the trainer Job is queued when resumed"
+
+
+def _suspended(workload: Workload | None) -> Observation:
+    """A suspended trainer Job; for a queued one, what its Kueue Workload says."""
+    if workload is None:
+        return Observation(
+            Phase.QUEUED,
+            "trainer Job is suspended (spec.suspend, or waiting for its Kueue queue)",
+            "Suspended",
+        )
+    if not workload.active:
+        return Observation(
+            Phase.QUEUED,
+            f"suspended (spec.suspend): Kueue workload {workload.name} is deactivated and "
+            "holds no quota",
+            "Suspended",
+        )
+    if workload.admitted:
+        return Observation(
+            Phase.QUEUED, f"admitted by Kueue (workload {workload.name}); starting", "Admitted"
+        )
+    return Observation(
+        Phase.QUEUED,
+        f"waiting in the Kueue queue (workload {workload.name}): {workload.waiting}",
+        "InQueue",
+    )
+
+
+def observe_trainer(
+    job: dict[str, Any] | None,
+    pods: list[dict[str, Any]],
+    workload: Workload | None = None,
+) -> Observation:
+    """Maps a trainer Job and its pods (and, if queued, its Kueue Workload) to a phase."""
     if job is None:
         return Observation(Phase.PENDING, "creating the trainer Job")
     conds = _conditions(job)
@@ -83,11 +119,7 @@ def observe_trainer(job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> O
         reason, message = failure_message(job, pods)
         return Observation(Phase.FAILED, message, reason)
     if (job.get("spec") or {}).get("suspend"):
-        return Observation(
-            Phase.QUEUED,
-            "trainer Job is suspended (spec.suspend, or waiting for its Kueue queue)",
-            "Suspended",
-        )
+        return _suspended(workload)
     active = [p for p in pods if (p.get("status") or {}).get("phase") in ("Pending", "Running")]
     if any((p.get("status") or {}).get("phase") == "Running" for p in active):
         return Observation(Phase.RUNNING, "training", "Running")

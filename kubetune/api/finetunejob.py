@@ -354,7 +354,12 @@ class FineTuneJobSpec(ApiModel):
     openai: OpenAISpec | None = Field(default=None, description="Settings for provider `openai`.")
     suspend: bool = Field(
         default=False,
-        description="Stop (or do not start) the job. A suspended running job is cancelled.",
+        description=(
+            "Stop (or do not start) the job. A suspended running job is cancelled (provider "
+            "openai) or its trainer pods stopped, to resume from their checkpoint when unset. "
+            "A queued job (`queue`) is stopped through its Kueue Workload (`spec.active: false`), "
+            "which releases its quota; a queued job suspended before it started is not queued."
+        ),
     )
     active_deadline_seconds: int = Field(
         default=86400, ge=60, le=30 * 86400, description="Wall-clock limit of the trainer Job."

@@ -344,6 +344,8 @@ def test_operator_runs_a_job_end_to_end_under_the_charts_rbac(
     # The token logs in as the chart's ServiceAccount, which holds what the chart grants ...
     for args in [
         ("create", "jobs.batch"),
+        ("delete", "jobs.batch"),
+        ("patch", "workloads.kueue.x-k8s.io"),
         ("patch", "finetunejobs.kubetune.io", "--subresource=status"),
         ("get", "secrets"),
     ]:
@@ -355,7 +357,9 @@ def test_operator_runs_a_job_end_to_end_under_the_charts_rbac(
         ("watch", "secrets", "-n", team),
         ("create", "pods", "-n", team),
         ("update", "configmaps", "-n", team),
-        ("delete", "jobs.batch", "-n", team),
+        ("deletecollection", "jobs.batch", "-n", team),
+        ("delete", "workloads.kueue.x-k8s.io", "-n", team),
+        ("create", "workloads.kueue.x-k8s.io", "-n", team),
         ("delete", "finetunejobs.kubetune.io", "-n", team),
         ("update", "finetunejobs.kubetune.io", "-n", team),
         ("update", "finetunejobs.kubetune.io", "--subresource=status", "-n", team),

@@ -62,6 +62,9 @@ class Recorder:
         self.warnings: list[str] = []
         monkeypatch.setattr(kube, "patch_merge", lambda *a: self.calls.append(("patch", a)))
         monkeypatch.setattr(
+            kube, "delete", lambda *a, **kw: self.calls.append(("delete", (*a, kw)))
+        )
+        monkeypatch.setattr(
             kube, "create_or_adopt", lambda obj: self.calls.append(("create", obj)) or obj
         )
         monkeypatch.setattr(
@@ -94,10 +97,16 @@ def test_deletion_stops_the_trainer_before_emptying_its_folder(
     job = owned("daoyan-trainer", UID, uid="job", spec={"suspend": False})
     with pytest.raises(kopf.TemporaryError, match="trainer pods to stop"):
         delete_output(indices(job, pod("job", "Running")))
+    # Deleted in the foreground (its pods get their grace period), not suspended: Kueue would
+    # unsuspend an admitted queued Job.
     assert rec.calls == [
-        ("patch", ("batch/v1", "Job", "team-a", "daoyan-trainer", {"spec": {"suspend": True}}))
+        ("delete", ("batch/v1", "Job", "team-a", "daoyan-trainer", {"foreground": True}))
     ]
     rec.calls.clear()
+    job["metadata"]["deletionTimestamp"] = "2026-11-28T03:00:00Z"
+    with pytest.raises(kopf.TemporaryError, match="trainer pods to stop"):
+        delete_output(indices(job, pod("job", "Running")))
+    assert rec.calls == []  # asked once; now waited for
     delete_output(indices(job, pod("job", "Succeeded")))
     assert [(what, obj["metadata"]["name"]) for what, obj in rec.calls] == [
         ("create", "daoyan-cleanup-012345")

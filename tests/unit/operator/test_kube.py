@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 from kubernetes.client.exceptions import ApiException
+from kubernetes.dynamic.exceptions import ResourceNotFoundError
 
 from kubetune.operator import kube
 
@@ -47,3 +48,23 @@ def test_an_object_of_an_earlier_owner_being_deleted_is_waited_for() -> None:
     theirs["metadata"]["deletionTimestamp"] = "2026-11-28T00:00:00Z"
     with pytest.raises(kube.TemporaryKubeError, match="being deleted"):
         kube._check_ours(ours, theirs)
+
+
+def test_a_kind_the_server_does_not_serve_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    def undiscoverable(api_version: str, kind: str) -> Any:
+        raise ResourceNotFoundError(f"No matches found for {{'kind': '{kind}'}}")
+
+    monkeypatch.setattr(kube, "_discover", undiscoverable)
+    with pytest.raises(kube.NotServed, match=r"does not serve Workload kueue\.x-k8s\.io/v1beta2"):
+        kube.list_objects("kueue.x-k8s.io/v1beta2", "Workload", "team-a", "a=b")
+
+
+def test_discovery_that_cannot_reach_the_server_is_a_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def unreachable(api_version: str, kind: str) -> Any:
+        raise ConnectionRefusedError("connection refused")
+
+    monkeypatch.setattr(kube, "_discover", unreachable)
+    with pytest.raises(kube.TemporaryKubeError, match="discover Job batch/v1"):
+        kube.get("batch/v1", "Job", "team-a", "x-trainer")

@@ -6,6 +6,7 @@ from typing import Any
 
 from kubetune.api.finetunejob import Phase
 from kubetune.operator import status as st
+from kubetune.operator.kueue import Workload
 
 
 def job(*conds: dict[str, Any], suspend: bool = False) -> dict[str, Any]:
@@ -103,3 +104,16 @@ def test_condition_transition_time_moves_only_on_change() -> None:
     )
     flipped = st.set_condition(same, "Ready", True, "Completed", "done")
     assert flipped[0].last_transition_time != "2000-01-01T00:00:00Z" and first is not None
+
+
+def test_a_queued_job_says_what_its_kueue_workload_says() -> None:
+    def wl(active: bool, admitted: bool, waiting: str = "") -> Workload:
+        return Workload("kueue.x-k8s.io/v1beta2", "job-x-1", active, admitted, waiting)
+
+    quota = "insufficient unused quota for nvidia.com/gpu in flavor a100, 1 more needed"
+    seen = st.observe_trainer(job(suspend=True), [], wl(True, False, quota))
+    assert seen.phase == Phase.QUEUED and seen.reason == "InQueue"
+    assert seen.message == f"waiting in the Kueue queue (workload job-x-1): {quota}"
+    off = st.observe_trainer(job(suspend=True), [], wl(False, False, quota))
+    assert off.reason == "Suspended" and "deactivated" in off.message
+    assert st.observe_trainer(job(suspend=True), [], wl(True, True)).reason == "Admitted"

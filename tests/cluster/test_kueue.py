@@ -1,0 +1,212 @@
+"""Queued FineTuneJobs (``spec.queue``) under the real Kueue, which the test cluster runs.
+
+Each test gets its own ClusterQueue with a quota of one GPU and a LocalQueue in its namespace,
+so two one-GPU jobs compete for it. kwok runs the admitted pods on the simulated A100 nodes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from support import ftj
+from support.cluster import Cluster, wait_until
+from support.operator import OperatorProcess, running_operator
+
+pytestmark = pytest.mark.cluster
+
+FLAVOR = "kt-a100"
+QUEUE = "gpus"
+LONG = 600  # seconds a trainer pod runs unless a test stops it
+
+
+@pytest.fixture(scope="module")
+def operator(
+    cluster: Cluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    ftj.install_crd(cluster)
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    with running_operator(cluster.kubeconfig, log) as op:
+        yield op
+
+
+@pytest.fixture
+def team(cluster: Cluster, namespace: str) -> Iterator[str]:
+    """A namespace with data, an output claim and a LocalQueue on a one-GPU ClusterQueue."""
+    ftj.output_volume(cluster, namespace)
+    ftj.dataset_configmap(cluster, namespace, ftj.dataset_text())
+    cluster_queue = f"cq-{namespace}"
+    cluster.apply(
+        {
+            "apiVersion": "kueue.x-k8s.io/v1beta2",
+            "kind": "ResourceFlavor",
+            "metadata": {"name": FLAVOR},
+            "spec": {"nodeLabels": {"kubetune.io/gpu-pool": "a100"}},
+        },
+        {
+            "apiVersion": "kueue.x-k8s.io/v1beta2",
+            "kind": "ClusterQueue",
+            "metadata": {"name": cluster_queue},
+            "spec": {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+                "resourceGroups": [
+                    {
+                        "coveredResources": ["cpu", "memory", "nvidia.com/gpu"],
+                        "flavors": [
+                            {
+                                "name": FLAVOR,
+                                "resources": [
+                                    {"name": "cpu", "nominalQuota": 64},
+                                    {"name": "memory", "nominalQuota": "512Gi"},
+                                    {"name": "nvidia.com/gpu", "nominalQuota": 1},
+                                ],
+                            }
+                        ],
+                    }
+                ],
+            },
+        },
+    )
+    cluster.apply(
+        {
+            "apiVersion": "kueue.x-k8s.io/v1beta2",
+            "kind": "LocalQueue",
+            "metadata": {"name": QUEUE},
+            "spec": {"clusterQueue": cluster_queue},
+        },
+        namespace=namespace,
+    )
+    yield namespace
+    cluster.kubectl("delete", "clusterqueue", cluster_queue, "--wait=false", check=False)
+
+
+def queued_job(name: str, run_seconds: float = LONG, **spec: Any) -> dict[str, Any]:
+    return ftj.local_job(name, run_seconds=run_seconds, serve=False, queue=QUEUE, **spec)
+
+
+def status(cluster: Cluster, ns: str, name: str) -> dict[str, Any]:
+    return dict(ftj.get_ftj(cluster, ns, name).get("status") or {})
+
+
+def wait_message(cluster: Cluster, ns: str, name: str, *parts: str) -> dict[str, Any]:
+    def seen() -> dict[str, Any] | None:
+        s = status(cluster, ns, name)
+        return s if all(p in (s.get("message") or "") for p in parts) else None
+
+    try:
+        return wait_until(seen, timeout=60, description=f"{name}'s message to say {parts}")
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}; status: {json.dumps(status(cluster, ns, name))}") from None
+
+
+def trainer(cluster: Cluster, ns: str, name: str) -> dict[str, Any] | None:
+    job = cluster.get("job", f"{name}-trainer", "-n", ns)
+    return dict(job) if job else None
+
+
+def workload(cluster: Cluster, ns: str, name: str) -> dict[str, Any]:
+    job = trainer(cluster, ns, name)
+    assert job is not None
+    uid = job["metadata"]["uid"]
+    items = cluster.get("workloads", "-n", ns, "-l", f"kueue.x-k8s.io/job-uid={uid}")["items"]
+    assert len(items) == 1, items
+    return dict(items[0])
+
+
+def running_pods(cluster: Cluster, ns: str, name: str) -> list[str]:
+    pods = cluster.get("pods", "-n", ns, "-l", f"job-name={name}-trainer")["items"]
+    return [p["metadata"]["name"] for p in pods if p["status"].get("phase") == "Running"]
+
+
+def patch_spec(cluster: Cluster, ns: str, name: str, spec: dict[str, Any]) -> None:
+    body = json.dumps({"spec": spec})
+    cluster.kubectl("patch", "ftj", name, "-n", ns, "--type=merge", "-p", body)
+
+
+def test_a_job_waits_in_its_queue_with_kueues_reason_and_runs_when_quota_frees(
+    cluster: Cluster, operator: OperatorProcess, team: str
+) -> None:
+    cluster.apply(queued_job("first", run_seconds=12), namespace=team)
+    ftj.wait_phase(cluster, team, "first", "Running")
+    cluster.apply(queued_job("second"), namespace=team)
+
+    waiting = wait_message(cluster, team, "second", "waiting in the Kueue queue")
+    assert waiting["phase"] == "Queued"
+    # Kueue's own words on why, e.g. "insufficient unused quota for nvidia.com/gpu in flavor".
+    assert "nvidia.com/gpu" in waiting["message"], waiting["message"]
+    ready = next(c for c in waiting["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "InQueue"
+    job = trainer(cluster, team, "second")
+    assert job is not None and job["spec"]["suspend"] is True
+
+    ftj.wait_phase(cluster, team, "first", "Succeeded", timeout=60)
+    ftj.wait_phase(cluster, team, "second", "Running", timeout=60)
+    operator.assert_alive()
+
+
+def test_suspending_an_admitted_job_frees_its_quota_and_resuming_queues_it_again(
+    cluster: Cluster, operator: OperatorProcess, team: str
+) -> None:
+    cluster.apply(queued_job("holder"), namespace=team)
+    ftj.wait_phase(cluster, team, "holder", "Running")
+    cluster.apply(queued_job("waiter"), namespace=team)
+    wait_message(cluster, team, "waiter", "waiting in the Kueue queue")
+
+    # Kueue would unsuspend an admitted Job suspended directly; the operator deactivates its
+    # Workload instead, which stops the pod and gives the GPU to the next job in the queue.
+    patch_spec(cluster, team, "holder", {"suspend": True})
+    held = wait_message(cluster, team, "holder", "suspended (spec.suspend)", "deactivated")
+    assert held["phase"] == "Queued"
+    ftj.wait_phase(cluster, team, "waiter", "Running", timeout=60)
+    assert workload(cluster, team, "holder")["spec"]["active"] is False
+    assert trainer(cluster, team, "holder")["spec"]["suspend"] is True  # type: ignore[index]
+    assert running_pods(cluster, team, "holder") == []
+
+    # Resumed, it queues behind the job now holding the GPU, then runs when that one stops.
+    patch_spec(cluster, team, "holder", {"suspend": False})
+    wait_message(cluster, team, "holder", "waiting in the Kueue queue")
+    assert workload(cluster, team, "holder")["spec"]["active"] is True
+    patch_spec(cluster, team, "waiter", {"suspend": True})
+    ftj.wait_phase(cluster, team, "holder", "Running", timeout=60)
+    assert running_pods(cluster, team, "holder")
+    operator.assert_alive()
+
+
+def test_a_queued_job_suspended_from_the_start_is_not_queued_until_resumed(
+    cluster: Cluster, operator: OperatorProcess, team: str
+) -> None:
+    cluster.apply(queued_job("later", suspend=True), namespace=team)
+    s = wait_message(cluster, team, "later", "queued when resumed")
+    assert s["phase"] == "Queued" and s["startTime"]
+    # No Job, so no Workload to be admitted (and no GPU held) while it is suspended.
+    assert trainer(cluster, team, "later") is None
+    patch_spec(cluster, team, "later", {"suspend": False})
+    ftj.wait_phase(cluster, team, "later", "Running", timeout=60)
+
+
+def test_deleting_a_running_queued_job_stops_its_trainer_before_the_cleanup(
+    cluster: Cluster, operator: OperatorProcess, team: str, tmp_path: Path
+) -> None:
+    cluster.apply(queued_job("gone", output={"keepOnDelete": False}), namespace=team)
+    ftj.wait_phase(cluster, team, "gone", "Running")
+    uid = ftj.get_ftj(cluster, team, "gone")["metadata"]["uid"]
+    cluster.kubectl("delete", "ftj", "gone", "-n", team, "--wait=false")
+
+    cleanup = wait_until(
+        lambda: cluster.get("job", f"gone-cleanup-{uid[:6]}", "-n", team),
+        timeout=60,
+        description="the cleanup Job",
+    )
+    # It started only once the trainer's pods were gone, and Kueue did not bring them back.
+    assert running_pods(cluster, team, "gone") == []
+    assert "kueue.x-k8s.io/queue-name" not in (cleanup["metadata"].get("labels") or {})
+    wait_until(
+        lambda: cluster.get("ftj", "gone", "-n", team) is None,
+        timeout=60,
+        description="the FineTuneJob to be deleted",
+    )
+    operator.assert_alive()
