@@ -231,7 +231,12 @@ class Resources(ApiModel):
         default_factory=list, max_length=16, description="Taints the pod tolerates."
     )
     priority_class_name: str | None = Field(
-        default=None, max_length=253, description="PriorityClass of the pod (preemption order)."
+        default=None,
+        max_length=253,
+        description=(
+            "PriorityClass of the pod: the scheduler's preemption order, and with `queue` also "
+            "the priority by which Kueue admits and preempts queued jobs."
+        ),
     )
     pod_annotations: dict[str, str] = Field(
         default_factory=dict,

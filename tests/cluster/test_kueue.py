@@ -210,3 +210,42 @@ def test_deleting_a_running_queued_job_stops_its_trainer_before_the_cleanup(
         description="the FineTuneJob to be deleted",
     )
     operator.assert_alive()
+
+
+def with_priority(job: dict[str, Any], priority_class: str) -> dict[str, Any]:
+    job["spec"]["resources"]["priorityClassName"] = priority_class
+    return job
+
+
+def test_a_higher_priority_job_preempts_a_running_one_which_then_resumes(
+    cluster: Cluster, operator: OperatorProcess, team: str
+) -> None:
+    cluster.apply(
+        *(
+            {
+                "apiVersion": "scheduling.k8s.io/v1",
+                "kind": "PriorityClass",
+                "metadata": {"name": name},
+                "value": value,
+            }
+            for name, value in (("kt-research", 100), ("kt-production", 1000))
+        )
+    )
+    preempting = {"spec": {"preemption": {"withinClusterQueue": "LowerPriority"}}}
+    cluster.kubectl(
+        "patch", "clusterqueue", f"cq-{team}", "--type=merge", "-p", json.dumps(preempting)
+    )
+    cluster.apply(with_priority(queued_job("research"), "kt-research"), namespace=team)
+    ftj.wait_phase(cluster, team, "research", "Running")
+
+    urgent = with_priority(queued_job("urgent", run_seconds=12), "kt-production")
+    cluster.apply(urgent, namespace=team)
+    # Kueue evicts the running job (its pod is stopped: the trainer checkpoints) and requeues it.
+    evicted = wait_message(cluster, team, "research", "waiting in the Kueue queue")
+    assert evicted["phase"] == "Queued"
+    ftj.wait_phase(cluster, team, "urgent", "Running", timeout=60)
+    assert running_pods(cluster, team, "research") == []
+    # Preemption is not a failure: with backoffLimit 0 the job runs again once the GPU is free.
+    ftj.wait_phase(cluster, team, "urgent", "Succeeded", timeout=60)
+    ftj.wait_phase(cluster, team, "research", "Running", timeout=60)
+    operator.assert_alive()
