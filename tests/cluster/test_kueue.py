@@ -249,3 +249,13 @@ def test_a_higher_priority_job_preempts_a_running_one_which_then_resumes(
     ftj.wait_phase(cluster, team, "urgent", "Succeeded", timeout=60)
     ftj.wait_phase(cluster, team, "research", "Running", timeout=60)
     operator.assert_alive()
+
+
+def test_a_queue_that_does_not_exist_is_named_in_the_status(
+    cluster: Cluster, operator: OperatorProcess, team: str
+) -> None:
+    job = queued_job("typo")
+    job["spec"]["queue"] = "gpu-typo"
+    cluster.apply(job, namespace=team)
+    s = wait_message(cluster, team, "typo", "LocalQueue gpu-typo doesn't exist")
+    assert s["phase"] == "Queued"
