@@ -7,7 +7,7 @@ job is stopped through its Workload, Kueue's "deactivate": ``spec.active: false`
 ``spec.active: true`` puts it back in the queue.
 
 ``parse`` is pure; ``find`` and ``set_active`` go through :mod:`kube`. Without Kueue installed
-(the kind is not served) a queued Job has no Workload, and ``find`` says so with None.
+(the kind is not served) nothing admits a queued Job, and ``find`` says so (NotInstalled).
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ API_VERSIONS = ("kueue.x-k8s.io/v1beta2", "kueue.x-k8s.io/v1beta1")
 """Newest first: Kueue 0.15+ serves v1beta2, older releases v1beta1 only."""
 JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
 """Kueue labels a Job's Workload with the Job's uid."""
+
+
+class NotInstalled(Exception):
+    """The cluster serves no Kueue Workload API, so nothing will ever admit a queued Job."""
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,10 @@ def parse(obj: dict[str, Any], api_version: str) -> Workload:
 
 
 def find(namespace: str, job_uid: str) -> Workload | None:
-    """The Workload Kueue made for the Job with ``job_uid``; None when there is none (yet)."""
+    """The Workload Kueue made for the Job with ``job_uid``; None when there is none yet.
+
+    Raises NotInstalled when no version of the Workload API is served.
+    """
     for api_version in API_VERSIONS:
         try:
             items = kube.list_objects(
@@ -61,7 +68,11 @@ def find(namespace: str, job_uid: str) -> Workload | None:
         except kube.NotServed:
             continue
         return parse(items[-1], api_version) if items else None
-    return None
+    raise NotInstalled(
+        "spec.queue is set, but this cluster serves no Kueue Workload API "
+        f"({' or '.join(API_VERSIONS)}): is Kueue installed? The trainer Job stays suspended "
+        "until Kueue admits it"
+    )
 
 
 def set_active(namespace: str, workload: Workload, active: bool) -> Workload:

@@ -54,12 +54,18 @@ def sync_suspend(
     A Job of its own is suspended and unsuspended directly. A queued Job (``spec.queue``) is
     Kueue's to start: it is stopped and resumed through its Workload, which is returned (for
     the status) whenever it was looked at. Kueue creates the Workload just after the Job; until
-    then a suspended queued Job is left as it is.
+    then a suspended queued Job is left as it is. Raises kueue.NotInstalled when nothing can
+    ever admit it (a suspend of a running one has been applied to the Job first).
     """
     suspended = bool((job.get("spec") or {}).get("suspend"))
     if spec.queue and (spec.suspend or suspended):
         uid = (job.get("metadata") or {}).get("uid") or ""
-        workload = kueue.find(owner.namespace, uid)
+        try:
+            workload = kueue.find(owner.namespace, uid)
+        except kueue.NotInstalled:
+            if spec.suspend and not suspended:
+                _patch_suspend(spec, owner)
+            raise
         if workload is not None:
             if workload.active == spec.suspend:
                 workload = kueue.set_active(owner.namespace, workload, not spec.suspend)
@@ -68,6 +74,11 @@ def sync_suspend(
             return None
     if suspended == spec.suspend or (spec.queue and suspended):
         return None
+    _patch_suspend(spec, owner)
+    return None
+
+
+def _patch_suspend(spec: ftj.FineTuneJobSpec, owner: manifests.Owner) -> None:
     kube.patch_merge(
         "batch/v1",
         "Job",
@@ -75,7 +86,6 @@ def sync_suspend(
         manifests.trainer_name(owner),
         {"spec": {"suspend": spec.suspend}},
     )
-    return None
 
 
 def read_progress(
@@ -210,9 +220,12 @@ def reconcile(
     if job is None and not finished:
         job = ensure_trainer(spec, owner, settings)
         new.start_time = new.start_time or st.now()
-    workload = None
+    workload, no_kueue = None, ""
     if job is not None and not finished:
-        workload = sync_suspend(spec, job, owner)
+        try:
+            workload = sync_suspend(spec, job, owner)
+        except kueue.NotInstalled as exc:
+            no_kueue = str(exc)
 
     record, result = read_progress(children.progress)
     if record is not None:
@@ -220,6 +233,8 @@ def reconcile(
 
     if not ftj.Phase(new.phase).finished:
         seen = st.observe_trainer(job, children.pods, workload)
+        if no_kueue and not spec.suspend and seen.reason == "Suspended":
+            seen = st.Observation(ftj.Phase.QUEUED, no_kueue, "KueueNotInstalled")
         if seen.phase != ftj.Phase.PENDING:
             new.phase = seen.phase
         new.message = seen.message

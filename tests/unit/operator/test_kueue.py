@@ -69,9 +69,10 @@ def test_find_falls_back_to_v1beta1_on_older_kueue(monkeypatch: pytest.MonkeyPat
     ]
 
 
-def test_without_kueue_there_is_no_workload(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_kueue_nothing_will_admit_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
     FakeKube(monkeypatch, served=set())
-    assert kueue.find("team-a", "job-uid-1") is None
+    with pytest.raises(kueue.NotInstalled, match=r"spec\.queue is set.*is Kueue installed"):
+        kueue.find("team-a", "job-uid-1")
 
 
 def test_set_active_patches_the_workload_at_its_version(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -42,6 +42,7 @@ def workload(active: bool = True, admitted: bool = False) -> kueue.Workload:
 class Recorder:
     def __init__(self, monkeypatch: pytest.MonkeyPatch, found: kueue.Workload | None) -> None:
         self.found = found
+        self.installed = True
         self.calls: list[tuple[Any, ...]] = []
         monkeypatch.setattr(kube, "patch_merge", lambda *a: self.calls.append(("patch", *a)))
         monkeypatch.setattr(kueue, "find", self.find)
@@ -49,7 +50,9 @@ class Recorder:
 
     def find(self, namespace: str, job_uid: str) -> kueue.Workload | None:
         self.calls.append(("find", namespace, job_uid))
-        return self.found
+        if self.installed:
+            return self.found
+        raise kueue.NotInstalled("spec.queue is set, but this cluster serves no Kueue")
 
     def create(self, obj: dict[str, Any]) -> dict[str, Any]:
         self.calls.append(("create", obj["kind"], obj["metadata"]["name"]))
@@ -140,3 +143,32 @@ def test_a_queued_job_suspended_before_it_starts_creates_nothing(
     )
     assert ("create", "Job", "daoyan-trainer") in rec.calls
     assert resumed.start_time == new.start_time
+
+
+def test_a_queued_job_in_a_cluster_without_kueue_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    rec = Recorder(monkeypatch, None)
+    rec.installed = False
+    children = local_provider.Children(job=job(True))
+    status = ftj.FineTuneJobStatus(phase=ftj.Phase.QUEUED, start_time="2026-11-28T04:00:00Z")
+    new = local_provider.reconcile(
+        spec(queue="gpus"), OWNER, status, children, OperatorSettings(), 2
+    )
+    assert new.phase == ftj.Phase.QUEUED
+    assert new.message is not None and "serves no Kueue" in new.message
+    # Asked to stop a running one anyway, it suspends the Job itself.
+    local_provider.reconcile(
+        spec(queue="gpus", suspend=True),
+        OWNER,
+        status,
+        local_provider.Children(job=job(False)),
+        OperatorSettings(),
+        3,
+    )
+    assert rec.calls[-1] == (
+        "patch",
+        "batch/v1",
+        "Job",
+        "team-a",
+        "daoyan-trainer",
+        {"spec": {"suspend": True}},
+    )
