@@ -31,6 +31,7 @@ log() { printf '[kueue-up] %s\n' "$*" >&2; }
 die() { log "$*"; exit 1; }
 
 [[ -f "$KUBECONFIG_PATH" ]] || die "no cluster $NAME (run hack/cluster/cluster-up.sh first)"
+command -v openssl >/dev/null || die "openssl is needed for Kueue's webhook certificate (apt-get install openssl)"
 BIN="$(bash "$REPO/hack/k8s/build.sh")"
 kubectl() { "$BIN/kubectl" --kubeconfig "$KUBECONFIG_PATH" "$@"; }
 
