@@ -253,9 +253,6 @@ def _parse_for_cleanup(body: kopf.Body, spec: kopf.Spec) -> ftj.FineTuneJobSpec 
         return None
 
 
-FINISHED_PODS = ("Succeeded", "Failed")
-
-
 def _retry_or_let_go(
     body: kopf.Body,
     exc: kube.TemporaryKubeError | openai_errors.TemporaryProviderError,
@@ -282,24 +279,25 @@ def delete_output(
 ) -> None:
     """Children go with the owner references; the adapter folder goes only when asked.
 
-    The folder is emptied only once no trainer pod runs: the trainer writes a checkpoint when
-    it is stopped, and the garbage collector stops it only after this finalizer is done. So the
-    trainer Job is deleted first, in the foreground (its pods get their grace period), then the
-    cleanup starts. Deleting, not suspending: Kueue would unsuspend an admitted queued Job.
+    The folder is emptied only once no trainer can write to it: the trainer writes a checkpoint
+    when it is stopped, and the garbage collector stops it only after this finalizer is done. So
+    the trainer Job is deleted first, in the foreground (its pods get their grace period), and the
+    cleanup starts once it is gone. Deleting, not suspending: Kueue would unsuspend an admitted
+    queued Job, and would admit a still-queued one while the folder is being emptied.
     """
     parsed = _parse_for_cleanup(body, spec)
     if parsed is None:
         return
     owner = manifests.Owner(name=name, namespace=namespace or "default", uid=uid)
-    children = _children(kwargs, (owner.namespace, name), uid)
-    running = [p for p in children.pods if p.get("status", {}).get("phase") not in FINISHED_PODS]
+    job = _children(kwargs, (owner.namespace, name), uid).job
     try:
-        if running:
-            job = children.job
-            if job is not None and not job["metadata"].get("deletionTimestamp"):
+        if job is not None:
+            if not job["metadata"].get("deletionTimestamp"):
                 trainer = manifests.trainer_name(owner)
                 kube.delete("batch/v1", "Job", owner.namespace, trainer, foreground=True)
-            raise kube.TemporaryKubeError("waiting for the trainer pods to stop", delay=5.0)
+            raise kube.TemporaryKubeError(
+                "waiting for the trainer Job and its pods to go", delay=3.0
+            )
         kube.create_or_adopt(manifests.cleanup_job(parsed, owner, SETTINGS))
     except kube.TemporaryKubeError as exc:
         _retry_or_let_go(body, exc, runtime, "the output folder was not removed")

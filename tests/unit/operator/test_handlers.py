@@ -90,24 +90,26 @@ def delete_output(index: dict[str, Any], spec: dict[str, Any] = SPEC, runtime: f
     )
 
 
-def test_deletion_stops_the_trainer_before_emptying_its_folder(
+def test_deletion_removes_the_trainer_before_emptying_its_folder(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     rec = Recorder(monkeypatch)
-    job = owned("daoyan-trainer", UID, uid="job", spec={"suspend": False})
-    with pytest.raises(kopf.TemporaryError, match="trainer pods to stop"):
-        delete_output(indices(job, pod("job", "Running")))
-    # Deleted in the foreground (its pods get their grace period), not suspended: Kueue would
-    # unsuspend an admitted queued Job.
-    assert rec.calls == [
-        ("delete", ("batch/v1", "Job", "team-a", "daoyan-trainer", {"foreground": True}))
-    ]
-    rec.calls.clear()
+    # Finished or not, queued or running: a trainer Job left would be started by Kueue, or
+    # write a checkpoint when stopped, into the folder being emptied.
+    for phase in ("Running", "Succeeded"):
+        job = owned("daoyan-trainer", UID, uid="job", spec={"suspend": True})
+        with pytest.raises(kopf.TemporaryError, match="trainer Job and its pods to go"):
+            delete_output(indices(job, pod("job", phase)))
+        # Deleted in the foreground (its pods get their grace period), not suspended.
+        assert rec.calls == [
+            ("delete", ("batch/v1", "Job", "team-a", "daoyan-trainer", {"foreground": True}))
+        ]
+        rec.calls.clear()
     job["metadata"]["deletionTimestamp"] = "2026-11-28T03:00:00Z"
-    with pytest.raises(kopf.TemporaryError, match="trainer pods to stop"):
+    with pytest.raises(kopf.TemporaryError, match="trainer Job and its pods to go"):
         delete_output(indices(job, pod("job", "Running")))
     assert rec.calls == []  # asked once; now waited for
-    delete_output(indices(job, pod("job", "Succeeded")))
+    delete_output(indices(None))
     assert [(what, obj["metadata"]["name"]) for what, obj in rec.calls] == [
         ("create", "daoyan-cleanup-012345")
     ]
