@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from kubetune.operator import kube
+from kubetune.operator import status as st
 
 API_VERSIONS = ("kueue.x-k8s.io/v1beta2", "kueue.x-k8s.io/v1beta1")
 """Newest first: Kueue 0.15+ serves v1beta2, older releases v1beta1 only."""
@@ -38,7 +39,7 @@ class Workload:
 
 
 def parse(obj: dict[str, Any], api_version: str) -> Workload:
-    conditions = {c.get("type"): c for c in (obj.get("status") or {}).get("conditions") or [] if c}
+    conditions = st.conditions_by_type(obj)
 
     def true(type_: str) -> bool:
         return (conditions.get(type_) or {}).get("status") == "True"

@@ -207,19 +207,13 @@ def reconcile(
     new.trainer_job = manifests.trainer_name(owner)
     job = children.job
     finished = ftj.Phase(new.phase).finished
-    if job is None and not finished and spec.queue and spec.suspend:
-        # A queued Job would be admitted by Kueue before the next tick could stop it.
-        seen = st.Observation(ftj.Phase.QUEUED, st.SUSPENDED_BEFORE_START, "Suspended")
-        new.phase, new.message = seen.phase, seen.message
-        new.start_time = new.start_time or st.now()  # the spec is fixed from here, as it is run
-        new.conditions = st.set_condition(
-            new.conditions, "Ready", False, seen.reason, seen.message, generation
-        )
-        new.observed_generation = generation
-        return new
+    # A queued job suspended before it starts gets no Job: Kueue would admit it before the next
+    # tick could stop it.
+    held = job is None and bool(spec.queue) and spec.suspend
     if job is None and not finished:
-        job = ensure_trainer(spec, owner, settings)
-        new.start_time = new.start_time or st.now()
+        if not held:
+            job = ensure_trainer(spec, owner, settings)
+        new.start_time = new.start_time or st.now()  # the spec is fixed from here on
     workload, no_kueue = None, ""
     if job is not None and not finished:
         try:
@@ -231,8 +225,11 @@ def reconcile(
     if record is not None:
         new.progress = record.to_status()
 
-    if not ftj.Phase(new.phase).finished:
-        seen = st.observe_trainer(job, children.pods, workload)
+    if not finished:
+        if held:
+            seen = st.Observation(ftj.Phase.QUEUED, st.SUSPENDED_BEFORE_START, "Suspended")
+        else:
+            seen = st.observe_trainer(job, children.pods, workload)
         if no_kueue and not spec.suspend and seen.reason == "Suspended":
             seen = st.Observation(ftj.Phase.QUEUED, no_kueue, "KueueNotInstalled")
         if seen.phase != ftj.Phase.PENDING:

@@ -27,7 +27,8 @@ class Observation:
     reason: str = ""
 
 
-def _conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def conditions_by_type(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """An object's ``status.conditions`` keyed by type."""
     return {c["type"]: c for c in (obj.get("status") or {}).get("conditions") or []}
 
 
@@ -47,7 +48,7 @@ def _newest(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def failure_message(job: dict[str, Any], pods: list[dict[str, Any]]) -> tuple[str, str]:
     """(reason, message) for a failed trainer Job: deadline, OOMKilled, exit code, last line."""
-    cond = _conditions(job).get("Failed") or {}
+    cond = conditions_by_type(job).get("Failed") or {}
     reason = cond.get("reason") or "Failed"
     parts = [cond.get("message") or "trainer Job failed"]
     for pod in _newest(pods):
@@ -69,7 +70,7 @@ def failure_message(job: dict[str, Any], pods: list[dict[str, Any]]) -> tuple[st
 def pending_reason(pods: list[dict[str, Any]]) -> str | None:
     """The scheduler's message for an unschedulable pod (e.g. ``Insufficient nvidia.com/gpu``)."""
     for pod in _newest(pods):
-        sched = _conditions(pod).get("PodScheduled")
+        sched = conditions_by_type(pod).get("PodScheduled")
         if sched and sched.get("status") == "False":
             return str(sched.get("message") or sched.get("reason") or "pod is not scheduled")
     return None
@@ -112,7 +113,7 @@ def observe_trainer(
     """Maps a trainer Job and its pods (and, if queued, its Kueue Workload) to a phase."""
     if job is None:
         return Observation(Phase.PENDING, "creating the trainer Job")
-    conds = _conditions(job)
+    conds = conditions_by_type(job)
     if conds.get("Complete", {}).get("status") == "True":
         return Observation(Phase.SUCCEEDED, "training finished", "Completed")
     if conds.get("Failed", {}).get("status") == "True":
