@@ -5,6 +5,9 @@
 A fresh kwokctl cluster is made for the session and deleted after it, unless
 ``KUBETUNE_TEST_KUBECONFIG`` names an existing cluster to use instead.
 ``namespace`` (function): a fresh namespace in that cluster, deleted after the test.
+``operator`` (module): the real operator process, watching all namespaces, with the CRD installed.
+``team`` (function): ``namespace`` with the output claim and the dataset ConfigMap a local job
+uses. A test module may override either (and build on the original by naming it).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
 
 from support import cluster as kcluster  # noqa: E402
+from support import ftj  # noqa: E402
+from support.operator import OperatorProcess, running_operator  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -36,3 +41,20 @@ def namespace(cluster: kcluster.Cluster) -> Iterator[str]:
     yield name
     # Not waited for: namespace deletion finishes in the background; nothing reuses the name.
     cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="module")
+def operator(
+    cluster: kcluster.Cluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    ftj.install_crd(cluster)
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    with running_operator(cluster.kubeconfig, log) as op:
+        yield op
+
+
+@pytest.fixture
+def team(cluster: kcluster.Cluster, namespace: str) -> str:
+    ftj.output_volume(cluster, namespace)
+    ftj.dataset_configmap(cluster, namespace, ftj.dataset_text())
+    return namespace

@@ -15,7 +15,7 @@ import pytest
 
 from support import ftj
 from support.cluster import Cluster, wait_until
-from support.operator import OperatorProcess, running_operator
+from support.operator import OperatorProcess
 
 pytestmark = pytest.mark.cluster
 
@@ -24,21 +24,10 @@ QUEUE = "gpus"
 LONG = 600  # seconds a trainer pod runs unless a test stops it
 
 
-@pytest.fixture(scope="module")
-def operator(
-    cluster: Cluster, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[OperatorProcess]:
-    ftj.install_crd(cluster)
-    log = tmp_path_factory.mktemp("operator") / "operator.log"
-    with running_operator(cluster.kubeconfig, log) as op:
-        yield op
-
-
 @pytest.fixture
-def team(cluster: Cluster, namespace: str) -> Iterator[str]:
-    """A namespace with data, an output claim and a LocalQueue on a one-GPU ClusterQueue."""
-    ftj.output_volume(cluster, namespace)
-    ftj.dataset_configmap(cluster, namespace, ftj.dataset_text())
+def team(cluster: Cluster, team: str) -> Iterator[str]:
+    """The conftest's team namespace, with a LocalQueue on a one-GPU ClusterQueue."""
+    namespace = team
     cluster_queue = f"cq-{namespace}"
     cluster.apply(
         {

@@ -7,33 +7,15 @@ controller, the scheduler, the garbage collector, RBAC) is the real Kubernetes.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from support import ftj
 from support.cluster import Cluster, wait_until
-from support.operator import OperatorProcess, running_operator
+from support.operator import OperatorProcess
 
 pytestmark = pytest.mark.cluster
-
-
-@pytest.fixture(scope="module")
-def operator(
-    cluster: Cluster, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[OperatorProcess]:
-    ftj.install_crd(cluster)
-    log = tmp_path_factory.mktemp("operator") / "operator.log"
-    with running_operator(cluster.kubeconfig, log) as op:
-        yield op
-
-
-@pytest.fixture
-def team(cluster: Cluster, namespace: str) -> str:
-    ftj.output_volume(cluster, namespace)
-    ftj.dataset_configmap(cluster, namespace, ftj.dataset_text())
-    return namespace
 
 
 def children(cluster: Cluster, ns: str, name: str) -> dict[str, object]:
