@@ -430,8 +430,7 @@ def test_operator_runs_a_job_end_to_end_under_the_charts_rbac(
             timeout=60,
             description="the server, its Service and the endpoint ConfigMap to be deleted",
         )
-        reasons = {e["reason"] for e in ftj.events_for(cluster, team, "chart-rbac")}
-        assert {"Queued", "Succeeded"} <= reasons, reasons
+        ftj.event_reasons(cluster, team, "chart-rbac", "Queued", "Succeeded")
 
         # Deletion: kopf removes its finalizer (a patch) after creating the cleanup Job.
         uid = queued["metadata"]["uid"]

@@ -144,8 +144,7 @@ def test_full_success_with_fine_tuned_model_cost_and_endpoint(
         "OPENAI_BASE_URL": fake.base_url,
         "OPENAI_MODEL": job["fine_tuned_model"],
     }
-    reasons = {e["reason"] for e in ftj.events_for(cluster, team, "daoyan")}
-    assert {"Running", "Succeeded"} <= reasons, reasons
+    ftj.event_reasons(cluster, team, "daoyan", "Running", "Succeeded")
     # The upload was processed (a second) before the job was created: OpenAI refused nothing.
     assert [r for r in fake.requests() if r["status"] == 400] == []
     columns = cluster.kubectl("get", "ftj", "daoyan", "-n", team).stdout

@@ -80,8 +80,7 @@ def test_full_lifecycle_to_a_ready_endpoint(
     deploy = cluster.get("deployment", "daoyan-server", "-n", team)
     assert deploy["metadata"]["ownerReferences"][0]["name"] == "daoyan"
 
-    reasons = [e["reason"] for e in ftj.events_for(cluster, team, "daoyan")]
-    assert {"Running", "Succeeded"} <= set(reasons), reasons
+    ftj.event_reasons(cluster, team, "daoyan", "Running", "Succeeded")
     columns = cluster.kubectl("get", "ftj", "daoyan", "-n", team).stdout
     assert "Succeeded" in columns and "20/20 (100%)" in columns and "daoyan-server" in columns
 
@@ -113,7 +112,7 @@ def test_bad_dataset_fails_with_the_line_and_creates_no_pods(
     message = failed["status"]["message"]
     assert "line 3" in message and "line 7" in message
     assert children(cluster, team, "broken")["job"] is None
-    assert "Failed" in [e["reason"] for e in ftj.events_for(cluster, team, "broken")]
+    ftj.event_reasons(cluster, team, "broken", "Failed")
 
 
 def test_gpu_exhaustion_queues_with_the_schedulers_reason(
@@ -208,7 +207,7 @@ def test_operator_restart_mid_run_makes_no_duplicates(
     assert before == after
     jobs = cluster.get("jobs", "-n", team, "-l", "kubetune.io/finetunejob=restart")
     assert len(jobs["items"]) == 1
-    reasons = [e["reason"] for e in ftj.events_for(cluster, team, "restart")]
+    reasons = ftj.event_reasons(cluster, team, "restart", "Succeeded")
     assert reasons.count("Succeeded") == 1, reasons
     assert done["status"]["completionTime"]
 

@@ -159,11 +159,21 @@ def wait_phase(
         raise AssertionError(f"{exc}; status: {json.dumps(status, indent=1)}") from None
 
 
-def events_for(cluster: Cluster, namespace: str, name: str) -> list[dict[str, Any]]:
-    items = cluster.get(
-        "events", "-n", namespace, "--field-selector", f"involvedObject.name={name}"
-    )
-    return list((items or {}).get("items", []))
+def event_reasons(cluster: Cluster, namespace: str, name: str, *expected: str) -> list[str]:
+    """The reasons of the events on ``name``, once all of ``expected`` are among them.
+
+    kopf posts events from a queue, concurrently with the status patch, so a test that has
+    just seen a phase may be a moment ahead of its event.
+    """
+
+    def reasons() -> list[str] | None:
+        items = cluster.get(
+            "events", "-n", namespace, "--field-selector", f"involvedObject.name={name}"
+        )
+        found = [str(e["reason"]) for e in (items or {}).get("items", [])]
+        return found if set(expected) <= set(found) else None
+
+    return wait_until(reasons, timeout=30, description=f"events {expected} on {name}")
 
 
 class SimulatedTrainer:
