@@ -10,8 +10,6 @@ a PVC cannot be read from here and are checked by the trainer with the same vali
 from __future__ import annotations
 
 import functools
-import ipaddress
-import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +19,7 @@ from pydantic import ValidationError
 from kubetune import data
 from kubetune.api import finetunejob as ftj
 from kubetune.data import tokens
-from kubetune.operator import kube
+from kubetune.operator import dataset_url, kube
 from kubetune.operator.settings import OperatorSettings
 
 MAX_DATASET_BYTES = 512 * 1024 * 1024
@@ -49,37 +47,6 @@ class DatasetCheck:
     text: bytes
 
 
-def _refuse_internal(request: httpx.Request, field: str) -> None:
-    """Refuses a request (the first or a redirect) to this host's own or link-local addresses.
-
-    The operator fetches what any FineTuneJob author names, from inside its own pod: without
-    this, a job could read the cloud's instance-metadata service (169.254.169.254, which hands
-    out node credentials) or services listening on the operator's loopback. Cluster-internal
-    (private) addresses stay allowed: object stores such as MinIO live there. The name is
-    resolved here and again when connecting, so a DNS answer that changes in between is not
-    caught; a NetworkPolicy on the operator's egress is the complete answer.
-    """
-    host = request.url.host
-    try:
-        infos = socket.getaddrinfo(host, request.url.port or 443, proto=socket.IPPROTO_TCP)
-    except OSError:
-        return  # let the connection attempt report it
-    for info in infos:
-        address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        if (
-            address.is_loopback
-            or address.is_link_local
-            or address.is_unspecified
-            or address.is_multicast
-        ):
-            raise InvalidJob(
-                f"{field}.url: {host} resolves to {address}, a loopback or link-local address "
-                "the operator does not fetch from"
-            )
-
-
 def fetch_dataset(
     src: ftj.DatasetSource,
     namespace: str,
@@ -95,25 +62,14 @@ def fetch_dataset(
         return value.encode("utf-8")
     if src.url is not None:
         try:
-            with (
-                httpx.Client(
-                    transport=transport,
-                    timeout=30,
-                    follow_redirects=True,
-                    event_hooks={"request": [functools.partial(_refuse_internal, field=field)]},
-                ) as client,
-                client.stream("GET", src.url) as resp,
-            ):
-                if resp.status_code in (404, 401, 403):
-                    raise InvalidJob(f"{field}.url: HTTP {resp.status_code} from {src.url}")
-                resp.raise_for_status()
-                chunks, size = [], 0
-                for chunk in resp.iter_bytes():
-                    size += len(chunk)
-                    if size > MAX_DATASET_BYTES:
-                        raise InvalidJob(f"{field}.url: larger than {MAX_DATASET_BYTES} bytes")
-                    chunks.append(chunk)
-                return b"".join(chunks)
+            return dataset_url.fetch(src.url, MAX_DATASET_BYTES, transport)
+        except (dataset_url.Refused, dataset_url.TooLarge) as exc:
+            raise InvalidJob(f"{field}.url: {exc}") from None
+        except httpx.HTTPStatusError as exc:
+            code = exc.response.status_code
+            if code in (404, 401, 403):
+                raise InvalidJob(f"{field}.url: HTTP {code} from {src.url}") from None
+            raise kube.TemporaryKubeError(f"{field}.url: HTTP {code}", delay=30) from None
         except httpx.HTTPError as exc:
             raise kube.TemporaryKubeError(f"{field}.url: {type(exc).__name__}", delay=30) from None
     return None

@@ -1,4 +1,5 @@
-"""Dataset URLs the operator fetches itself: never its own loopback or the metadata service."""
+"""Dataset URLs the operator fetches itself: never its own loopback or the metadata service,
+and errors that name the field (a missing file fails the job; a server error is retried)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import httpx
 import pytest
 
 from kubetune.api import finetunejob as ftj
-from kubetune.operator import checks
+from kubetune.operator import checks, kube
 
 LINES = (
     b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
@@ -47,3 +48,25 @@ def test_a_redirect_to_the_metadata_service_is_refused() -> None:
 @pytest.mark.parametrize("url", ["http://93.184.216.34/train.jsonl", "http://10.0.0.5/train.jsonl"])
 def test_public_and_cluster_internal_addresses_are_fetched(url: str) -> None:
     assert fetch(url) == LINES
+
+
+@pytest.mark.parametrize("code", [401, 403, 404])
+def test_a_url_that_is_not_there_or_not_ours_fails_the_job(code: int) -> None:
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(code)
+
+    src = ftj.DatasetSource(url="http://93.184.216.34/train.jsonl")
+    with pytest.raises(checks.InvalidJob, match=rf"spec\.dataset\.url: HTTP {code} from http://93"):
+        checks.fetch_dataset(src, "team-a", "spec.dataset", httpx.MockTransport(answer))
+
+
+def test_a_server_error_or_a_name_that_does_not_resolve_is_retried() -> None:
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(503)
+
+    src = ftj.DatasetSource(url="http://93.184.216.34/train.jsonl")
+    with pytest.raises(kube.TemporaryKubeError, match=r"spec\.dataset\.url: HTTP 503"):
+        checks.fetch_dataset(src, "team-a", "spec.dataset", httpx.MockTransport(answer))
+    unknown = ftj.DatasetSource(url="http://no-such-host.invalid/train.jsonl")
+    with pytest.raises(kube.TemporaryKubeError, match=r"spec\.dataset\.url: ConnectError"):
+        checks.fetch_dataset(unknown, "team-a", "spec.dataset", httpx.MockTransport(answer))
