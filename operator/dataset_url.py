@@ -11,11 +11,13 @@ for https, in SNI and certificate verification (httpcore's ``sni_hostname``). So
 that changes between the check and the connection (rebinding) reaches nothing new.
 
 Through an HTTP(S) proxy (``HTTPS_PROXY`` and friends) the proxy resolves and connects: the name
-is still checked, but a NetworkPolicy on the operator's egress is then the complete answer.
+is still checked where it resolves here, but a NetworkPolicy on the operator's egress (or the
+proxy's own rules) is then the complete answer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 import urllib.request
@@ -83,9 +85,13 @@ def pinned_request(client: httpx.Client, url: httpx.URL) -> httpx.Request:
     """A GET of ``url`` that connects to the address checked now, not to a later DNS answer."""
     if url.scheme not in DEFAULT_PORTS:
         raise Refused(f"{url.scheme!r} URLs are not fetched (http or https only)")
-    address = checked_address(url.host, url.port or DEFAULT_PORTS[url.scheme])
+    port = url.port or DEFAULT_PORTS[url.scheme]
     if proxied(url):
+        # A name only the proxy can resolve is the proxy's to reach.
+        with contextlib.suppress(httpx.ConnectError):
+            checked_address(url.host, port)
         return client.build_request("GET", url)
+    address = checked_address(url.host, port)
     extensions = {"sni_hostname": url.host} if url.scheme == "https" else {}
     return client.build_request(
         "GET",

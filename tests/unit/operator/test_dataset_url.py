@@ -128,6 +128,10 @@ def test_only_http_and_https_are_fetched(url: str, resolver: Callable[..., Resol
         dataset_url.fetch(url, 1024, recording()[0])
 
 
+def unresolvable(host: str, port: int) -> list[str]:
+    raise httpx.ConnectError(f"cannot resolve {host}")
+
+
 def test_through_a_proxy_the_name_is_still_checked_but_the_proxy_connects(
     resolver: Callable[..., Resolver], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -139,11 +143,22 @@ def test_through_a_proxy_the_name_is_still_checked_but_the_proxy_connects(
     resolver(LATER)
     with pytest.raises(dataset_url.Refused):
         dataset_url.fetch("https://data.example/train.jsonl", 1024, transport)
+    # A name that only the proxy can resolve is left to it.
+    monkeypatch.setattr(dataset_url, "resolve", unresolvable)
+    assert dataset_url.fetch("https://data.example/train.jsonl", 1024, transport) == BODY
     # A name the proxy is bypassed for is pinned again.
     monkeypatch.setenv("NO_PROXY", "data.example")
     resolver(PUBLIC)
     assert dataset_url.fetch("https://data.example/train.jsonl", 1024, transport) == BODY
     assert seen[-1].url.host == PUBLIC
+
+
+def test_without_a_proxy_a_name_that_does_not_resolve_is_a_connection_error(
+    resolver: Callable[..., Resolver], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dataset_url, "resolve", unresolvable)
+    with pytest.raises(httpx.ConnectError, match=r"cannot resolve data\.example"):
+        dataset_url.fetch("https://data.example/train.jsonl", 1024, recording()[0])
 
 
 def test_a_body_over_the_limit_is_refused(resolver: Callable[..., Resolver]) -> None:
