@@ -3,6 +3,8 @@ and errors that name the field (a missing file fails the job; a server error is 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import httpx
 import pytest
 
@@ -20,9 +22,9 @@ def serve(request: httpx.Request) -> httpx.Response:
     return httpx.Response(200, content=LINES)
 
 
-def fetch(url: str) -> bytes | None:
+def fetch(url: str, answer: Callable[[httpx.Request], httpx.Response] = serve) -> bytes | None:
     src = ftj.DatasetSource(url=url)
-    return checks.fetch_dataset(src, "team-a", "spec.dataset", httpx.MockTransport(serve))
+    return checks.fetch_dataset(src, "team-a", "spec.dataset", httpx.MockTransport(answer))
 
 
 @pytest.mark.parametrize(
@@ -52,21 +54,12 @@ def test_public_and_cluster_internal_addresses_are_fetched(url: str) -> None:
 
 @pytest.mark.parametrize("code", [401, 403, 404])
 def test_a_url_that_is_not_there_or_not_ours_fails_the_job(code: int) -> None:
-    def answer(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(code)
-
-    src = ftj.DatasetSource(url="http://93.184.216.34/train.jsonl")
     with pytest.raises(checks.InvalidJob, match=rf"spec\.dataset\.url: HTTP {code} from http://93"):
-        checks.fetch_dataset(src, "team-a", "spec.dataset", httpx.MockTransport(answer))
+        fetch("http://93.184.216.34/train.jsonl", lambda _: httpx.Response(code))
 
 
 def test_a_server_error_or_a_name_that_does_not_resolve_is_retried() -> None:
-    def answer(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(503)
-
-    src = ftj.DatasetSource(url="http://93.184.216.34/train.jsonl")
     with pytest.raises(kube.TemporaryKubeError, match=r"spec\.dataset\.url: HTTP 503"):
-        checks.fetch_dataset(src, "team-a", "spec.dataset", httpx.MockTransport(answer))
-    unknown = ftj.DatasetSource(url="http://no-such-host.invalid/train.jsonl")
+        fetch("http://93.184.216.34/train.jsonl", lambda _: httpx.Response(503))
     with pytest.raises(kube.TemporaryKubeError, match=r"spec\.dataset\.url: ConnectError"):
-        checks.fetch_dataset(unknown, "team-a", "spec.dataset", httpx.MockTransport(answer))
+        fetch("http://no-such-host.invalid/train.jsonl")
