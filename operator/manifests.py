@@ -379,6 +379,9 @@ def trainer_job(
                 ],
                 "env": [
                     {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
+                    # The root filesystem is read-only; matplotlib, torch and triton write
+                    # their caches under $HOME (the image user's home, otherwise).
+                    {"name": "HOME", "value": "/tmp"},
                     {"name": "PYTHONUNBUFFERED", "value": "1"},
                     {"name": "PYTHONSAFEPATH", "value": "1"},
                     # Multi-GPU pods give their workers this long, less a margin, to

@@ -90,6 +90,16 @@ def test_security_context_is_non_root_with_shm() -> None:
     assert shm["emptyDir"]["medium"] == "Memory"
 
 
+def test_with_a_read_only_root_home_is_a_writable_volume() -> None:
+    j = job()
+    pod = j["spec"]["template"]["spec"]
+    assert container(j)["securityContext"]["readOnlyRootFilesystem"] is True
+    env = {e["name"]: e.get("value") for e in container(j)["env"]}
+    mounts = {m["mountPath"]: m["name"] for m in container(j)["volumeMounts"]}
+    volume = next(v for v in pod["volumes"] if v["name"] == mounts[env["HOME"]])
+    assert "emptyDir" in volume
+
+
 def test_deadline_backoff_and_bad_input_fails_fast() -> None:
     j = job(spec(activeDeadlineSeconds=3600, backoffLimit=1))
     assert j["spec"]["activeDeadlineSeconds"] == 3600 and j["spec"]["backoffLimit"] == 1
