@@ -8,13 +8,14 @@ export PYTHONSAFEPATH := 1
 VENV := $(shell bash hack/venv.sh)
 PY = $(VENV)/bin/python
 
-.PHONY: help venv crds lint typecheck test test-unit test-cluster test-e2e k8s-bin cluster-up cluster-down demo bench
+.PHONY: help venv crds lint typecheck test test-unit test-cluster test-e2e k8s-bin images cluster-up cluster-down demo bench
 
 help:
 	@echo "make demo     - validate, train, serve and chat with the Daoist bot on the tiny model"
 	@echo "make test     - every test tier (unit, cluster, e2e), lint and types"
 	@echo "make crds     - regenerate crds/ and the chart's CRD from kubetune/api"
 	@echo "make cluster-up / cluster-down - the kwok test cluster"
+	@echo "make images   - the operator image (IMAGES=\"operator trainer server\" for all)"
 
 venv:
 	@echo $(VENV)
@@ -48,6 +49,12 @@ test: lint typecheck test-unit test-cluster test-e2e
 
 k8s-bin:
 	bash hack/k8s/build.sh
+
+# kubetune/<target>:dev from the Dockerfile, on a base made from Debian's packages (no registry
+# needed); `make images IMAGES="operator trainer server"` for all three.
+IMAGES ?= operator
+images:
+	bash hack/images/build.sh $(IMAGES)
 
 cluster-up: k8s-bin
 	bash hack/cluster/cluster-up.sh

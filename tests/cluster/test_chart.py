@@ -8,19 +8,23 @@ the operator does not do.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import subprocess
+import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
-from support import ftj
+from support import ftj, images
 from support.cluster import Cluster, ensure_binaries, wait_until
 from support.operator import OperatorProcess, running_operator
 
@@ -316,7 +320,7 @@ def other_team(cluster: Cluster) -> Iterator[str]:
     yield from team_namespace(cluster)
 
 
-def assert_no_permission_errors(op: OperatorProcess) -> None:
+def assert_no_permission_errors(op: OperatorProcess | images.Container) -> None:
     op.assert_alive()
     logs = op.logs()
     problems = [line for line in logs.splitlines() if RBAC_DENIED.search(line)]
@@ -324,7 +328,7 @@ def assert_no_permission_errors(op: OperatorProcess) -> None:
 
 
 @contextmanager
-def log_on_failure(op: OperatorProcess) -> Iterator[None]:
+def log_on_failure(op: OperatorProcess | images.Container) -> Iterator[None]:
     """A failing wait says what the operator logged, which usually says why."""
     try:
         yield
@@ -466,3 +470,71 @@ def test_scoped_install_confines_the_operator_to_its_namespaces(
             assert not ftj.get_ftj(cluster, other_team, "theirs").get("status")
             assert cluster.get("job", "theirs-trainer", "-n", other_team) is None
             assert_no_permission_errors(op)
+
+
+# ----------------------------------------------------------------------------- the image
+
+
+@pytest.fixture(scope="module")
+def operator_image() -> str:
+    return images.build("operator")
+
+
+def test_the_charts_operator_pod_runs_from_the_operator_image(
+    cluster: Cluster, helm_bin: Path, namespace: str, team: str, tmp_path: Path, operator_image: str
+) -> None:
+    """The chart's operator Deployment, run from the image built by hack/images/build.sh as a
+    kubelet would run it: the chart's command, args and env, its user, a read-only root, no
+    capabilities, its memory limit and /tmp volume, and the ServiceAccount's token where
+    in-cluster config finds it. It takes a job through to serving, answers the chart's liveness
+    probe, logs no permission errors, and exits 0 on SIGTERM within the grace period."""
+    repository, tag = operator_image.rsplit(":", 1)
+    ftj.install_crd(cluster)
+    values = ["--set", f"image.repository={repository}", "--set", f"image.tag={tag}"]
+    values += ["--set", "reconcileInterval=1", "--set", f"watchNamespaces={{{team}}}"]
+    pod = the(render(helm_bin, namespace, *values), "Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == operator_image
+    probe = container["livenessProbe"]["httpGet"]
+    port = next(p["containerPort"] for p in container["ports"] if p["name"] == probe["port"])
+
+    with install_identity(cluster, helm_bin, namespace, [team], tmp_path) as identity:
+        kubeconfig = json.loads(identity.kubeconfig.read_text())
+        server = kubeconfig["clusters"][0]["cluster"]
+        api = urlsplit(server["server"])
+        login = images.ServiceAccountLogin(
+            token=kubeconfig["users"][0]["user"]["token"],
+            ca_pem=base64.b64decode(server["certificate-authority-data"]),
+            namespace=namespace,
+            host=str(api.hostname),
+            port=int(api.port or 443),
+        )
+        op = images.run_like_kubelet(operator_image, pod, login=login, workdir=tmp_path)
+        try:
+            with log_on_failure(op):
+
+                def healthy() -> bool:
+                    op.assert_alive()
+                    url = f"http://127.0.0.1:{port}{probe['path']}"
+                    try:
+                        with urllib.request.urlopen(url, timeout=2) as answer:
+                            return bool(answer.status == 200)
+                    except OSError:
+                        return False
+
+                wait_until(healthy, timeout=60, description="the liveness probe to answer 200")
+                cluster.apply(ftj.local_job("from-image", run_seconds=2), namespace=team)
+                ftj.wait_phase(cluster, team, "from-image", "Succeeded")
+                wait_until(
+                    lambda: cluster.get("configmap", "from-image-endpoint", "-n", team),
+                    timeout=60,
+                    description="the endpoint ConfigMap",
+                )
+                assert_no_permission_errors(op)
+                assert "Traceback" not in op.logs()
+                grace = int(pod.get("terminationGracePeriodSeconds", 30))
+                started = time.monotonic()
+                assert op.stop(grace) == 0, op.logs()[-4000:]
+                assert time.monotonic() - started < grace, "SIGTERM was ignored; killed"
+        finally:
+            op.remove()

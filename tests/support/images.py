@@ -1,0 +1,210 @@
+"""kubetune's container images in tests: built by ``hack/images/build.sh``, run by docker the way
+a kubelet would run a pod's container.
+
+:func:`run_like_kubelet` turns a rendered pod spec into ``docker run`` flags: command and args,
+plain env values, the user and group, a read-only root, dropped capabilities, no privilege
+escalation, the memory limit, emptyDir volumes, and the ServiceAccount token where in-cluster
+config looks for it. A field it cannot express raises :class:`Untranslatable`, so a chart change
+is never silently left out of the test. The container shares the host's network, where the test
+cluster's API server listens.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+BUILD = REPO / "hack" / "images" / "build.sh"
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "k": 10**3, "M": 10**6, "G": 10**9}
+
+
+class ImageError(RuntimeError):
+    pass
+
+
+class Untranslatable(ValueError):
+    """A pod spec field that ``docker run`` cannot express here."""
+
+
+def build(target: str) -> str:
+    """Builds ``kubetune/<target>:dev`` from this checkout (installing and starting docker on a
+    fresh root Debian machine) and returns its name."""
+    proc = subprocess.run(
+        ["bash", str(BUILD), target], capture_output=True, text=True, timeout=1800, check=False
+    )
+    if proc.returncode != 0:
+        raise ImageError(f"hack/images/build.sh {target} failed:\n{proc.stderr[-4000:]}")
+    return proc.stdout.split()[-1]
+
+
+def quantity_bytes(quantity: str) -> int:
+    match = re.fullmatch(r"(\d+)([KMG]i?|k)?", quantity)
+    if not match:
+        raise Untranslatable(f"quantity {quantity!r}")
+    return int(match[1]) * UNITS.get(match[2] or "", 1)
+
+
+@dataclass(frozen=True)
+class ServiceAccountLogin:
+    """What a kubelet mounts for a pod's ServiceAccount, and where the API server is."""
+
+    token: str
+    ca_pem: bytes
+    namespace: str
+    host: str
+    port: int
+
+    def write(self, folder: Path) -> Path:
+        folder.mkdir(mode=0o755)
+        (folder / "token").write_text(self.token)
+        (folder / "ca.crt").write_bytes(self.ca_pem)
+        (folder / "namespace").write_text(self.namespace)
+        for path in [folder, *folder.iterdir()]:
+            path.chmod(0o755 if path.is_dir() else 0o644)  # the container's user reads them
+        return folder
+
+
+@dataclass
+class Container:
+    name: str
+
+    def _docker(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["docker", *args], capture_output=True, text=True, timeout=120, check=check
+        )
+
+    def state(self) -> dict[str, Any]:
+        out = self._docker("inspect", "--format", "{{json .State}}", self.name).stdout
+        return dict(json.loads(out))
+
+    def logs(self) -> str:
+        proc = self._docker("logs", self.name, check=False)
+        return proc.stdout + proc.stderr
+
+    def assert_alive(self) -> None:
+        assert self.state()["Running"], "container exited:\n" + self.logs()[-4000:]
+
+    def wait(self, timeout: float) -> int:
+        """Waits for the container to exit; returns its exit code."""
+        proc = subprocess.run(
+            ["docker", "wait", self.name], capture_output=True, text=True, timeout=timeout
+        )
+        return int(proc.stdout.strip())
+
+    def stop(self, grace_seconds: int) -> int:
+        """SIGTERM, then SIGKILL after ``grace_seconds`` (a pod's terminationGracePeriod);
+        returns the exit code."""
+        self._docker("stop", "--time", str(grace_seconds), self.name)
+        return int(self.state()["ExitCode"])
+
+    def remove(self) -> None:
+        self._docker("rm", "--force", self.name, check=False)
+
+
+def volume_args(
+    pod: dict[str, Any], container: dict[str, Any], sources: Mapping[str, Path]
+) -> list[str]:
+    """emptyDir volumes become tmpfs mounts; any other volume (a PVC, a ConfigMap) is the host
+    folder ``sources`` gives for its name, with the mount's subPath and readOnly."""
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    args: list[str] = []
+    for mount in container.get("volumeMounts", []):
+        volume, path = volumes[mount["name"]], mount["mountPath"]
+        if "emptyDir" in volume:
+            size = (volume["emptyDir"] or {}).get("sizeLimit")
+            tmpfs = f"type=tmpfs,destination={path}"
+            args += ["--mount", tmpfs + (f",tmpfs-size={quantity_bytes(size)}" if size else "")]
+            continue
+        if mount["name"] not in sources:
+            raise Untranslatable(f"volume {mount['name']}: no host folder given for it")
+        host = sources[mount["name"]] / mount.get("subPath", "")
+        if not host.exists():  # the test prepares it, owned by the pod's user
+            raise FileNotFoundError(f"{host} (volume {mount['name']}, at {path})")
+        readonly = ",readonly" if mount.get("readOnly") else ""
+        args += ["--mount", f"type=bind,source={host},destination={path}{readonly}"]
+    return args
+
+
+def docker_run_args(
+    image: str,
+    pod: dict[str, Any],
+    container: dict[str, Any],
+    *,
+    sources: Mapping[str, Path],
+    login: Path | None,
+    api: tuple[str, int] | None,
+) -> list[str]:
+    pod_sc = dict(pod.get("securityContext") or {})
+    pod_sc.pop("fsGroup", None)  # the test's host folders are made writable for the user instead
+    sc = {**pod_sc, **(container.get("securityContext") or {})}
+    args = ["--network", "host"]
+    if api is not None:
+        args += ["--env", f"KUBERNETES_SERVICE_HOST={api[0]}"]
+        args += ["--env", f"KUBERNETES_SERVICE_PORT={api[1]}"]
+    user, group = sc.pop("runAsUser", None), sc.pop("runAsGroup", None)
+    if sc.pop("runAsNonRoot", False) and not user:
+        raise Untranslatable("runAsNonRoot needs a non-zero runAsUser here (kubelet checks images)")
+    if user is not None:
+        args += ["--user", f"{user}" if group is None else f"{user}:{group}"]
+    if sc.pop("readOnlyRootFilesystem", False):
+        args.append("--read-only")
+    if sc.pop("allowPrivilegeEscalation", True) is False:
+        args += ["--security-opt", "no-new-privileges"]
+    caps = sc.pop("capabilities", {})
+    args += [f"--cap-drop={c}" for c in caps.pop("drop", [])]
+    args += [f"--cap-add={c}" for c in caps.pop("add", [])]
+    if sc.pop("seccompProfile", {}).get("type", "RuntimeDefault") != "RuntimeDefault":
+        raise Untranslatable("seccompProfile other than RuntimeDefault (docker's default)")
+    if sc or caps:
+        raise Untranslatable(f"securityContext fields {sorted(sc) + sorted(caps)}")
+
+    for env in container.get("env", []):
+        if "value" not in env:
+            raise Untranslatable(f"env {env['name']} is not a plain value")
+        args += ["--env", f"{env['name']}={env['value']}"]
+    limits = (container.get("resources") or {}).get("limits", {})
+    if "memory" in limits:
+        args += ["--memory", str(quantity_bytes(limits["memory"]))]
+    args += volume_args(pod, container, sources)
+    if login is not None:
+        args += ["--mount", f"type=bind,source={login},destination={SERVICE_ACCOUNT_DIR},readonly"]
+    command = container.get("command") or []
+    if command:
+        args += ["--entrypoint", command[0]]
+    return [*args, image, *command[1:], *container.get("args", [])]
+
+
+def run_like_kubelet(
+    image: str,
+    pod: dict[str, Any],
+    *,
+    workdir: Path,
+    login: ServiceAccountLogin | None = None,
+    sources: Mapping[str, Path] | None = None,
+) -> Container:
+    """Starts the pod's (only) container detached and returns it. ``login``: the ServiceAccount
+    and API server it reaches (none: not in a cluster); ``sources``: host folders for its
+    volumes other than emptyDir."""
+    (spec,) = pod["containers"]
+    folder = login.write(workdir / "serviceaccount") if login else None
+    name = f"kubetune-test-{spec['name']}-{uuid.uuid4().hex[:8]}"
+    api = (login.host, login.port) if login else None
+    flags = docker_run_args(image, pod, spec, sources=sources or {}, login=folder, api=api)
+    proc = subprocess.run(
+        ["docker", "run", "--detach", "--name", name, *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise ImageError(f"docker run {image} failed:\n{proc.stderr}")
+    return Container(name)
