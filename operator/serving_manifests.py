@@ -35,10 +35,12 @@ from typing import Any
 
 from kubetune.api import finetunejob as ftj
 from kubetune.api.serveconfig import AdapterSource, ServeConfig
+from kubetune.api.types import quantity_value
 from kubetune.operator import manifests
 from kubetune.operator.settings import OperatorSettings
 
 SERVER_PORT = 8000
+CPU_KV_CACHE_DEFAULT_GIB = 4
 COMPONENT = "server"
 CONFIG_FILE = "serve.yaml"
 CONFIG_PATH = f"{manifests.CONFIG_DIR}/{CONFIG_FILE}"
@@ -142,11 +144,26 @@ def config_configmap(config: ServeConfig, owner: manifests.Owner) -> dict[str, A
 # ------------------------------------------------------------------------------ pod
 
 
+def server_image(serve: ftj.ServeSpec, settings: OperatorSettings) -> str:
+    """Each engine is a different vLLM build, hence a different image."""
+    return settings.server_cpu_image if serve.engine == "vllm-cpu" else settings.server_image
+
+
 def engine_resources(serve: ftj.ServeSpec) -> ftj.Resources:
     """``serve.resources``, less the GPUs when the engine is ``vllm-cpu`` (it cannot use them)."""
     if serve.engine == "vllm-cpu":
         return serve.resources.model_copy(update={"gpus": 0})
     return serve.resources
+
+
+def cpu_kv_cache_gib(res: ftj.Resources) -> int:
+    """``VLLM_CPU_KVCACHE_SPACE`` (GiB) of a ``vllm-cpu`` server. Left to itself, vLLM-CPU
+    reserves 92% of the node's memory, whatever the pod's limit (and fails to start on a node
+    that is not almost idle): a quarter of the pod's memory, at least 1 GiB, leaving the rest
+    for the weights; 4 GiB when the pod has no memory limit."""
+    if res.memory is None:
+        return CPU_KV_CACHE_DEFAULT_GIB
+    return max(1, int(quantity_value(res.memory) / 4 / 2**30))
 
 
 def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
@@ -158,7 +175,7 @@ def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
     }
 
 
-def _env(serve: ftj.ServeSpec) -> list[dict[str, Any]]:
+def _env(serve: ftj.ServeSpec, res: ftj.Resources) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": "HF_HOME", "value": f"{manifests.CACHE_DIR}/huggingface"},
         # vLLM's torch.compile cache: on the cache volume, a restarted pod skips recompiling.
@@ -170,6 +187,8 @@ def _env(serve: ftj.ServeSpec) -> list[dict[str, Any]]:
         {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
         {"name": "DO_NOT_TRACK", "value": "1"},
     ]
+    if serve.engine == "vllm-cpu":
+        env.append({"name": "VLLM_CPU_KVCACHE_SPACE", "value": str(cpu_kv_cache_gib(res))})
     ref = serve.api_key_secret_ref
     if ref is not None:
         env.append(
@@ -231,10 +250,10 @@ def deployment(
         "containers": [
             {
                 "name": "vllm",
-                "image": settings.server_image,
+                "image": server_image(serve, settings),
                 "command": ["python", "-m", "kubetune.server", "--config", CONFIG_PATH],
                 "ports": [{"name": "http", "containerPort": SERVER_PORT, "protocol": "TCP"}],
-                "env": _env(serve),
+                "env": _env(serve, res),
                 "resources": manifests.resource_requirements(res),
                 "volumeMounts": mounts,
                 "securityContext": manifests.container_security_context(),

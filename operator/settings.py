@@ -33,7 +33,11 @@ class OperatorSettings:
     """Image of the trainer pods (runs ``python -m kubetune.trainer``)."""
 
     server_image: str = "ghcr.io/kubetune/server:0.1.0"
-    """Image of the vLLM server pods (runs ``python -m kubetune.server``)."""
+    """Image of the vLLM server pods of ``serve.engine: vllm`` (runs ``python -m
+    kubetune.server``; vLLM's CUDA build)."""
+
+    server_cpu_image: str = "ghcr.io/kubetune/server-cpu:0.1.0"
+    """Image of the server pods of ``serve.engine: vllm-cpu`` (vLLM's CPU build)."""
 
     output_claim: str = "kubetune-output"
     """PVC that adapters are written to when a job names none (``spec.output.pvc``)."""
@@ -78,6 +82,7 @@ class OperatorSettings:
         return cls(
             trainer_image=_env("KUBETUNE_TRAINER_IMAGE", default.trainer_image),
             server_image=_env("KUBETUNE_SERVER_IMAGE", default.server_image),
+            server_cpu_image=_env("KUBETUNE_SERVER_CPU_IMAGE", default.server_cpu_image),
             output_claim=_env("KUBETUNE_OUTPUT_CLAIM", default.output_claim),
             model_cache_claim=os.environ.get("KUBETUNE_MODEL_CACHE_CLAIM") or None,
             reconcile_interval=float(

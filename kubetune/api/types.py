@@ -69,6 +69,18 @@ Quantity = Annotated[
 ]
 """A Kubernetes resource quantity such as ``4``, ``500m`` or ``16Gi``."""
 
+_QUANTITY_UNITS = {
+    "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40,
+}  # fmt: skip
+
+
+def quantity_value(quantity: str) -> float:
+    """The number a :data:`Quantity` stands for (bytes, for memory): ``16Gi`` -> 17179869184."""
+    number = quantity.rstrip("mkKMGTi")
+    return float(number) * _QUANTITY_UNITS.get(quantity[len(number) :], 1)
+
+
 DNSName = Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)]
 """A DNS-1123 label: the names of ConfigMaps, Secrets, PVCs and LocalQueues."""
 

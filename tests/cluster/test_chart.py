@@ -175,6 +175,7 @@ def test_operator_deployment_is_locked_down_and_takes_its_settings_from_values(
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["KUBETUNE_TRAINER_IMAGE"] == "ghcr.io/kubetune/trainer:1.2.3"
     assert env["KUBETUNE_SERVER_IMAGE"].endswith(":0.1.0")  # the chart's appVersion
+    assert env["KUBETUNE_SERVER_CPU_IMAGE"] == "ghcr.io/kubetune/server-cpu:0.1.0"
     assert env["KUBETUNE_OUTPUT_CLAIM"] == "adapters"
     assert env["KUBETUNE_MODEL_CACHE_CLAIM"] == "hf-cache"
     assert float(env["KUBETUNE_RECONCILE_INTERVAL"]) == 2.5

@@ -21,6 +21,7 @@ FAST_SETTINGS = {
     "KUBETUNE_OPENAI_POLL_INTERVAL": "1",
     "KUBETUNE_TRAINER_IMAGE": "kubetune/trainer:test",
     "KUBETUNE_SERVER_IMAGE": "kubetune/server:test",
+    "KUBETUNE_SERVER_CPU_IMAGE": "kubetune/server-cpu:test",
 }
 
 

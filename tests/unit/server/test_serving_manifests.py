@@ -127,6 +127,26 @@ def test_cpu_engine_asks_for_no_gpu() -> None:
     assert served_config(objs).engine == "vllm-cpu"
 
 
+@pytest.mark.parametrize(
+    ("memory", "gib"), [(None, 4), ("32Gi", 8), ("64G", 14), ("2Gi", 1), ("1536Mi", 1)]
+)
+def test_cpu_engine_sizes_its_kv_cache_from_the_pods_memory(memory: str | None, gib: int) -> None:
+    # vLLM-CPU would otherwise reserve 92% of the node's memory, whatever the pod's limit.
+    resources = {"memory": memory} if memory else {}
+    objs = objects({"engine": "vllm-cpu", "resources": resources})
+    env = {e["name"]: e.get("value") for e in container(objs)["env"]}
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == str(gib)
+    gpu = {e["name"] for e in container(objects({"engine": "vllm"}))["env"]}
+    assert "VLLM_CPU_KVCACHE_SPACE" not in gpu
+
+
+@pytest.mark.parametrize(("engine", "image"), [("vllm", "gpu:1"), ("vllm-cpu", "cpu:1")])
+def test_each_engine_runs_from_its_own_image(engine: str, image: str) -> None:
+    settings = OperatorSettings(server_image="gpu:1", server_cpu_image="cpu:1")
+    objs = objects({"engine": engine}, settings=settings)
+    assert container(objs)["image"] == image
+
+
 def test_adapter_is_the_jobs_output_folder_mounted_read_only() -> None:
     objs = objects()
     vol = next(v for v in pod(objs)["volumes"] if v["name"] == "adapter")
