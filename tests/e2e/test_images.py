@@ -1,28 +1,38 @@
-"""kubetune's trainer image runs the pod the operator builds for it.
+"""kubetune's trainer and server-cpu images run the pods the operator builds for them.
 
-The trainer Job of a local FineTuneJob, built by the operator's own builder, is run from
-``kubetune/trainer:dev`` (``hack/images/build.sh trainer``) by docker the way a kubelet would run
-it (``support.images``): its command and env, uid 1000, a read-only root, no capabilities, and
-its volumes: the config ConfigMap, the model and dataset PVCs read-only, the job's own
-subfolder of the output PVC, emptyDirs for /tmp, /dev/shm and the model cache. Host folders stand
-in for the PVCs. It trains the demo job on the demo model and leaves the adapter and its records
-in the job's folder, and nowhere else. (The operator's image is run in tests/cluster/test_chart.py,
-against the API server.)
+The operator's own builders make the trainer Job and the serving Deployment of a local
+FineTuneJob; docker runs each pod's container the way a kubelet would (``support.images``):
+its command and env, uid 1000, a read-only root, no capabilities, and its volumes, with host
+folders standing in for the PVCs (the model and dataset claims read-only, the output claim
+through the job's subPath) and the ConfigMaps. The images are ``kubetune/trainer:dev`` and
+``kubetune/server-cpu:dev`` (``hack/images/build.sh``), built from this checkout.
+
+- The trainer pod trains the demo job on the demo model and leaves the adapter and its records
+  in the job's folder, owned by the pod's user, and nothing anywhere else.
+- The server pod serves that adapter with vLLM's CPU build: it lists it under the job's name,
+  on the base model, and answers a chat completion through the `openai` client.
+
+(The operator's image runs in tests/cluster/test_chart.py, against the API server.)
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+import openai
 import pytest
 import yaml
 
 from kubetune.api import finetunejob as ftj
 from kubetune.api.result import TrainingResult
-from kubetune.operator import manifests
+from kubetune.operator import manifests, serving_manifests
 from kubetune.operator.settings import OperatorSettings
 from support import images
 
@@ -31,11 +41,19 @@ pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 DEMO_JOB = REPO / "examples" / "daoyan-local.yaml"
 DATASET = REPO / "examples" / "data" / "daoyan.jsonl"
+OWNER = manifests.Owner(name="daoyan", namespace="team-a", uid="5f0c9a41-image-test")
+READY_TIMEOUT = 900.0
 
 
-@pytest.fixture(scope="module")
-def trainer_image() -> str:
-    return images.build("trainer")
+@dataclass(frozen=True)
+class Trained:
+    spec: ftj.FineTuneJobSpec
+    pod: dict[str, Any]
+    logs: str
+    exit_code: int
+    models: Path
+    output: Path
+    job_folder: Path
 
 
 def demo_spec() -> ftj.FineTuneJobSpec:
@@ -47,72 +65,128 @@ def demo_spec() -> ftj.FineTuneJobSpec:
     return ftj.FineTuneJobSpec.model_validate(spec)
 
 
-def test_the_operators_trainer_pod_trains_from_the_trainer_image(
-    trainer_image: str, demo_model: Path, tmp_path: Path
-) -> None:
+@pytest.fixture(scope="module")
+def trained(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    image = images.build("trainer")
+    work = tmp_path_factory.mktemp("trainer-pod")
     spec = demo_spec()
-    owner = manifests.Owner(name="daoyan", namespace="team-a", uid="5f0c9a41-image-test")
-    settings = OperatorSettings(trainer_image=trainer_image)
-    config = manifests.trainer_config(spec, owner)
-    job = manifests.trainer_job(spec, owner, settings, config)
+    config = manifests.trainer_config(spec, OWNER)
+    job = manifests.trainer_job(spec, OWNER, OperatorSettings(trainer_image=image), config)
     pod = job["spec"]["template"]["spec"]
-    assert pod["containers"][0]["image"] == trainer_image
+    assert pod["containers"][0]["image"] == image
     uid = pod["securityContext"]["runAsUser"]
 
     # What the ConfigMap and the PVCs hold. The output claim is shared: the pod sees only its
-    # job's subfolder, which the test creates for the pod's user (as fsGroup would let it write).
-    volumes = {v["name"]: v for v in pod["volumes"]}
-    config_dir = tmp_path / "config"
+    # job's subfolder, which is made for the pod's user (as fsGroup would let it write there).
+    config_dir = work / "config"
     config_dir.mkdir()
-    for key, text in manifests.trainer_configmap(config, owner)["data"].items():
+    for key, text in manifests.trainer_configmap(config, OWNER)["data"].items():
         (config_dir / key).write_text(text)
-    models = tmp_path / "models"
+    models = work / "models"
     shutil.copytree(demo_model, models / "demo-tiny")
     for path in models.rglob("*"):  # safetensors writes 0600; a shared model PVC is readable
         path.chmod(0o755 if path.is_dir() else 0o644)
-    datasets = tmp_path / "datasets"
+    datasets = work / "datasets"
     datasets.mkdir()
     shutil.copy(DATASET, datasets / "daoyan.jsonl")
-    output = tmp_path / "output"
-    job_folder = output / manifests.output_subpath(spec, owner)
+    output = work / "output"
+    job_folder = output / manifests.output_subpath(spec, OWNER)
     job_folder.mkdir(parents=True)
     shutil.chown(job_folder, uid, uid)
-    sources = {
-        "config": config_dir,
-        "model": models,
-        "dataset": datasets,
-        "output": output,
-    }
+    sources = {"config": config_dir, "model": models, "dataset": datasets, "output": output}
+    volumes = {v["name"]: v for v in pod["volumes"]}
     assert {n for n, v in volumes.items() if "emptyDir" not in v} == set(sources)
 
-    container = images.run_like_kubelet(trainer_image, pod, workdir=tmp_path, sources=sources)
+    container = images.run_like_kubelet(image, pod, workdir=work, sources=sources)
     try:
         code = container.wait(timeout=900)
-        logs = container.logs()
-        assert code == 0, logs[-4000:]
-        assert "Read-only file system" not in logs, logs[-4000:]
+        return Trained(spec, pod, container.logs(), code, models, output, job_folder)
     finally:
         container.remove()
 
-    files = {p.name for p in job_folder.iterdir()}
+
+def test_the_operators_trainer_pod_trains_from_the_trainer_image(trained: Trained) -> None:
+    assert trained.exit_code == 0, trained.logs[-4000:]
+    assert "Read-only file system" not in trained.logs, trained.logs[-4000:]
+    folder = trained.job_folder
+    files = {p.name for p in folder.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "result.json"} <= files, files
     assert {"metrics.jsonl", "loss.png"} <= files, files
     # Nothing outside the job's folder; everything in it belongs to the pod's user.
-    assert [p for p in output.rglob("*") if job_folder not in (p, *p.parents)] == [
-        p for p in job_folder.parents if output in p.parents
-    ]
-    assert {p.stat().st_uid for p in job_folder.rglob("*")} == {uid}
+    outside = [p for p in trained.output.rglob("*") if folder not in (p, *p.parents)]
+    assert outside == [p for p in folder.parents if trained.output in p.parents]
+    uid = trained.pod["securityContext"]["runAsUser"]
+    assert {p.stat().st_uid for p in folder.rglob("*")} == {uid}
 
-    result = TrainingResult.model_validate_json((job_folder / "result.json").read_text())
+    result = TrainingResult.model_validate_json((folder / "result.json").read_text())
     assert result.base_model == f"{manifests.MODEL_DIR}/demo-tiny"
     assert result.steps == result.total_steps > 0
     assert result.trained_tokens > 0
-    adapter = json.loads((job_folder / "adapter_config.json").read_text())
+    adapter = json.loads((folder / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == f"{manifests.MODEL_DIR}/demo-tiny"
-    assert adapter["r"] == spec.lora.r
-    losses = [
-        json.loads(line)["train_loss"]
-        for line in (job_folder / "metrics.jsonl").read_text().splitlines()
-        if json.loads(line).get("train_loss") is not None
-    ]
+    assert adapter["r"] == trained.spec.lora.r
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train_loss"] for r in records if r.get("train_loss") is not None]
     assert losses[-1] < losses[0], losses
+
+
+@pytest.fixture(scope="module")
+def server(trained: Trained, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The operator's serving Deployment for the trained job, running from the server-cpu image;
+    yields its OpenAI base URL once its readiness probe answers."""
+    assert trained.exit_code == 0, "the trainer pod failed; nothing to serve"
+    image = images.build("server-cpu")
+    work = tmp_path_factory.mktemp("server-pod")
+    assert trained.spec.serve is not None and trained.spec.model is not None
+    objects = serving_manifests.serving_objects(
+        owner=OWNER,
+        serve=trained.spec.serve,
+        base_model=trained.spec.model,
+        adapter_claim="kubetune-output",
+        adapter_subpath=manifests.output_subpath(trained.spec, OWNER),
+        lora_rank=trained.spec.lora.r,
+        settings=OperatorSettings(server_cpu_image=image),
+    )
+    kinds = {o["kind"]: o for o in objects}
+    pod = kinds["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == image
+    config_dir = work / "config"
+    config_dir.mkdir()
+    for key, text in kinds["ConfigMap"]["data"].items():
+        (config_dir / key).write_text(text)
+    sources = {"config": config_dir, "adapter": trained.output, "model": trained.models}
+    probe = container["readinessProbe"]["httpGet"]
+    port = next(p["containerPort"] for p in container["ports"] if p["name"] == probe["port"])
+
+    running = images.run_like_kubelet(image, pod, workdir=work, sources=sources)
+    try:
+        root = f"http://127.0.0.1:{running.port(port)}"
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            running.assert_alive()
+            try:
+                if httpx.get(root + probe["path"], timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "not ready:\n" + running.logs()[-4000:]
+            time.sleep(2)
+        yield f"{root}/v1"
+    finally:
+        running.remove()
+
+
+def test_the_operators_server_pod_serves_the_adapter_from_the_server_cpu_image(
+    server: str,
+) -> None:
+    client = openai.OpenAI(base_url=server, api_key="unused", max_retries=0, timeout=120)
+    served = {m.id: m for m in client.models.list()}
+    assert OWNER.name in served, list(served)
+    assert served[OWNER.name].model_dump().get("parent") == "demo-tiny"
+    question = json.loads(DATASET.read_text().splitlines()[0])["messages"][:-1]
+    reply = client.chat.completions.create(
+        model=OWNER.name, messages=question, max_tokens=16, temperature=0
+    )
+    assert reply.choices[0].message.content, reply
+    assert reply.usage is not None and reply.usage.completion_tokens > 0

@@ -5,8 +5,9 @@ a kubelet would run a pod's container.
 plain env values, the user and group, a read-only root, dropped capabilities, no privilege
 escalation, the memory limit, emptyDir volumes, and the ServiceAccount token where in-cluster
 config looks for it. A field it cannot express raises :class:`Untranslatable`, so a chart change
-is never silently left out of the test. The container shares the host's network, where the test
-cluster's API server listens.
+is never silently left out of the test. A container that logs in to the API server shares the
+host's network, where the test cluster's API server listens; any other gets a network of its own,
+with its ports published on loopback.
 """
 
 from __future__ import annotations
@@ -90,7 +91,18 @@ class Container:
         return proc.stdout + proc.stderr
 
     def assert_alive(self) -> None:
-        assert self.state()["Running"], "container exited:\n" + self.logs()[-4000:]
+        if not self.state()["Running"]:
+            logs = self.logs()
+            # The first error is usually the cause; the tail is how it ended.
+            errors = [line for line in logs.splitlines() if "Error" in line][:10]
+            raise AssertionError(
+                "container exited; first errors:\n" + "\n".join(errors) + "\n...\n" + logs[-3000:]
+            )
+
+    def port(self, container_port: int) -> int:
+        """The host port that ``container_port`` is published on (pods off the host network)."""
+        out = self._docker("port", self.name, f"{container_port}/tcp").stdout
+        return int(out.split()[0].rsplit(":", 1)[1])
 
     def wait(self, timeout: float) -> int:
         """Waits for the container to exit; returns its exit code."""
@@ -145,10 +157,11 @@ def docker_run_args(
     pod_sc = dict(pod.get("securityContext") or {})
     pod_sc.pop("fsGroup", None)  # the test's host folders are made writable for the user instead
     sc = {**pod_sc, **(container.get("securityContext") or {})}
-    args = ["--network", "host"]
-    if api is not None:
-        args += ["--env", f"KUBERNETES_SERVICE_HOST={api[0]}"]
+    if api is not None:  # the host's network, where the test cluster's API server listens
+        args = ["--network", "host", "--env", f"KUBERNETES_SERVICE_HOST={api[0]}"]
         args += ["--env", f"KUBERNETES_SERVICE_PORT={api[1]}"]
+    else:  # a network of its own, as a pod has; its ports on free loopback ports of the host
+        args = [f"--publish=127.0.0.1::{p['containerPort']}" for p in container.get("ports", [])]
     user, group = sc.pop("runAsUser", None), sc.pop("runAsGroup", None)
     if sc.pop("runAsNonRoot", False) and not user:
         raise Untranslatable("runAsNonRoot needs a non-zero runAsUser here (kubelet checks images)")
