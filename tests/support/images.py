@@ -3,17 +3,18 @@ a kubelet would run a pod's container.
 
 :func:`run_like_kubelet` turns a rendered pod spec into ``docker run`` flags: command and args,
 plain env values, the user and group, a read-only root, dropped capabilities, no privilege
-escalation, the memory limit, emptyDir volumes, and the ServiceAccount token where in-cluster
-config looks for it. A field it cannot express raises :class:`Untranslatable`, so a chart change
-is never silently left out of the test. A container that logs in to the API server shares the
-host's network, where the test cluster's API server listens; any other gets a network of its own,
-with its ports published on loopback.
+escalation, the cpu and memory limits, the volumes, and the ServiceAccount token where in-cluster
+config looks for it. In the security context, env, limits and volumes, a field it cannot express
+raises :class:`Untranslatable`, so a change there is never silently left out of a test; what
+only places a pod (node selector, tolerations, requests) has no meaning on one machine.
+
+A container that logs in to the API server shares the host's network, where the test cluster's
+API server listens; any other gets a network of its own, with its ports published on loopback.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import uuid
 from collections.abc import Mapping
@@ -21,10 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kubetune.api.types import quantity_value
+
 REPO = Path(__file__).resolve().parents[2]
 BUILD = REPO / "hack" / "images" / "build.sh"
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
-UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "k": 10**3, "M": 10**6, "G": 10**9}
 
 
 class ImageError(RuntimeError):
@@ -44,13 +46,6 @@ def build(target: str) -> str:
     if proc.returncode != 0:
         raise ImageError(f"hack/images/build.sh {target} failed:\n{proc.stderr[-4000:]}")
     return proc.stdout.split()[-1]
-
-
-def quantity_bytes(quantity: str) -> int:
-    match = re.fullmatch(r"(\d+)([KMG]i?|k)?", quantity)
-    if not match:
-        raise Untranslatable(f"quantity {quantity!r}")
-    return int(match[1]) * UNITS.get(match[2] or "", 1)
 
 
 @dataclass(frozen=True)
@@ -133,7 +128,10 @@ def volume_args(
         if "emptyDir" in volume:
             size = (volume["emptyDir"] or {}).get("sizeLimit")
             tmpfs = f"type=tmpfs,destination={path}"
-            args += ["--mount", tmpfs + (f",tmpfs-size={quantity_bytes(size)}" if size else "")]
+            args += [
+                "--mount",
+                tmpfs + (f",tmpfs-size={int(quantity_value(size))}" if size else ""),
+            ]
             continue
         if mount["name"] not in sources:
             raise Untranslatable(f"volume {mount['name']}: no host folder given for it")
@@ -183,9 +181,13 @@ def docker_run_args(
         if "value" not in env:
             raise Untranslatable(f"env {env['name']} is not a plain value")
         args += ["--env", f"{env['name']}={env['value']}"]
-    limits = (container.get("resources") or {}).get("limits", {})
+    limits = dict((container.get("resources") or {}).get("limits", {}))
     if "memory" in limits:
-        args += ["--memory", str(quantity_bytes(limits["memory"]))]
+        args += ["--memory", str(int(quantity_value(limits.pop("memory"))))]
+    if "cpu" in limits:
+        args += ["--cpus", str(quantity_value(limits.pop("cpu")))]
+    if limits:  # GPUs and other extended resources
+        raise Untranslatable(f"limits {sorted(limits)}")
     args += volume_args(pod, container, sources)
     if login is not None:
         args += ["--mount", f"type=bind,source={login},destination={SERVICE_ACCOUNT_DIR},readonly"]
@@ -212,7 +214,7 @@ def run_like_kubelet(
     api = (login.host, login.port) if login else None
     flags = docker_run_args(image, pod, spec, sources=sources or {}, login=folder, api=api)
     proc = subprocess.run(
-        ["docker", "run", "--detach", "--name", name, *flags],
+        ["docker", "run", "--detach", "--name", name, "--label", "io.kubetune.test=1", *flags],
         capture_output=True,
         text=True,
         timeout=120,
