@@ -15,7 +15,7 @@ help:
 	@echo "make test     - every test tier (unit, cluster, e2e), lint and types"
 	@echo "make crds     - regenerate crds/ and the chart's CRD from kubetune/api"
 	@echo "make cluster-up / cluster-down - the kwok test cluster"
-	@echo "make images   - the operator image (IMAGES=\"operator trainer server\" for all)"
+	@echo "make images   - the operator image (IMAGES=\"operator trainer server server-cpu\" for all)"
 
 venv:
 	@echo $(VENV)
@@ -51,7 +51,7 @@ k8s-bin:
 	bash hack/k8s/build.sh
 
 # kubetune/<target>:dev from the Dockerfile, on a base made from Debian's packages (no registry
-# needed); `make images IMAGES="operator trainer server"` for all three.
+# needed); `make images IMAGES="operator trainer server server-cpu"` for all four (docs/images.md).
 IMAGES ?= operator
 images:
 	bash hack/images/build.sh $(IMAGES)

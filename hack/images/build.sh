@@ -2,7 +2,7 @@
 # Builds kubetune's images (targets of the Dockerfile) and prints their names, one per line.
 #
 #   hack/images/build.sh                          # kubetune/operator:dev
-#   hack/images/build.sh operator trainer server  # all three (trainer and server: ~10 GB each)
+#   hack/images/build.sh operator trainer server-cpu server  # all four (docs/images.md)
 #
 # PREFIX (default kubetune/) and TAG (default dev) name them. BASE is the base image: by default
 # the one hack/images/base.sh makes from Debian's packages (no container registry needed); where
