@@ -13,7 +13,6 @@ import json
 import re
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -513,17 +512,7 @@ def test_the_charts_operator_pod_runs_from_the_operator_image(
         op = images.run_like_kubelet(operator_image, pod, login=login, workdir=tmp_path)
         try:
             with log_on_failure(op):
-
-                def healthy() -> bool:
-                    op.assert_alive()
-                    url = f"http://127.0.0.1:{port}{probe['path']}"
-                    try:
-                        with urllib.request.urlopen(url, timeout=2) as answer:
-                            return bool(answer.status == 200)
-                    except OSError:
-                        return False
-
-                wait_until(healthy, timeout=60, description="the liveness probe to answer 200")
+                op.wait_for_probe(f"http://127.0.0.1:{port}{probe['path']}", timeout=60)
                 cluster.apply(ftj.local_job("from-image", run_seconds=2), namespace=team)
                 ftj.wait_phase(cluster, team, "from-image", "Succeeded")
                 wait_until(

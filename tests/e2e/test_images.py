@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import openai
 import pytest
 import yaml
@@ -162,16 +160,7 @@ def server(trained: Trained, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     running = images.run_like_kubelet(image, pod, workdir=work, sources=sources)
     try:
         root = f"http://127.0.0.1:{running.port(port)}"
-        deadline = time.monotonic() + READY_TIMEOUT
-        while True:
-            running.assert_alive()
-            try:
-                if httpx.get(root + probe["path"], timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "not ready:\n" + running.logs()[-4000:]
-            time.sleep(2)
+        running.wait_for_probe(root + probe["path"], timeout=READY_TIMEOUT)
         yield f"{root}/v1"
     finally:
         running.remove()

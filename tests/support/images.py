@@ -22,7 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from kubetune.api.types import quantity_value
+from support.cluster import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD = REPO / "hack" / "images" / "build.sh"
@@ -72,9 +75,11 @@ class ServiceAccountLogin:
 class Container:
     name: str
 
-    def _docker(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def _docker(
+        self, *args: str, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            ["docker", *args], capture_output=True, text=True, timeout=120, check=check
+            ["docker", *args], capture_output=True, text=True, timeout=timeout, check=check
         )
 
     def state(self) -> dict[str, Any]:
@@ -94,6 +99,22 @@ class Container:
                 "container exited; first errors:\n" + "\n".join(errors) + "\n...\n" + logs[-3000:]
             )
 
+    def wait_for_probe(self, url: str, timeout: float) -> None:
+        """Polls an HTTP probe until it answers 200; fails at once, with the container's logs,
+        if the container exits, and with them too when ``timeout`` runs out."""
+
+        def answers() -> bool:
+            self.assert_alive()
+            try:
+                return httpx.get(url, timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        try:
+            wait_until(answers, timeout=timeout, description=f"{url} to answer 200", interval=1)
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}\n{self.logs()[-4000:]}") from None
+
     def port(self, container_port: int) -> int:
         """The host port that ``container_port`` is published on (pods off the host network)."""
         out = self._docker("port", self.name, f"{container_port}/tcp").stdout
@@ -101,10 +122,7 @@ class Container:
 
     def wait(self, timeout: float) -> int:
         """Waits for the container to exit; returns its exit code."""
-        proc = subprocess.run(
-            ["docker", "wait", self.name], capture_output=True, text=True, timeout=timeout
-        )
-        return int(proc.stdout.strip())
+        return int(self._docker("wait", self.name, timeout=timeout).stdout.strip())
 
     def stop(self, grace_seconds: int) -> int:
         """SIGTERM, then SIGKILL after ``grace_seconds`` (a pod's terminationGracePeriod);
