@@ -8,13 +8,13 @@ export PYTHONSAFEPATH := 1
 VENV := $(shell bash hack/venv.sh)
 PY = $(VENV)/bin/python
 
-.PHONY: help venv crds lint typecheck test test-unit test-cluster test-e2e k8s-bin images cluster-up cluster-down demo bench
+.PHONY: help venv crds lint typecheck test test-unit test-cluster test-e2e test-pods k8s-bin images cluster-up cluster-down demo bench
 
 help:
 	@echo "make demo     - validate, train, serve and chat with the Daoist bot on the tiny model"
-	@echo "make test     - every test tier (unit, cluster, e2e), lint and types"
+	@echo "make test     - every test tier (unit, cluster, e2e, pods), lint and types"
 	@echo "make crds     - regenerate crds/ and the chart's CRD from kubetune/api"
-	@echo "make cluster-up / cluster-down - the kwok test cluster"
+	@echo "make cluster-up / cluster-down - the kwok test cluster (NODES=real: one real node)"
 	@echo "make images   - the operator image (IMAGES=\"operator trainer server server-cpu\" for all)"
 
 venv:
@@ -45,7 +45,11 @@ test-cluster: k8s-bin
 test-e2e:
 	$(PY) -m pytest tests/e2e -q -m e2e
 
-test: lint typecheck test-unit test-cluster test-e2e
+# kubetune's images as pods on a real node (kubelet + containerd, hack/node); needs root.
+test-pods: k8s-bin
+	$(PY) -m pytest tests/pods -q -m pods
+
+test: lint typecheck test-unit test-cluster test-e2e test-pods
 
 k8s-bin:
 	bash hack/k8s/build.sh
@@ -56,11 +60,12 @@ IMAGES ?= operator
 images:
 	bash hack/images/build.sh $(IMAGES)
 
+NODES ?= kwok
 cluster-up: k8s-bin
-	bash hack/cluster/cluster-up.sh
+	KUBETUNE_CLUSTER_NODES=$(NODES) bash hack/cluster/cluster-up.sh
 
 cluster-down:
-	bash hack/cluster/cluster-down.sh
+	KUBETUNE_CLUSTER_NODES=$(NODES) bash hack/cluster/cluster-down.sh
 
 demo:
 	bash hack/demo.sh

@@ -3,9 +3,10 @@
 #
 #   bash hack/k8s/build.sh            build what is missing, print the bin folder on stdout
 #
-# Binaries: kube-apiserver, kube-controller-manager, kube-scheduler, kubectl (k8s.io/kubernetes),
+# Binaries: kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kubelet, kube-proxy
+# (k8s.io/kubernetes),
 # etcd (go.etcd.io/etcd/server/v3), kwok + kwokctl (sigs.k8s.io/kwok), helm (helm.sh/helm/v3),
-# kueue (sigs.k8s.io/kueue).
+# kueue (sigs.k8s.io/kueue), registry (github.com/distribution/distribution/v3).
 # Each tool group is its own Go module under hack/k8s/<group>/ so that every tool builds with the
 # dependency set its upstream release was tested with (kwok and helm pin newer k8s.io libraries
 # than kubernetes 1.34, and etcd 3.6 needs newer grpc/otel than kube-apiserver 1.34 ships with).
@@ -22,7 +23,7 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd kwok kwokctl helm kueue)
+BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy etcd kwok kwokctl helm kueue registry)
 
 log() { printf '[k8s-bin] %s\n' "$*" >&2; }
 
@@ -56,7 +57,8 @@ ETCD_VERSION="$(module_version etcd go.etcd.io/etcd/server/v3)"
 KWOK_VERSION="$(module_version kwok sigs.k8s.io/kwok)"
 HELM_VERSION="$(module_version helm helm.sh/helm/v3)"
 KUEUE_VERSION="$(module_version kueue sigs.k8s.io/kueue)"
-for v in KUBE_VERSION ETCD_VERSION KWOK_VERSION HELM_VERSION KUEUE_VERSION; do
+REGISTRY_VERSION="$(module_version registry github.com/distribution/distribution/v3)"
+for v in KUBE_VERSION ETCD_VERSION KWOK_VERSION HELM_VERSION KUEUE_VERSION REGISTRY_VERSION; do
   [[ -n "${!v}" ]] || { log "cannot read $v from hack/k8s/*/go.mod"; exit 1; }
 done
 KUBE_MINOR="$(cut -d. -f2 <<<"$KUBE_VERSION")"
@@ -86,15 +88,17 @@ declare -A LDFLAGS=(
   [kwok]="-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v} -X sigs.k8s.io/kwok/pkg/consts.KubeVersion=${KUBE_VERSION#v}"
   [helm]="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$KUBE_MINOR -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$KUBE_MINOR"
   [kueue]="-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion=$KUEUE_VERSION"
+  [registry]="-s -w -X github.com/distribution/distribution/v3/version.version=$REGISTRY_VERSION"
 )
 declare -A OUTPUTS=(
-  [kubernetes]="kube-apiserver kube-controller-manager kube-scheduler kubectl"
+  [kubernetes]="kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy"
   [etcd]="etcd"
   [kwok]="kwok kwokctl"
   [helm]="helm"
   [kueue]="kueue"
+  [registry]="registry"
 )
-GROUPS_ORDER=(kubernetes etcd kwok helm kueue)
+GROUPS_ORDER=(kubernetes etcd kwok helm kueue registry)
 
 GO_VERSION="$(go env GOVERSION)"
 stamp_of() {
@@ -144,6 +148,7 @@ fi
   echo "kwok $KWOK_VERSION"
   echo "helm $HELM_VERSION"
   echo "kueue $KUEUE_VERSION"
+  echo "registry $REGISTRY_VERSION"
   echo "go $GO_VERSION"
 } >"$ROOT/VERSIONS"
 check_bin_dir "$BIN"

@@ -10,6 +10,8 @@ Environment (all optional):
 
 - ``KUBETUNE_TEST_KUBECONFIG``: run against the cluster behind this kubeconfig; nothing is created
   or deleted. It must carry the nodes and kwok stages of hack/cluster (cluster-up.sh gives them).
+- ``KUBETUNE_TEST_REAL_KUBECONFIG``: the same for the pods tier, whose cluster has a real node
+  (``KUBETUNE_CLUSTER_NODES=real bash hack/cluster/cluster-up.sh`` gives one).
 - ``KUBETUNE_TEST_KEEP_CLUSTER=1``: leave a cluster that a session created running afterwards.
 - ``KUBETUNE_K8S_BIN``, ``KUBETUNE_CACHE``: as for hack/k8s/build.sh.
 """
@@ -26,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +36,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO_ROOT / "hack" / "k8s" / "build.sh"
 CLUSTER_UP = REPO_ROOT / "hack" / "cluster" / "cluster-up.sh"
 CLUSTER_DOWN = REPO_ROOT / "hack" / "cluster" / "cluster-down.sh"
+PUSH_IMAGES = REPO_ROOT / "hack" / "node" / "push-images.sh"
 
 ENV_KUBECONFIG = "KUBETUNE_TEST_KUBECONFIG"
+ENV_REAL_KUBECONFIG = "KUBETUNE_TEST_REAL_KUBECONFIG"
 ENV_KEEP = "KUBETUNE_TEST_KEEP_CLUSTER"
 TEST_CLUSTER_PREFIX = "kubetune-test-"
 
@@ -60,7 +64,12 @@ REASON_ANNOTATION = "kwok.kubetune.io/reason"
 MESSAGE_ANNOTATION = "kwok.kubetune.io/message"
 """Terminated container message of a failing pod; default empty."""
 
+REAL_NODE = "kubetune-node"
+"""The node of a cluster with real nodes (hack/node/node-up.sh)."""
+
 T = TypeVar("T")
+Nodes = Literal["kwok", "real"]
+"""kwok: simulated GPU nodes (the cluster tier); real: one kubelet + containerd node (pods tier)."""
 
 
 class ClusterError(RuntimeError):
@@ -200,14 +209,29 @@ class Cluster:
         )
         return name
 
+    def push_images(self, *images: str) -> list[str]:
+        """Put docker images where the real node finds them (hack/node/push-images.sh); returns
+        the references to use in pod specs, in order."""
+        proc = subprocess.run(
+            ["bash", str(PUSH_IMAGES), str(self.kubeconfig.parent), *images],
+            stdout=subprocess.PIPE, text=True, timeout=3600, check=False,
+        )  # fmt: skip
+        if proc.returncode != 0:
+            raise ClusterError(f"hack/node/push-images.sh failed with exit code {proc.returncode}")
+        refs = proc.stdout.split()
+        assert len(refs) == len(images), proc.stdout
+        return refs
+
     def server_ready(self) -> bool:
         return self.kubectl("get", "--raw", "/readyz", check=False, timeout=10).returncode == 0
 
 
-def start(name: str) -> Cluster:
-    """Start the cluster ``name`` with hack/cluster/cluster-up.sh (reused if already up)."""
+def start(name: str, nodes: Nodes = "kwok") -> Cluster:
+    """Start the cluster ``name`` with hack/cluster/cluster-up.sh (reused if already up): with
+    kwok's simulated GPU nodes, or with one real node that runs its pods (root only)."""
     bin_dir = ensure_binaries()
-    kubeconfig = Path(_run_script(CLUSTER_UP, {"KUBETUNE_CLUSTER_NAME": name}))
+    env = {"KUBETUNE_CLUSTER_NAME": name, "KUBETUNE_CLUSTER_NODES": nodes}
+    kubeconfig = Path(_run_script(CLUSTER_UP, env))
     return Cluster(name=name, kubeconfig=kubeconfig, bin_dir=bin_dir, owned=True)
 
 
@@ -217,8 +241,8 @@ def stop(cluster: Cluster) -> None:
         _run_script_quiet(CLUSTER_DOWN, {"KUBETUNE_CLUSTER_NAME": cluster.name})
 
 
-def _run_script_quiet(script: Path, env: Mapping[str, str]) -> None:
-    proc = subprocess.run(["bash", str(script)], env={**os.environ, **env}, check=False)
+def _run_script_quiet(script: Path, env: Mapping[str, str], *args: str) -> None:
+    proc = subprocess.run(["bash", str(script), *args], env={**os.environ, **env}, check=False)
     if proc.returncode != 0:
         raise ClusterError(
             f"{script.relative_to(REPO_ROOT)} failed with exit code {proc.returncode}"
@@ -228,7 +252,7 @@ def _run_script_quiet(script: Path, env: Mapping[str, str]) -> None:
 def use_existing(kubeconfig: Path) -> Cluster:
     """Wrap a cluster started elsewhere (``make cluster-up``, another machine's cluster)."""
     if not kubeconfig.is_file():
-        raise ClusterError(f"{ENV_KUBECONFIG}={kubeconfig} is not a file")
+        raise ClusterError(f"the test kubeconfig {kubeconfig} is not a file")
     cluster = Cluster(
         name="external", kubeconfig=kubeconfig, bin_dir=ensure_binaries(), owned=False
     )
@@ -250,14 +274,15 @@ def _pid_alive(pid: int) -> bool:
 def reap_stale_test_clusters() -> None:
     """Delete test clusters whose pytest process died without tearing them down.
 
-    Each session names its cluster ``kubetune-test-<pid>``; one whose pid is gone would keep its
-    etcd and API server running (and their ports taken) forever.
+    Each session names its cluster ``kubetune-test-<pid>`` (``kubetune-test-real-<pid>`` with a
+    real node); one whose pid is gone would keep its etcd and API server running (and their
+    ports taken) forever.
     """
     clusters = cache_root() / "kwok" / "clusters"
     if not clusters.is_dir():
         return
     for path in clusters.iterdir():
-        m = re.fullmatch(re.escape(TEST_CLUSTER_PREFIX) + r"(\d+)", path.name)
+        m = re.fullmatch(re.escape(TEST_CLUSTER_PREFIX) + r"(?:real-)?(\d+)", path.name)
         if m and not _pid_alive(int(m.group(1))):
             log.info("deleting stale test cluster %s", path.name)
             with contextlib.suppress(ClusterError):
@@ -265,14 +290,15 @@ def reap_stale_test_clusters() -> None:
 
 
 @contextlib.contextmanager
-def session_cluster() -> Iterator[Cluster]:
+def session_cluster(nodes: Nodes = "kwok") -> Iterator[Cluster]:
     """The cluster a test session runs against, torn down afterwards if the session made it."""
-    existing = os.environ.get(ENV_KUBECONFIG)
+    existing = os.environ.get(ENV_KUBECONFIG if nodes == "kwok" else ENV_REAL_KUBECONFIG)
     if existing:
         yield use_existing(Path(existing))
         return
     reap_stale_test_clusters()
-    cluster = start(f"{TEST_CLUSTER_PREFIX}{os.getpid()}")
+    prefix = TEST_CLUSTER_PREFIX if nodes == "kwok" else f"{TEST_CLUSTER_PREFIX}{nodes}-"
+    cluster = start(f"{prefix}{os.getpid()}", nodes)
     try:
         yield cluster
     finally:

@@ -1,0 +1,83 @@
+# Shared by node-up.sh, node-down.sh and load-images.sh; expects HERE, RUN, STORE, log and die.
+
+CNI_BIN="$(for d in /usr/lib/cni /opt/cni/bin; do [[ -x "$d/bridge" ]] && echo "$d" && break; done || true)"
+PAUSE_IMAGE=kubetune.local/pause:1
+PAUSE_ARCHIVE="$STORE/pause-image.tar"
+# The node's image registry: docker pushes there, containerd pulls from there (plain HTTP).
+REGISTRY=localhost:5000
+
+# Debian's packages for the container runtime and the pod network, installed when missing.
+install_missing_packages() {
+  local missing=()
+  command -v containerd >/dev/null || missing+=(containerd)
+  command -v runc >/dev/null || missing+=(runc)
+  [[ -n "$CNI_BIN" ]] || missing+=(containernetworking-plugins)
+  command -v iptables >/dev/null || missing+=(iptables)
+  command -v conntrack >/dev/null || missing+=(conntrack)
+  command -v curl >/dev/null || missing+=(curl)
+  ((${#missing[@]})) || return 0
+  command -v apt-get >/dev/null || die "install ${missing[*]} (no apt-get here)"
+  log "apt-get install ${missing[*]}"
+  apt() { DEBIAN_FRONTEND=noninteractive apt-get "$@" -y -q >/dev/null; }
+  apt install "${missing[@]}" || { apt update && apt install "${missing[@]}"; }
+  CNI_BIN="$(for d in /usr/lib/cni /opt/cni/bin; do [[ -x "$d/bridge" ]] && echo "$d" && break; done)"
+}
+
+ctr_() { ctr --address "$RUN/containerd.sock" --namespace k8s.io "$@"; }
+
+# The cluster folder whose node runs on this machine now, if any.
+running_node_cluster() {
+  local dir
+  dir="$(cat "$STORE/cluster" 2>/dev/null || true)"
+  [[ -n "$dir" && -f "$dir/node/containerd.pid" ]] && kill -0 "$(cat "$dir/node/containerd.pid")" 2>/dev/null &&
+    echo "$dir"
+  return 0
+}
+
+daemon_alive() { [[ -f "$RUN/$1.pid" ]] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null; }
+
+# start_daemon <name> <command...>: runs it in its own session, logging to $RUN/logs/<name>.log;
+# a daemon already running from an earlier node-up is kept.
+start_daemon() {
+  local name="$1"
+  shift
+  if daemon_alive "$name"; then
+    log "$name already runs"
+    return 0
+  fi
+  setsid "$@" >>"$RUN/logs/$name.log" 2>&1 </dev/null &
+  echo $! >"$RUN/$name.pid"
+}
+
+# stop_daemon <name> [seconds]: SIGTERM, then SIGKILL after the grace period.
+stop_daemon() {
+  local name="$1" grace="${2:-10}" pid
+  daemon_alive "$name" || { rm -f "$RUN/$name.pid"; return 0; }
+  pid="$(cat "$RUN/$name.pid")"
+  kill "$pid" 2>/dev/null || true
+  for _ in $(seq $((grace * 10))); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -9 "$pid" 2>/dev/null || true
+  rm -f "$RUN/$name.pid"
+}
+
+# wait_for <what> <seconds> <command...>: until the command succeeds.
+wait_for() {
+  local what="$1" seconds="$2"
+  shift 2
+  for _ in $(seq $((seconds * 10))); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
+  die "$what did not answer in ${seconds}s"
+}
+
+# The pod sandbox image, built from hack/node/pause.go; rebuilt when the source or Go changes.
+ensure_pause_image() {
+  local key
+  key="$({ cat "$HERE/pause.go" "$HERE/pause_image.py"; go env GOVERSION; } | sha256sum | cut -c1-16)"
+  [[ -f "$PAUSE_ARCHIVE" && "$(cat "$PAUSE_ARCHIVE.key" 2>/dev/null)" == "$key" ]] && return 0
+  log "building the pause image $PAUSE_IMAGE"
+  local tmp
+  tmp="$(mktemp -d)"
+  (cd "$tmp" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o pause "$HERE/pause.go")
+  python3 "$HERE/pause_image.py" "$tmp/pause" "$PAUSE_IMAGE" "$PAUSE_ARCHIVE"
+  rm -rf "$tmp"
+  echo "$key" >"$PAUSE_ARCHIVE.key"
+}

