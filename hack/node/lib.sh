@@ -1,4 +1,14 @@
-# Shared by node-up.sh, node-down.sh and load-images.sh; expects HERE, RUN, STORE, log and die.
+# Shared by node-up.sh, node-down.sh and push-images.sh, which source it with the cluster folder
+# as their first argument: `source "$HERE/lib.sh" "$1"`.
+
+CLUSTER_DIR="$(cd "${1:?usage: $(basename "$0") <cluster dir> ...}" && pwd)"
+NODE="${KUBETUNE_NODE_NAME:-kubetune-node}"
+CACHE="${KUBETUNE_CACHE:-$HOME/.cache/kubetune}"
+STORE="$CACHE/node"   # containerd's and the registry's stores, shared by clusters
+RUN="$CLUSTER_DIR/node" # this node's configs, logs, pids and kubelet root
+
+log() { printf '[%s] %s\n' "$(basename "$0" .sh)" "$*" >&2; }
+die() { log "$*"; exit 1; }
 
 CNI_BIN="$(for d in /usr/lib/cni /opt/cni/bin; do [[ -x "$d/bridge" ]] && echo "$d" && break; done || true)"
 PAUSE_IMAGE=kubetune.local/pause:1

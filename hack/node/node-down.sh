@@ -9,16 +9,8 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
-CLUSTER_DIR="$(cd "${1:?usage: node-down.sh <cluster dir>}" && pwd)"
-NODE="${KUBETUNE_NODE_NAME:-kubetune-node}"
-CACHE="${KUBETUNE_CACHE:-$HOME/.cache/kubetune}"
-STORE="$CACHE/node"
-RUN="$CLUSTER_DIR/node"
-
-log() { printf '[node-down] %s\n' "$*" >&2; }
-die() { log "$*"; exit 1; }
+source "$HERE/lib.sh" "${1:-}"
 [[ -d "$RUN" ]] || exit 0
-source "$HERE/lib.sh"
 BIN="$(bash "$REPO/hack/k8s/build.sh")"
 kubectl() { "$BIN/kubectl" --kubeconfig "$CLUSTER_DIR/kubeconfig.yaml" --request-timeout 10s "$@"; }
 

@@ -22,23 +22,15 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
-CLUSTER_DIR="$(cd "${1:?usage: node-up.sh <cluster dir>}" && pwd)"
-NODE="${KUBETUNE_NODE_NAME:-kubetune-node}"
-CACHE="${KUBETUNE_CACHE:-$HOME/.cache/kubetune}"
+source "$HERE/lib.sh" "${1:-}"
 TIMEOUT="${KUBETUNE_NODE_TIMEOUT:-120}"
-STORE="$CACHE/node"
-RUN="$CLUSTER_DIR/node"
-# The pod network, and the Service range the API server of hack/cluster/kwokctl-real.yaml uses.
+# The pod network (the Service range is in hack/cluster/kwokctl-real.yaml).
 POD_SUBNET=10.244.0.0/24
 BRIDGE=kubetune0
-
-log() { printf '[node-up] %s\n' "$*" >&2; }
-die() { log "$*"; exit 1; }
 
 [[ $EUID -eq 0 ]] || die "a real node needs root: containerd, the kubelet and kube-proxy manage cgroups, mounts and iptables"
 [[ -f "$CLUSTER_DIR/pki/ca.key" ]] || die "$CLUSTER_DIR has no pki/ca.key: not a kwokctl cluster folder"
 
-source "$HERE/lib.sh"
 install_missing_packages
 BIN="$(bash "$REPO/hack/k8s/build.sh")"
 kwokctl() { KWOK_WORKDIR="$(dirname "$(dirname "$CLUSTER_DIR")")" "$BIN/kwokctl" --name "$(basename "$CLUSTER_DIR")" "$@"; }

@@ -13,15 +13,8 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-CLUSTER_DIR="$(cd "${1:?usage: push-images.sh <cluster dir> <image>...}" && pwd)"
+source "$HERE/lib.sh" "${1:-}"
 shift
-CACHE="${KUBETUNE_CACHE:-$HOME/.cache/kubetune}"
-STORE="$CACHE/node"
-RUN="$CLUSTER_DIR/node"
-
-log() { printf '[push-images] %s\n' "$*" >&2; }
-die() { log "$*"; exit 1; }
-source "$HERE/lib.sh"
 daemon_alive containerd && daemon_alive registry || die "no real node runs for $CLUSTER_DIR (hack/node/node-up.sh)"
 
 refs=()

@@ -72,34 +72,13 @@ def local_volume(cluster: Cluster, namespace: str, claim: str, folder: Path) -> 
     """A local PersistentVolume on ``folder`` of the node, bound to ``claim``. The kubelet gives a
     local volume the pod's fsGroup, as it does a cloud disk (a hostPath volume would not)."""
     on_the_node = {"key": "kubernetes.io/hostname", "operator": "In", "values": [REAL_NODE]}
-    cluster.apply(
-        {
-            "apiVersion": "v1",
-            "kind": "PersistentVolume",
-            "metadata": {"name": f"{namespace}-{claim}"},
-            "spec": {
-                "capacity": {"storage": "10Gi"},
-                "accessModes": ["ReadWriteOnce"],
-                "persistentVolumeReclaimPolicy": "Retain",
-                "storageClassName": "",
-                "local": {"path": str(folder)},
-                "nodeAffinity": {
-                    "required": {"nodeSelectorTerms": [{"matchExpressions": [on_the_node]}]}
-                },
-                "claimRef": {"namespace": namespace, "name": claim},
-            },
-        },
-        {
-            "apiVersion": "v1",
-            "kind": "PersistentVolumeClaim",
-            "metadata": {"name": claim, "namespace": namespace},
-            "spec": {
-                "accessModes": ["ReadWriteOnce"],
-                "storageClassName": "",
-                "volumeName": f"{namespace}-{claim}",
-                "resources": {"requests": {"storage": "10Gi"}},
-            },
-        },
+    ftj.static_volume(
+        cluster,
+        namespace,
+        claim,
+        {"local": {"path": str(folder)}, "persistentVolumeReclaimPolicy": "Retain"},
+        access_mode="ReadWriteOnce",
+        node_affinity={"required": {"nodeSelectorTerms": [{"matchExpressions": [on_the_node]}]}},
     )
 
 

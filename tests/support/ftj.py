@@ -50,32 +50,46 @@ def dataset_text(n: int = 12) -> str:
 
 def output_volume(cluster: Cluster, namespace: str, claim: str = "kubetune-output") -> None:
     """A statically bound PV + PVC, so trainer pods pass the scheduler's volume check."""
+    static_volume(cluster, namespace, claim, {"hostPath": {"path": f"/tmp/{namespace}-{claim}"}})
+
+
+def static_volume(
+    cluster: Cluster,
+    namespace: str,
+    claim: str,
+    source: dict[str, Any],
+    *,
+    access_mode: str = "ReadWriteMany",
+    node_affinity: dict[str, Any] | None = None,
+) -> None:
+    """The PersistentVolume ``<namespace>-<claim>``, bound to the claim ``claim``; ``source`` is
+    its volume source (``hostPath``, ``local``, ...) and any other fields of its spec. Returns
+    once the claim is Bound."""
     pv_name = f"{namespace}-{claim}"
+    pv_spec: dict[str, Any] = {
+        "capacity": {"storage": "10Gi"},
+        "accessModes": [access_mode],
+        "storageClassName": "",
+        **source,
+        "claimRef": {"namespace": namespace, "name": claim},
+    }
+    if node_affinity:
+        pv_spec["nodeAffinity"] = node_affinity
     cluster.apply(
-        {
-            "apiVersion": "v1",
-            "kind": "PersistentVolume",
-            "metadata": {"name": pv_name},
-            "spec": {
-                "capacity": {"storage": "10Gi"},
-                "accessModes": ["ReadWriteMany"],
-                "storageClassName": "",
-                "hostPath": {"path": f"/tmp/{pv_name}"},
-                "claimRef": {"namespace": namespace, "name": claim},
-            },
-        },
+        {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv_name},
+         "spec": pv_spec},
         {
             "apiVersion": "v1",
             "kind": "PersistentVolumeClaim",
             "metadata": {"name": claim, "namespace": namespace},
             "spec": {
-                "accessModes": ["ReadWriteMany"],
+                "accessModes": [access_mode],
                 "storageClassName": "",
                 "volumeName": pv_name,
                 "resources": {"requests": {"storage": "10Gi"}},
             },
         },
-    )
+    )  # fmt: skip
     # A pod whose claim is not bound yet is unschedulable, and the scheduler may back off
     # for minutes before it looks again: wait for the PV controller first.
     wait_until(
