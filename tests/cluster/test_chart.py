@@ -394,12 +394,7 @@ def test_operator_runs_a_job_end_to_end_under_the_charts_rbac(
         ftj.wait_phase(cluster, team, "chart-rbac", "Running", "Succeeded")
         ftj.wait_phase(cluster, team, "chart-rbac", "Succeeded")
 
-        def serving() -> dict[str, Any] | None:
-            status = ftj.get_ftj(cluster, team, "chart-rbac")["status"]
-            ready = {c["type"]: c["status"] for c in status.get("conditions", [])}
-            return status if ready.get("ServingReady") == "True" else None
-
-        wait_until(serving, timeout=60, description="ServingReady (Deployment watched)")
+        ftj.wait_serving_ready(cluster, team, "chart-rbac")  # the Deployment is watched
         assert cluster.get("service", "chart-rbac-server", "-n", team)
         assert cluster.get("configmap", "chart-rbac-endpoint", "-n", team)
 

@@ -68,13 +68,7 @@ def test_full_lifecycle_to_a_ready_endpoint(
         "OPENAI_MODEL": "daoyan",
     }
 
-    def serving_ready() -> dict[str, object] | None:
-        st = ftj.get_ftj(cluster, team, "daoyan")["status"]
-        conds = {c["type"]: c for c in st.get("conditions", [])}
-        ok = conds.get("ServingReady", {}).get("status") == "True"
-        return st if ok else None
-
-    st = wait_until(serving_ready, timeout=60, description="ServingReady=True")
+    st = ftj.wait_serving_ready(cluster, team, "daoyan")
     assert st["endpoint"]["baseURL"] == endpoint["data"]["OPENAI_BASE_URL"]
     assert st["fineTunedModel"] == "daoyan"
     deploy = cluster.get("deployment", "daoyan-server", "-n", team)

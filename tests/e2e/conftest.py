@@ -1,7 +1,6 @@
 """Session fixtures for the e2e tier: real processes, no stand-ins.
 
-- ``demo_model``: the tiny Llama built by :func:`kubetune.demo_model.build_demo_model` from the
-  Daoist dataset (seconds).
+- ``demo_model`` (tests/conftest.py): the tiny Llama of the demo job.
 - ``trained_adapter``: a LoRA adapter trained by ``python -m kubetune.trainer`` on that dataset,
   with the LoRA shape and hyperparameters of ``examples/daoyan-local.yaml`` (the demo job), so
   that the tiny model learns the training answers word for word.
@@ -80,13 +79,6 @@ def launcher_env() -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------ model + adapter
-
-
-@pytest.fixture(scope="session")
-def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from kubetune.demo_model import build_demo_model
-
-    return build_demo_model(tmp_path_factory.mktemp("models") / "demo-tiny", DATASET)
 
 
 def write_demo_config(

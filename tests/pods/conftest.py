@@ -5,7 +5,7 @@
   ``KUBETUNE_TEST_REAL_KUBECONFIG`` runs against such a cluster made elsewhere.
 - ``images`` (session): the operator, trainer and server-cpu images built from this checkout
   (``hack/images``), by target, as references in the node's registry (``push-images.sh``).
-- ``demo_model`` (session): the tiny Llama of the demo job, built from the Daoist dataset.
+- ``demo_model`` (tests/conftest.py): the tiny Llama of the demo job.
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ if _TESTS_DIR not in sys.path:
 from support import cluster as kcluster  # noqa: E402
 from support import images as kimages  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
-DATASET = REPO / "examples" / "data" / "daoyan.jsonl"
 IMAGE_TARGETS = ("operator", "trainer", "server-cpu")
 
 
@@ -41,10 +39,3 @@ def cluster() -> Iterator[kcluster.Cluster]:
 def images(cluster: kcluster.Cluster) -> dict[str, str]:
     built = [kimages.build(target) for target in IMAGE_TARGETS]
     return dict(zip(IMAGE_TARGETS, cluster.push_images(*built), strict=True))
-
-
-@pytest.fixture(scope="session")
-def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from kubetune.demo_model import build_demo_model
-
-    return build_demo_model(tmp_path_factory.mktemp("models") / "demo-tiny", DATASET)

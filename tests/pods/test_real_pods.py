@@ -165,12 +165,6 @@ def watching_pod(cluster: Cluster, namespace: str, name: str) -> Iterator[list[d
         text = text[end:].strip()
 
 
-def serving_ready(cluster: Cluster, namespace: str, name: str) -> dict[str, Any] | None:
-    status = ftj.get_ftj(cluster, namespace, name).get("status") or {}
-    conditions = {c["type"]: c["status"] for c in status.get("conditions", [])}
-    return status if conditions.get("ServingReady") == "True" else None
-
-
 def test_kubectl_apply_of_the_demo_job_trains_and_serves_on_real_pods(
     cluster: Cluster, team: Team
 ) -> None:
@@ -198,11 +192,7 @@ def test_kubectl_apply_of_the_demo_job_trains_and_serves_on_real_pods(
     assert {p.stat().st_uid for p in folder.rglob("*")} == {uid}
 
     # The server: its Deployment Ready on this node, its endpoint published for apps.
-    wait_until(
-        lambda: serving_ready(cluster, ns, "daoyan"),
-        timeout=SERVE_TIMEOUT,
-        description="ServingReady: vLLM-CPU serving the adapter",
-    )
+    ftj.wait_serving_ready(cluster, ns, "daoyan", timeout=SERVE_TIMEOUT)  # vLLM-CPU is Ready
     endpoint = cluster.get("configmap", "daoyan-endpoint", "-n", ns)["data"]
     assert endpoint["OPENAI_MODEL"] == "daoyan"
     # No cluster DNS on this machine: the app reaches the Service by its ClusterIP, through
@@ -272,12 +262,13 @@ def test_an_evicted_trainer_pod_checkpoints_and_the_next_pod_resumes(
 
     resumed_logs = logs(cluster, ns, f"pod/{resumed['metadata']['name']}")
     assert "resuming from" in resumed_logs and "(attempt 2)" in resumed_logs, resumed_logs[-3000:]
-    result = TrainingResult.load(job_folder(team, done))
+    folder = job_folder(team, done)
+    result = TrainingResult.load(folder)
     assert result.attempts == 2
     assert result.steps == result.total_steps == done["status"]["progress"]["totalSteps"]
     # The checkpoint was the one SIGTERM wrote (checkpointEverySteps is out of reach), so the
     # resumed pod started at or after the step the status showed at the eviction.
-    records = (job_folder(team, done) / "metrics.jsonl").read_text().splitlines()
+    records = (folder / "metrics.jsonl").read_text().splitlines()
     steps = [json.loads(line)["step"] for line in records if '"train_loss"' in line]
     assert steps == sorted(set(steps)), "a step was logged twice"
     resumed_at = int(resumed_logs.split("checkpoint-")[1].split()[0].split(")")[0])

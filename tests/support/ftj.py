@@ -173,6 +173,20 @@ def wait_phase(
         raise AssertionError(f"{exc}; status: {json.dumps(status, indent=1)}") from None
 
 
+def wait_serving_ready(
+    cluster: Cluster, namespace: str, name: str, timeout: float = 60
+) -> dict[str, Any]:
+    """The job's status once its ServingReady condition is True (its server's Deployment is
+    Ready)."""
+
+    def ready() -> dict[str, Any] | None:
+        status: dict[str, Any] = get_ftj(cluster, namespace, name).get("status") or {}
+        conditions = {c["type"]: c["status"] for c in status.get("conditions", [])}
+        return status if conditions.get("ServingReady") == "True" else None
+
+    return wait_until(ready, timeout=timeout, description=f"{name}: ServingReady=True")
+
+
 def event_reasons(cluster: Cluster, namespace: str, name: str, *expected: str) -> list[str]:
     """The reasons of the events on ``name``, once all of ``expected`` are among them.
 
