@@ -10,7 +10,10 @@ RUN="$CLUSTER_DIR/node" # this node's configs, logs, pids and kubelet root
 log() { printf '[%s] %s\n' "$(basename "$0" .sh)" "$*" >&2; }
 die() { log "$*"; exit 1; }
 
-CNI_BIN="$(for d in /usr/lib/cni /opt/cni/bin; do [[ -x "$d/bridge" ]] && echo "$d" && break; done || true)"
+# Where the CNI plugins are: Debian's package puts them in /usr/lib/cni, upstream in /opt/cni/bin.
+find_cni_bin() { for d in /usr/lib/cni /opt/cni/bin; do [[ -x "$d/bridge" ]] && echo "$d" && return; done; }
+CNI_BIN="$(find_cni_bin || true)"
+BRIDGE=kubetune0
 PAUSE_IMAGE=kubetune.local/pause:1
 PAUSE_ARCHIVE="$STORE/pause-image.tar"
 # The node's image registry: docker pushes there, containerd pulls from there (plain HTTP).
@@ -30,7 +33,7 @@ install_missing_packages() {
   log "apt-get install ${missing[*]}"
   apt() { DEBIAN_FRONTEND=noninteractive apt-get "$@" -y -q >/dev/null; }
   apt install "${missing[@]}" || { apt update && apt install "${missing[@]}"; }
-  CNI_BIN="$(for d in /usr/lib/cni /opt/cni/bin; do [[ -x "$d/bridge" ]] && echo "$d" && break; done)"
+  CNI_BIN="$(find_cni_bin)"
 }
 
 ctr_() { ctr --address "$RUN/containerd.sock" --namespace k8s.io "$@"; }

@@ -40,18 +40,20 @@ stop_daemon registry 5
 # Volumes the kubelet mounted (tokens, emptyDirs) and sandboxes' network namespaces.
 mounts="$(findmnt -rn -o TARGET | grep -F "$RUN/" | sort -r || true)"
 for target in $mounts; do umount -l "$target" || true; done
-ip link delete kubetune0 2>/dev/null || true
-# The chains the kubelet and the CNI firewall plugin made (kube-proxy --cleanup removed its own).
+ip link delete "$BRIDGE" 2>/dev/null || true
+# The chains the kubelet and the CNI firewall plugin made (kube-proxy --cleanup removed its own):
+# first every jump to them, then the chains.
+CHAINS=(KUBE-FIREWALL KUBE-KUBELET-CANARY KUBE-IPTABLES-HINT CNI-FORWARD CNI-ADMIN)
 for cmd in iptables ip6tables; do
   for table in filter nat mangle; do
     rules="$("$cmd" -t "$table" -S 2>/dev/null || true)"
-    for chain in KUBE-FIREWALL KUBE-KUBELET-CANARY KUBE-IPTABLES-HINT CNI-FORWARD CNI-ADMIN; do
+    for chain in "${CHAINS[@]}"; do
       jumps="$(grep -E -- "^-A [A-Z-]+ .*-j $chain\$" <<<"$rules" || true)"
       while read -r rule; do
         [[ -n "$rule" ]] && eval "$cmd -t $table ${rule/#-A/-D}" 2>/dev/null || true
       done <<<"$jumps"
     done
-    for chain in KUBE-FIREWALL KUBE-KUBELET-CANARY KUBE-IPTABLES-HINT CNI-FORWARD CNI-ADMIN; do
+    for chain in "${CHAINS[@]}"; do
       "$cmd" -t "$table" -F "$chain" 2>/dev/null && "$cmd" -t "$table" -X "$chain" 2>/dev/null || true
     done
   done

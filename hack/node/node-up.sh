@@ -6,13 +6,13 @@
 #   bash hack/node/node-up.sh <cluster dir>      the kwokctl cluster folder (pki/, kubeconfig.yaml)
 #
 # Needs root (containerd, kubelet and iptables do). On a Debian machine without them it installs
-# containerd, runc, containernetworking-plugins and conntrack from apt.
+# containerd, runc, containernetworking-plugins, conntrack and curl from apt.
 # One real node per machine: it owns the bridge, the iptables rules and ports 5000 (its image
 # registry, on the loopback), 10248 and 10250.
 #
 # Layout: the node's working files are in <cluster dir>/node/ (configs, logs, pids, the kubelet's
-# root); containerd's image store is shared by clusters in $KUBETUNE_CACHE/node/containerd so that
-# a warm machine keeps its imported images (hack/node/load-images.sh).
+# root); containerd's and the registry's stores are shared by clusters in $KUBETUNE_CACHE/node/ so
+# that a warm machine keeps its images (hack/node/push-images.sh).
 #
 # Environment:
 #   KUBETUNE_NODE_NAME     node name (default kubetune-node)
@@ -26,7 +26,6 @@ source "$HERE/lib.sh" "${1:-}"
 TIMEOUT="${KUBETUNE_NODE_TIMEOUT:-120}"
 # The pod network (the Service range is in hack/cluster/kwokctl-real.yaml).
 POD_SUBNET=10.244.0.0/24
-BRIDGE=kubetune0
 
 [[ $EUID -eq 0 ]] || die "a real node needs root: containerd, the kubelet and kube-proxy manage cgroups, mounts and iptables"
 [[ -f "$CLUSTER_DIR/pki/ca.key" ]] || die "$CLUSTER_DIR has no pki/ca.key: not a kwokctl cluster folder"
