@@ -10,10 +10,7 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
-case "${KUBETUNE_CLUSTER_NODES:-kwok}" in
-  real) NAME="${KUBETUNE_CLUSTER_NAME:-kubetune-real}" ;;
-  *) NAME="${KUBETUNE_CLUSTER_NAME:-kubetune}" ;;
-esac
+source "$HERE/name.sh"
 CACHE="${KUBETUNE_CACHE:-$HOME/.cache/kubetune}"
 export KWOK_WORKDIR="$CACHE/kwok"
 CLUSTER_DIR="$KWOK_WORKDIR/clusters/$NAME"

@@ -21,12 +21,7 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
-NODES="${KUBETUNE_CLUSTER_NODES:-kwok}"
-case "$NODES" in
-  kwok) NAME="${KUBETUNE_CLUSTER_NAME:-kubetune}" ;;
-  real) NAME="${KUBETUNE_CLUSTER_NAME:-kubetune-real}" ;;
-  *) echo "[cluster-up] KUBETUNE_CLUSTER_NODES must be kwok or real, not '$NODES'" >&2; exit 1 ;;
-esac
+source "$HERE/name.sh"
 CACHE="${KUBETUNE_CACHE:-$HOME/.cache/kubetune}"
 TIMEOUT="${KUBETUNE_CLUSTER_TIMEOUT:-120}"
 export KWOK_WORKDIR="$CACHE/kwok"
