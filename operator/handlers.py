@@ -77,6 +77,11 @@ def servers(namespace: str | None, labels: Any, body: Any, **_: Any) -> dict[Key
     return {_owner_key(namespace, labels): copy.deepcopy(dict(body))}
 
 
+@kopf.index("v1", "pods", labels=_component("server"))
+def server_pods(namespace: str | None, labels: Any, body: Any, **_: Any) -> dict[Key, Any]:
+    return {_owner_key(namespace, labels): copy.deepcopy(dict(body))}
+
+
 def _owned(items: Any, uid: str | None) -> list[dict[str, Any]]:
     """The objects whose owner references name ``uid``.
 
@@ -106,6 +111,9 @@ def _children(
         ),
         progress=_one(indices["progress_maps"], key, uid),
         deployment=_one(indices["servers"], key, uid),
+        # Owned by a ReplicaSet, not the job: a job deleted and made again under the same name
+        # may show the old one's pods here until they are gone (they only explain a wait).
+        server_pods=list(indices["server_pods"].get(key, [])),
     )
 
 

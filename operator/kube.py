@@ -4,6 +4,7 @@ Everything is plain dicts in and out, through the dynamic client, so the builder
 Errors from the API are classified here, once:
 
     ApiException 404            -> NotFound (reads return None, deletes succeed, a patch waits)
+    ApiException 409 on delete  -> a uid precondition failed: that object is gone already
     kind not served (discovery) -> NotServed (its CRD is not installed, e.g. no Kueue)
     ApiException 409 on create  -> adopt the existing object if we own it, else NameTaken
     ApiException 400/403/422    -> PermanentKubeError (retrying cannot help)
@@ -54,6 +55,10 @@ class NotServed(PermanentKubeError):
     """The API server serves no such kind at that version (its CRD is not installed)."""
 
 
+class Conflict(PermanentKubeError):
+    """409: the object changed or was replaced meanwhile (a failed precondition)."""
+
+
 class NameTaken(PermanentKubeError):
     """A child's deterministic name is used by an object this FineTuneJob does not own."""
 
@@ -69,7 +74,7 @@ def _classify(exc: ApiException, what: str) -> KubeError:
     if status == 403 and "exceeded quota" in body:
         # A ResourceQuota is full: other jobs finishing frees it, so this is a wait.
         return TemporaryKubeError(f"{what}: {QUOTA_HINT}: {body}", delay=60.0)
-    kind = NotFound if status == 404 else PermanentKubeError
+    kind = {404: NotFound, 409: Conflict}.get(status, PermanentKubeError)
     return kind(f"{what}: API server answered {status} {reason}: {body}")
 
 
@@ -219,17 +224,28 @@ def patch_merge(
 
 
 def delete(
-    api_version: str, kind: str, namespace: str, name: str, *, foreground: bool = False
+    api_version: str,
+    kind: str,
+    namespace: str,
+    name: str,
+    *,
+    foreground: bool = False,
+    uid: str | None = None,
 ) -> None:
     """Deletes an object; with ``foreground`` it stays (being deleted) until its dependents
-    (a Job's pods, after their grace period) are gone."""
-    with contextlib.suppress(NotFound):  # gone already: what a delete wants
+    (a Job's pods, after their grace period) are gone. With ``uid`` only that very object is
+    deleted, not one made again under its name since (the API answers that with 409)."""
+    body: dict[str, Any] = {"propagationPolicy": "Foreground" if foreground else "Background"}
+    if uid is not None:
+        body["preconditions"] = {"uid": uid}
+    gone = (NotFound, Conflict) if uid is not None else (NotFound,)
+    with contextlib.suppress(*gone):  # gone already: what a delete wants
         _call(
             f"delete {kind} {namespace}/{name}",
             _resource(api_version, kind).delete,
             name=name,
             namespace=namespace,
-            body={"propagationPolicy": "Foreground" if foreground else "Background"},
+            body=body,
         )
 
 

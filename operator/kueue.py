@@ -1,4 +1,4 @@
-"""Kueue's side of a queued trainer Job (``spec.queue``): the Workload that says if it may run.
+"""Kueue's side of a queued job (``spec.queue``): the Workload that says if it may run.
 
 Kueue admits a queued Job by unsuspending it, and unsuspends again any admitted Job that
 something else suspends (checked against Kueue 0.17: the pod is replaced at once). So a queued
@@ -6,8 +6,13 @@ job is stopped through its Workload, Kueue's "deactivate": ``spec.active: false`
 (Kueue suspends the Job, its pods get their grace period) and releases its quota;
 ``spec.active: true`` puts it back in the queue.
 
-``parse`` is pure; ``find`` and ``set_active`` go through :mod:`kube`. Without Kueue installed
-(the kind is not served) nothing admits a queued Job, and ``find`` says so (NotInstalled).
+The server's replicas (``spec.serve.queue``, else ``spec.queue``) are queued by Kueue's pod
+integration instead: each pod is held by a scheduling gate until its own Workload, labelled with
+the pod's uid, is admitted; ``held_pods`` picks those out.
+
+``parse`` and ``held_pods`` are pure; ``find`` and ``set_active`` go through :mod:`kube`.
+Without Kueue installed (the kind is not served) nothing admits a queued Job, and ``find`` says
+so (NotInstalled).
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from kubetune.operator import status as st
 API_VERSIONS = ("kueue.x-k8s.io/v1beta2", "kueue.x-k8s.io/v1beta1")
 """Newest first: Kueue 0.15+ serves v1beta2, older releases v1beta1 only."""
 JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
-"""Kueue labels a Job's Workload with the Job's uid."""
+"""Kueue labels a Job's Workload with the Job's uid (a queued pod's with the pod's)."""
+ADMISSION_GATE = "kueue.x-k8s.io/admission"
+"""The scheduling gate Kueue's pod integration puts on a queued pod until it is admitted."""
 
 
 class NotInstalled(Exception):
@@ -54,6 +61,20 @@ def parse(obj: dict[str, Any], api_version: str) -> Workload:
         admitted=admitted,
         waiting=waiting,
     )
+
+
+def held_pods(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The pods that Kueue's admission gate holds (queued server replicas), oldest first."""
+    held = [
+        pod
+        for pod in pods
+        if not (pod["metadata"].get("deletionTimestamp"))
+        and any(
+            gate.get("name") == ADMISSION_GATE
+            for gate in (pod.get("spec") or {}).get("schedulingGates") or []
+        )
+    ]
+    return sorted(held, key=lambda pod: str(pod["metadata"].get("creationTimestamp", "")))
 
 
 def find(namespace: str, job_uid: str) -> Workload | None:

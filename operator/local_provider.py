@@ -27,6 +27,7 @@ class Children:
     pods: list[dict[str, Any]] = field(default_factory=list)
     progress: dict[str, Any] | None = None
     deployment: dict[str, Any] | None = None
+    server_pods: list[dict[str, Any]] = field(default_factory=list)
 
 
 def endpoint_url(owner: manifests.Owner) -> str:
@@ -115,6 +116,7 @@ def serving_wanted(
         adapter_subpath=manifests.output_subpath(spec, owner),
         lora_rank=spec.lora.r,
         settings=settings,
+        queue=spec.serving_queue,
     )
     objects.append(manifests.endpoint_configmap(owner, endpoint_url(owner), owner.name))
     objects.sort(key=lambda obj: obj["kind"] == "Deployment")
@@ -135,11 +137,22 @@ def ensure_serving(
     hash of what was applied.
     """
     wanted = serving_wanted(spec, owner, settings)
-    applied = ((deployment or {}).get("metadata") or {}).get("annotations") or {}
-    if applied.get(APPLIED_HASH) == wanted[-1]["metadata"]["annotations"][APPLIED_HASH]:
+    meta = (deployment or {}).get("metadata") or {}
+    if (meta.get("annotations") or {}).get(APPLIED_HASH) == wanted[-1]["metadata"]["annotations"][
+        APPLIED_HASH
+    ]:
         return
+    if deployment is not None and _queue(deployment) != _queue(wanted[-1]):
+        # Kueue refuses to change the queue of a Deployment whose replicas run: the server is
+        # replaced instead, and its new replicas are admitted by the new queue.
+        kube.delete("apps/v1", "Deployment", owner.namespace, meta["name"], uid=meta["uid"])
     for obj in wanted:
         kube.apply(obj)
+
+
+def _queue(deployment: dict[str, Any]) -> str | None:
+    labels = deployment["metadata"].get("labels") or {}
+    return labels.get(manifests.KUEUE_QUEUE_LABEL)
 
 
 def remove_serving(owner: manifests.Owner) -> None:
@@ -149,6 +162,23 @@ def remove_serving(owner: manifests.Owner) -> None:
     kube.delete("apps/v1", "Deployment", owner.namespace, name)
     kube.delete("v1", "Service", owner.namespace, name)
     kube.delete("v1", "ConfigMap", owner.namespace, serving_manifests.config_name(owner))
+
+
+def serving_queue_wait(namespace: str, held: list[dict[str, Any]]) -> str:
+    """Why Kueue holds server replicas: the oldest one's Workload, in Kueue's words."""
+    pod = held[0]
+    labels = pod["metadata"].get("labels") or {}
+    queue = labels.get(manifests.KUEUE_QUEUE_LABEL, "?")
+    count = f"{len(held)} replica{'s' if len(held) > 1 else ''}"
+    try:
+        workload = kueue.find(namespace, pod["metadata"]["uid"])
+    except kueue.NotInstalled:
+        return f"{count} held by Kueue's scheduling gate, but no Kueue Workload API is served"
+    if workload is None:
+        return f"{count} waiting in the Kueue queue {queue}"
+    return f"{count} waiting in the Kueue queue {queue} (workload {workload.name}): " + (
+        workload.waiting or "admitted; starting"
+    )
 
 
 def serve(
@@ -183,6 +213,9 @@ def serve(
         return
     ready, why = st.deployment_ready(children.deployment)
     reason = "DeploymentReady" if ready else "DeploymentNotReady"
+    held = kueue.held_pods(children.server_pods) if not ready else []
+    if held:
+        reason, why = "ServingQueued", f"{why}; {serving_queue_wait(owner.namespace, held)}"
     new.conditions = st.set_condition(
         new.conditions, "ServingReady", ready, reason, why, generation
     )

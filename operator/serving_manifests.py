@@ -10,7 +10,7 @@
 Signature (keyword-only)::
 
     serving_objects(*, owner, serve, base_model, adapter_claim, adapter_subpath, lora_rank,
-                    settings, runtime_lora_updating=False) -> list[dict]
+                    settings, queue=None, runtime_lora_updating=False) -> list[dict]
 
 ``owner`` is the FineTuneJob (its owner reference and ``kubetune.io/finetunejob`` label go on
 every object); ``serve`` is ``spec.serve``; ``base_model`` is ``spec.model``;
@@ -23,6 +23,11 @@ The pod mounts the base model exactly where the trainer did (``/kubetune/model``
 model; hub ids go through the shared HF_HOME cache), so the ``base_model_name_or_path`` the
 trainer recorded matches what the server serves and the launcher's base-model check passes.
 Engine ``vllm-cpu`` requests no GPUs (``resources.gpus`` applies to the GPU engine).
+
+``queue`` (``spec.serving_queue``) puts the server under Kueue: the Deployment and its pod
+template carry ``kueue.x-k8s.io/queue-name``, so Kueue's pod integration holds each replica
+(a scheduling gate) until the queue's quota admits it, and adds the admitting flavor's node
+labels, as it does for the trainer Job.
 
 Nothing here talks to Kubernetes or imports kopf; ``tests/unit/server/test_serving_manifests``
 checks the output.
@@ -209,6 +214,7 @@ def deployment(
     adapter_subpath: str,
     config: ServeConfig,
     settings: OperatorSettings,
+    queue: str | None = None,
 ) -> dict[str, Any]:
     """vLLM behind the launcher: probes, GPUs, /dev/shm, cache, read-only adapter, non-root."""
     res = manifests.effective_resources(engine_resources(serve), settings, "server")
@@ -277,17 +283,22 @@ def deployment(
         if res.gpus
         else {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
     )
+    # Kueue's Deployment webhook would copy the label to the pod template; set here, the pods
+    # are queued with the pod integration alone as well.
+    queued = {manifests.KUEUE_QUEUE_LABEL: queue} if queue else {}
+    metadata = _metadata(owner, server_name(owner))
+    metadata["labels"].update(queued)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _metadata(owner, server_name(owner)),
+        "metadata": metadata,
         "spec": {
             "replicas": serve.replicas,
             "selector": {"matchLabels": selector_labels(owner)},
             "strategy": strategy,
             "template": {
                 "metadata": {
-                    "labels": _labels(owner),
+                    "labels": {**_labels(owner), **queued},
                     # A changed config rolls the pods (a ConfigMap edit alone would not).
                     "annotations": {
                         manifests.CONFIG_HASH_ANNOTATION: hashlib.sha256(
@@ -325,6 +336,7 @@ def serving_objects(
     adapter_subpath: str,
     lora_rank: int,
     settings: OperatorSettings,
+    queue: str | None = None,
     runtime_lora_updating: bool = False,
 ) -> list[dict[str, Any]]:
     """ConfigMap, Deployment and Service that serve the job's adapter (see the module doc)."""
@@ -345,6 +357,7 @@ def serving_objects(
             adapter_subpath=adapter_subpath,
             config=config,
             settings=settings,
+            queue=queue,
         ),
         service(owner),
     ]

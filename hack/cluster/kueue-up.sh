@@ -7,10 +7,12 @@
 # What it sets up (idempotent: a healthy Kueue started by this same script is reused):
 # - Kueue's own CRDs, from the pinned module (hack/k8s/kueue/go.mod), with their v1beta1<->v1beta2
 #   conversion webhook;
-# - its admission webhooks for Jobs and for Kueue's own kinds (the other integrations are off);
+# - its admission webhooks for Jobs, Pods, Deployments and Kueue's own kinds (the other
+#   integrations are off), with the namespace selectors of Kueue's kustomization;
 # - a serving certificate for 127.0.0.1 made here with openssl, so the API server calls the
 #   webhooks by URL instead of through a Service (the test cluster runs no kube-proxy);
-# - Kueue itself with `integrations: [batch/job]`, no leader election, no metrics listener.
+# - Kueue itself with `integrations: [batch/job, pod, deployment]` (queued trainer Jobs, queued
+#   vLLM servers), no leader election, no metrics listener.
 # State (config, certificates, kueue.log, kueue.pid) lives in the cluster's folder, so
 # cluster-down.sh stops Kueue with the cluster.
 #
@@ -113,10 +115,12 @@ internalCertManagement:
 integrations:
   frameworks:
   - batch/job
+  - pod
+  - deployment
 EOF
 
-# Service references become URLs on 127.0.0.1; only the webhooks for Jobs and Kueue's own kinds
-# are registered (a webhook for an integration that is off would answer nothing useful).
+# Service references become URLs on 127.0.0.1; only the webhooks of the integrations above and
+# of Kueue's own kinds are registered (a webhook for an integration that is off would refuse).
 rewrite() { python3 "$HERE/kueue_manifests.py" "$1" "https://127.0.0.1:$WEBHOOK_PORT" "$CA_BUNDLE"; }
 
 kubectl create namespace kueue-system --dry-run=client -o yaml | kubectl apply -f - >/dev/null
@@ -137,7 +141,9 @@ until ready; do
 done
 # Registered once Kueue serves them: with failurePolicy Fail, a webhook nobody answers would
 # refuse every Job.
-kubectl create --dry-run=client -o json -f "$SRC/config/components/webhook/manifests.yaml" |
+# The kustomization adds the namespace selectors that keep the Pod and Deployment webhooks off
+# kube-system and kueue-system.
+kubectl kustomize "$SRC/config/components/webhook" | kubectl create --dry-run=client -o json -f - |
   rewrite webhooks | kubectl apply --server-side --force-conflicts -f - >/dev/null
 
 log "Kueue ready for cluster $NAME in $((SECONDS - start))s (log: $STATE/kueue.log)"

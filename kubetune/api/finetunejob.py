@@ -269,6 +269,14 @@ class ServeSpec(ApiModel):
     api_key_secret_ref: SecretKeyRef | None = Field(
         default=None, description="Secret key holding the API key clients must send."
     )
+    queue: DNSName | None = Field(
+        default=None,
+        description=(
+            "Kueue LocalQueue of the server's pods (default: `spec.queue`); each replica is "
+            "admitted against its quota, as the trainer is. Needs Kueue's `pod` and "
+            "`deployment` integrations. Changing it replaces the server's Deployment."
+        ),
+    )
 
 
 # --------------------------------------------------------------------------- openai
@@ -392,6 +400,11 @@ class FineTuneJobSpec(ApiModel):
         if self.method == Method.QLORA and self.resources.gpus < 1:
             raise ValueError("`method: qlora` needs `resources.gpus` >= 1 (4-bit is CUDA-only)")
         return self
+
+    @property
+    def serving_queue(self) -> str | None:
+        """The Kueue LocalQueue of the server's pods: `serve.queue`, else the job's `queue`."""
+        return self.serve.queue or self.queue
 
 
 # CEL rules enforced by the API server. Each mirrors a pydantic validator above; the messages

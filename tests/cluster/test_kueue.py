@@ -249,3 +249,89 @@ def test_a_queue_that_does_not_exist_is_named_in_the_status(
     cluster.apply(job, namespace=team)
     s = wait_message(cluster, team, "typo", "LocalQueue gpu-typo doesn't exist")
     assert s["phase"] == "Queued"
+
+
+def serving(cluster: Cluster, ns: str, name: str) -> dict[str, Any]:
+    conditions = status(cluster, ns, name).get("conditions") or []
+    return next((c for c in conditions if c["type"] == "ServingReady"), {})
+
+
+def wait_serving(cluster: Cluster, ns: str, name: str, reason: str, *parts: str) -> dict[str, Any]:
+    def seen() -> dict[str, Any] | None:
+        c = serving(cluster, ns, name)
+        ok = c.get("reason") == reason and all(p in c.get("message", "") for p in parts)
+        return c if ok else None
+
+    try:
+        return wait_until(seen, timeout=60, description=f"{name}: ServingReady {reason} {parts}")
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}; status: {json.dumps(status(cluster, ns, name))}") from None
+
+
+def server_pods(cluster: Cluster, ns: str, name: str) -> list[dict[str, Any]]:
+    selector = f"kubetune.io/finetunejob={name},app.kubernetes.io/component=server"
+    pods = cluster.get("pods", "-n", ns, "-l", selector)["items"]
+    return [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+
+
+def test_a_queued_jobs_server_is_admitted_by_quota_and_holds_it_until_serving_stops(
+    cluster: Cluster, operator: OperatorProcess, team: str
+) -> None:
+    # The one-GPU quota: training takes it, then the server's replicas, one GPU each.
+    served = queued_job("served", run_seconds=3)
+    served["spec"]["serve"] = {
+        "enabled": True,
+        "engine": "vllm",
+        "replicas": 2,
+        "resources": {"gpus": 1},
+    }
+    cluster.apply(served, namespace=team)
+    ftj.wait_phase(cluster, team, "served", "Succeeded", timeout=60)
+
+    # One replica is admitted and runs; Kueue's gate holds the other, and status says why.
+    waiting = wait_serving(
+        cluster, team, "served", "ServingQueued", "1/2 replicas ready", "Kueue queue gpus",
+        "nvidia.com/gpu",
+    )  # fmt: skip
+    assert waiting["status"] == "False"
+    pods = server_pods(cluster, team, "served")
+    admitted = [p for p in pods if not p["spec"].get("schedulingGates")]
+    assert len(pods) == 2 and len(admitted) == 1, pods
+    # The spec names no pool: the admitting flavor's node labels placed the replica.
+    assert admitted[0]["spec"]["nodeSelector"] == {"kubetune.io/gpu-pool": "a100"}
+    assert admitted[0]["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == QUEUE
+
+    # Down to one replica: the held one goes (a ReplicaSet removes unscheduled pods first).
+    patch_spec(cluster, team, "served", {"serve": {"replicas": 1}})
+    wait_serving(cluster, team, "served", "DeploymentReady", "1/1 replicas ready")
+
+    # Another queue (on the same ClusterQueue): Kueue would refuse to relabel a Deployment with
+    # running replicas, so the operator replaces the server, and the new queue admits it.
+    cluster.apply(
+        {
+            "apiVersion": "kueue.x-k8s.io/v1beta2",
+            "kind": "LocalQueue",
+            "metadata": {"name": "serving"},
+            "spec": {"clusterQueue": f"cq-{team}"},
+        },
+        namespace=team,
+    )
+    patch_spec(cluster, team, "served", {"serve": {"queue": "serving"}})
+
+    def moved() -> list[dict[str, Any]] | None:
+        pods = server_pods(cluster, team, "served")
+        queues = [p["metadata"]["labels"].get("kueue.x-k8s.io/queue-name") for p in pods]
+        ready = [c for p in pods for c in p["status"].get("conditions", []) if c["type"] == "Ready"]
+        running = queues == ["serving"] and [c["status"] for c in ready] == ["True"]
+        return pods if running and serving(cluster, team, "served")["status"] == "True" else None
+
+    wait_until(moved, timeout=60, description="the server replaced in queue serving, Ready")
+
+    # The server's GPU counts against the team's quota: the next job waits for it.
+    cluster.apply(queued_job("next", run_seconds=3), namespace=team)
+    wait_message(cluster, team, "next", "waiting in the Kueue queue", "nvidia.com/gpu")
+
+    # Serving off gives the GPU back, and the waiting job runs.
+    patch_spec(cluster, team, "served", {"serve": {"enabled": False}})
+    ftj.wait_phase(cluster, team, "next", "Running", "Succeeded", timeout=60)
+    operator.assert_alive()

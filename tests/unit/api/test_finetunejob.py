@@ -30,6 +30,16 @@ def test_local_defaults_are_applied() -> None:
     assert spec.serve.enabled
 
 
+def test_the_server_is_queued_where_the_job_is_unless_serve_queue_says() -> None:
+    assert ftj.FineTuneJobSpec.model_validate(LOCAL).serving_queue is None
+    queued = ftj.FineTuneJobSpec.model_validate({**LOCAL, "queue": "team-a"})
+    assert queued.serving_queue == "team-a"
+    own = ftj.FineTuneJobSpec.model_validate(
+        {**LOCAL, "queue": "team-a-batch", "serve": {"queue": "team-a-serving"}}
+    )
+    assert own.serving_queue == "team-a-serving"
+
+
 @pytest.mark.parametrize(
     "model",
     [

@@ -35,6 +35,7 @@ def indices(job: dict[str, Any] | None, *pods: dict[str, Any], **more: Any) -> d
         "trainer_pods": {KEY: list(pods)},
         "progress_maps": {KEY: more.get("progress", [])},
         "servers": {KEY: more.get("servers", [])},
+        "server_pods": {KEY: more.get("server_pods", [])},
     }
 
 
@@ -47,6 +48,7 @@ def test_children_of_an_earlier_job_of_the_same_name_are_not_this_ones() -> None
             "trainer_pods": {KEY: [pod("old-job", "Running"), pod("new-job", "Pending")]},
             "progress_maps": {KEY: [owned("daoyan-progress", "earlier-uid")]},
             "servers": {KEY: []},
+            "server_pods": {KEY: []},
         },
         KEY,
         UID,

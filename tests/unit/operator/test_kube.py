@@ -37,6 +37,26 @@ def test_patching_an_object_deleted_meanwhile_is_a_wait(monkeypatch: pytest.Monk
         kube.patch_merge("batch/v1", "Job", "team-a", "x-trainer", {"spec": {"suspend": True}})
 
 
+def test_a_delete_by_uid_leaves_an_object_made_again_under_the_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bodies: list[dict[str, Any]] = []
+
+    class Replaced:
+        def delete(self, **kw: Any) -> Any:
+            bodies.append(kw["body"])
+            raise refusal(
+                409, "Precondition failed: UID in precondition: old, UID in object meta: new"
+            )
+
+    monkeypatch.setattr(kube, "_resource", lambda api_version, kind: Replaced())
+    kube.delete("apps/v1", "Deployment", "team-a", "daoyan-server", uid="old")  # gone: done
+    assert bodies == [{"propagationPolicy": "Background", "preconditions": {"uid": "old"}}]
+    # Without a uid, a conflict is not "gone": it is reported.
+    with pytest.raises(kube.Conflict):
+        kube.delete("apps/v1", "Deployment", "team-a", "daoyan-server")
+
+
 def test_an_object_of_an_earlier_owner_being_deleted_is_waited_for() -> None:
     ours = {
         "kind": "Job",

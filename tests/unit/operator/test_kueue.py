@@ -1,4 +1,5 @@
-"""A queued trainer Job's Kueue Workload: read, and (de)activated for spec.suspend."""
+"""Kueue's side of a queued job: the trainer Job's Workload, read and (de)activated for
+spec.suspend, and the server replicas Kueue's admission gate holds."""
 
 from __future__ import annotations
 
@@ -90,3 +91,23 @@ def test_set_active_patches_the_workload_at_its_version(monkeypatch: pytest.Monk
             {"spec": {"active": False}},
         )
     ]
+
+
+def server_pod(name: str, created: str, gated: bool, deleting: bool = False) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "uid": f"uid-{name}", "creationTimestamp": created}
+    if deleting:
+        meta["deletionTimestamp"] = "2026-11-28T10:05:00Z"
+    gates = [{"name": kueue.ADMISSION_GATE}] if gated else []
+    return {"metadata": meta, "spec": {"schedulingGates": gates}}
+
+
+def test_held_pods_are_the_gated_ones_oldest_first() -> None:
+    pods = [
+        server_pod("newer", "2026-11-28T10:02:00Z", gated=True),
+        server_pod("running", "2026-11-28T10:00:00Z", gated=False),
+        server_pod("older", "2026-11-28T10:01:00Z", gated=True),
+        server_pod("leaving", "2026-11-28T09:00:00Z", gated=True, deleting=True),
+        {"metadata": {"name": "other-gate"}, "spec": {"schedulingGates": [{"name": "x/y"}]}},
+    ]
+    assert [p["metadata"]["name"] for p in kueue.held_pods(pods)] == ["older", "newer"]
+    assert kueue.held_pods([]) == []

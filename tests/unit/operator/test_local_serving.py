@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from kubetune.api import finetunejob as ftj
-from kubetune.operator import kube, local_provider, manifests
+from kubetune.operator import kube, kueue, local_provider, manifests
 from kubetune.operator.settings import OperatorSettings
 
 OWNER = manifests.Owner(name="daoyan", namespace="team-a", uid="0123456789abcdef")
@@ -31,6 +31,7 @@ class FakeKube:
     def __init__(self, monkeypatch: pytest.MonkeyPatch, refuse: bool = False) -> None:
         self.applied: list[dict[str, Any]] = []
         self.deleted: list[tuple[str, str]] = []
+        self.delete_options: list[dict[str, Any]] = []
         self.refuse = refuse
         monkeypatch.setattr(kube, "apply", self.apply)
         monkeypatch.setattr(kube, "delete", self.delete)
@@ -41,8 +42,9 @@ class FakeKube:
         self.applied.append(obj)
         return obj
 
-    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+    def delete(self, api_version: str, kind: str, namespace: str, name: str, **kw: Any) -> None:
         self.deleted.append((kind, name))
+        self.delete_options.append(kw)
 
 
 def succeeded() -> ftj.FineTuneJobStatus:
@@ -50,9 +52,12 @@ def succeeded() -> ftj.FineTuneJobStatus:
 
 
 def serve(
-    s: ftj.FineTuneJobSpec, status: ftj.FineTuneJobStatus, deployment: dict[str, Any] | None
+    s: ftj.FineTuneJobSpec,
+    status: ftj.FineTuneJobStatus,
+    deployment: dict[str, Any] | None,
+    pods: list[dict[str, Any]] | None = None,
 ) -> ftj.FineTuneJobStatus:
-    children = local_provider.Children(deployment=deployment)
+    children = local_provider.Children(deployment=deployment, server_pods=pods or [])
     local_provider.serve(s, OWNER, status, children, SETTINGS, generation=3)
     return status
 
@@ -92,6 +97,24 @@ def test_a_changed_spec_serve_is_applied(monkeypatch: pytest.MonkeyPatch) -> Non
     assert before != after
 
 
+def test_a_server_moved_to_another_queue_is_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeKube(monkeypatch)
+    serve(spec(queue="serving"), succeeded(), None)
+    deployment = fake.applied[-1]
+    deployment["metadata"]["uid"] = "deploy-uid-1"
+    fake.applied.clear()
+    # Replicas alone: applied in place.
+    serve(spec(queue="serving", replicas=2), succeeded(), deployment)
+    assert fake.deleted == [] and fake.applied[-1]["kind"] == "Deployment"
+    # Another queue: Kueue would refuse the change while replicas run, so that very Deployment
+    # (by uid: not one made again since) is deleted before the new one is applied.
+    serve(spec(queue="serving-2"), succeeded(), deployment)
+    assert fake.deleted == [("Deployment", "daoyan-server")]
+    assert fake.delete_options == [{"uid": "deploy-uid-1"}]
+    labels = fake.applied[-1]["metadata"]["labels"]
+    assert labels[manifests.KUEUE_QUEUE_LABEL] == "serving-2"
+
+
 def test_a_refused_server_is_reported_and_the_job_stays_succeeded(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -116,3 +139,39 @@ def test_turning_serving_off_finishes_a_removal_cut_short(monkeypatch: pytest.Mo
     fake.deleted.clear()
     serve(spec(enabled=False), status, None)
     assert fake.deleted == []
+
+
+def test_replicas_kueue_holds_say_which_queue_and_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeKube(monkeypatch)
+    serve(spec(replicas=2, queue="serving"), succeeded(), None)
+    deployment = fake.applied[-1]
+    deployment["status"] = {"readyReplicas": 1}
+    running = {"metadata": {"name": "a", "uid": "uid-a"}, "spec": {}}
+    gated = {
+        "metadata": {
+            "name": "b",
+            "uid": "uid-b",
+            "labels": {"kueue.x-k8s.io/queue-name": "serving"},
+        },
+        "spec": {"schedulingGates": [{"name": kueue.ADMISSION_GATE}]},
+    }
+    asked: list[str] = []
+    waiting = kueue.Workload(
+        "v1beta2", "pod-b-1f2e3", True, False, "insufficient quota for nvidia.com/gpu"
+    )
+    monkeypatch.setattr(kueue, "find", lambda ns, uid: asked.append(uid) or waiting)
+
+    status = serve(spec(replicas=2, queue="serving"), succeeded(), deployment, [running, gated])
+    cond = {c.type: c for c in status.conditions}["ServingReady"]
+    assert (cond.status, cond.reason) == ("False", "ServingQueued")
+    assert cond.message == (
+        "1/2 replicas ready; 1 replica waiting in the Kueue queue serving (workload pod-b-1f2e3): "
+        "insufficient quota for nvidia.com/gpu"
+    )
+    assert asked == ["uid-b"] and status.phase == ftj.Phase.SUCCEEDED
+
+    # Once every replica is ready, Kueue is not asked.
+    deployment["status"] = {"readyReplicas": 2}
+    status = serve(spec(replicas=2, queue="serving"), succeeded(), deployment, [running])
+    cond = {c.type: c for c in status.conditions}["ServingReady"]
+    assert (cond.status, cond.reason) == ("True", "DeploymentReady") and asked == ["uid-b"]

@@ -118,6 +118,18 @@ def test_gpus_shm_and_placement() -> None:
     assert objs["Deployment"]["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0
 
 
+def test_a_queue_puts_the_deployment_and_its_pods_under_kueue() -> None:
+    queued = objects(queue="serving-gpus")["Deployment"]
+    label = manifests.KUEUE_QUEUE_LABEL
+    assert queued["metadata"]["labels"][label] == "serving-gpus"
+    assert queued["spec"]["template"]["metadata"]["labels"][label] == "serving-gpus"
+    # The Deployment's selector is immutable: the queue is not part of it.
+    assert label not in queued["spec"]["selector"]["matchLabels"]
+    plain = objects()["Deployment"]
+    assert label not in plain["metadata"]["labels"]
+    assert label not in plain["spec"]["template"]["metadata"]["labels"]
+
+
 def test_cpu_engine_asks_for_no_gpu() -> None:
     objs = objects({"engine": "vllm-cpu", "resources": {"gpus": 1, "cpu": "4"}})
     res = container(objs)["resources"]
