@@ -6,7 +6,8 @@
 # Binaries: kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kubelet, kube-proxy
 # (k8s.io/kubernetes),
 # etcd (go.etcd.io/etcd/server/v3), kwok + kwokctl (sigs.k8s.io/kwok), helm (helm.sh/helm/v3),
-# kueue (sigs.k8s.io/kueue), registry (github.com/distribution/distribution/v3).
+# kueue (sigs.k8s.io/kueue), registry (github.com/distribution/distribution/v3), coredns
+# (github.com/coredns/coredns, with the plugins named in hack/k8s/coredns/main.go).
 # Each tool group is its own Go module under hack/k8s/<group>/ so that every tool builds with the
 # dependency set its upstream release was tested with (kwok and helm pin newer k8s.io libraries
 # than kubernetes 1.34, and etcd 3.6 needs newer grpc/otel than kube-apiserver 1.34 ships with).
@@ -23,7 +24,7 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy etcd kwok kwokctl helm kueue registry)
+BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy etcd kwok kwokctl helm kueue registry coredns)
 
 log() { printf '[k8s-bin] %s\n' "$*" >&2; }
 
@@ -58,7 +59,8 @@ KWOK_VERSION="$(module_version kwok sigs.k8s.io/kwok)"
 HELM_VERSION="$(module_version helm helm.sh/helm/v3)"
 KUEUE_VERSION="$(module_version kueue sigs.k8s.io/kueue)"
 REGISTRY_VERSION="$(module_version registry github.com/distribution/distribution/v3)"
-for v in KUBE_VERSION ETCD_VERSION KWOK_VERSION HELM_VERSION KUEUE_VERSION REGISTRY_VERSION; do
+COREDNS_VERSION="$(module_version coredns github.com/coredns/coredns)"
+for v in KUBE_VERSION ETCD_VERSION KWOK_VERSION HELM_VERSION KUEUE_VERSION REGISTRY_VERSION COREDNS_VERSION; do
   [[ -n "${!v}" ]] || { log "cannot read $v from hack/k8s/*/go.mod"; exit 1; }
 done
 KUBE_MINOR="$(cut -d. -f2 <<<"$KUBE_VERSION")"
@@ -89,6 +91,7 @@ declare -A LDFLAGS=(
   [helm]="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$KUBE_MINOR -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$KUBE_MINOR"
   [kueue]="-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion=$KUEUE_VERSION"
   [registry]="-s -w -X github.com/distribution/distribution/v3/version.version=$REGISTRY_VERSION"
+  [coredns]="-s -w"
 )
 declare -A OUTPUTS=(
   [kubernetes]="kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy"
@@ -97,13 +100,16 @@ declare -A OUTPUTS=(
   [helm]="helm"
   [kueue]="kueue"
   [registry]="registry"
+  [coredns]="coredns"
 )
-GROUPS_ORDER=(kubernetes etcd kwok helm kueue registry)
+GROUPS_ORDER=(kubernetes etcd kwok helm kueue registry coredns)
 
 GO_VERSION="$(go env GOVERSION)"
 stamp_of() {
-  local g="$1"
-  { echo "$GO_VERSION"; echo "${LDFLAGS[$g]}"; cat "$HERE/$g/go.mod" "$HERE/$g/go.sum"; } | sha256sum | cut -c1-16
+  local g="$1" sources=("$HERE/$1"/*.go) # a group's own main package (coredns), if any
+  [[ -e "${sources[0]}" ]] || sources=()
+  { echo "$GO_VERSION"; echo "${LDFLAGS[$g]}"; cat "$HERE/$g/go.mod" "$HERE/$g/go.sum" "${sources[@]}"; } |
+    sha256sum | cut -c1-16
 }
 
 # Two builds at once (a test session and `make k8s-bin`) would race on the same files.
@@ -149,6 +155,7 @@ fi
   echo "helm $HELM_VERSION"
   echo "kueue $KUEUE_VERSION"
   echo "registry $REGISTRY_VERSION"
+  echo "coredns $COREDNS_VERSION"
   echo "go $GO_VERSION"
 } >"$ROOT/VERSIONS"
 check_bin_dir "$BIN"

@@ -14,8 +14,8 @@ die() { log "$*"; exit 1; }
 find_cni_bin() { for d in /usr/lib/cni /opt/cni/bin; do [[ -x "$d/bridge" ]] && echo "$d" && return; done; }
 CNI_BIN="$(find_cni_bin || true)"
 BRIDGE=kubetune0
-PAUSE_IMAGE=kubetune.local/pause:1
-PAUSE_ARCHIVE="$STORE/pause-image.tar"
+# The cluster DNS Service (hack/node/dns.yaml), in the Service range of hack/cluster/kwokctl-real.yaml.
+DNS_IP=10.0.0.10
 # The node's image registry: docker pushes there, containerd pulls from there (plain HTTP).
 REGISTRY=localhost:5000
 
@@ -81,16 +81,23 @@ wait_for() {
   die "$what did not answer in ${seconds}s"
 }
 
-# The pod sandbox image, built from hack/node/pause.go; rebuilt when the source or Go changes.
-ensure_pause_image() {
-  local key
-  key="$({ cat "$HERE/pause.go" "$HERE/pause_image.py"; go env GOVERSION; } | sha256sum | cut -c1-16)"
-  [[ -f "$PAUSE_ARCHIVE" && "$(cat "$PAUSE_ARCHIVE.key" 2>/dev/null)" == "$key" ]] && return 0
-  log "building the pause image $PAUSE_IMAGE"
+# binary_image <name> <binary> <archive>: a one-binary OCI archive (binary_image.py), remade
+# when the binary or the script changes; prints the image's name, tagged by that content.
+binary_image() {
+  local name="$1" binary="$2" archive="$3" key
+  key="$({ sha256sum <"$binary"; cat "$HERE/binary_image.py"; } | sha256sum | cut -c1-12)"
+  if [[ ! -f "$archive" || "$(cat "$archive.key" 2>/dev/null)" != "$key" ]]; then
+    python3 "$HERE/binary_image.py" "$binary" "kubetune.local/$name:$key" "$archive"
+    echo "$key" >"$archive.key"
+  fi
+  echo "kubetune.local/$name:$key"
+}
+
+# The pod sandbox image, built from hack/node/pause.go (rebuilt when the source or Go changes).
+pause_image() {
   local tmp
   tmp="$(mktemp -d)"
   (cd "$tmp" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o pause "$HERE/pause.go")
-  python3 "$HERE/pause_image.py" "$tmp/pause" "$PAUSE_IMAGE" "$PAUSE_ARCHIVE"
+  binary_image pause "$tmp/pause" "$STORE/pause-image.tar"
   rm -rf "$tmp"
-  echo "$key" >"$PAUSE_ARCHIVE.key"
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Joins a real node to a test cluster: containerd (CRI) runs the pods with runc, the kubelet built
-# from k8s.io/kubernetes registers the node, kube-proxy routes Services with iptables, and Debian's
-# CNI plugins give each pod an address on a bridge. Pods scheduled here really run.
+# from k8s.io/kubernetes registers the node, kube-proxy routes Services with iptables, Debian's
+# CNI plugins give each pod an address on a bridge, and CoreDNS (hack/node/dns.yaml) answers for
+# cluster.local. Pods scheduled here really run.
 #
 #   bash hack/node/node-up.sh <cluster dir>      the kwokctl cluster folder (pki/, kubeconfig.yaml)
 #
@@ -61,7 +62,8 @@ sysctl -qw net.ipv4.ip_forward=1 net.bridge.bridge-nf-call-iptables=1 2>/dev/nul
   kwokctl get kubeconfig --user system:kube-proxy --group "" --host "$NODE_IP" >"$RUN/kube-proxy.kubeconfig"
 
 # --- containerd ---------------------------------------------------------------------------------
-ensure_pause_image
+PAUSE_IMAGE="$(pause_image)"
+DNS_IMAGE="$(binary_image coredns "$BIN/coredns" "$STORE/coredns-image.tar")"
 cat >"$RUN/containerd.toml" <<EOF
 version = 2
 root = "$STORE/containerd"
@@ -98,7 +100,7 @@ cat >"$RUN/cni/10-kubetune.conflist" <<EOF
 EOF
 start_daemon containerd containerd --config "$RUN/containerd.toml"
 wait_for "containerd" 30 ctr_ version
-ctr_ images import "$PAUSE_ARCHIVE" >/dev/null
+for archive in pause-image.tar coredns-image.tar; do ctr_ images import "$STORE/$archive" >/dev/null; done
 
 # --- the image registry -------------------------------------------------------------------------
 # Its storage is shared by clusters, like containerd's, so a warm machine pushes only new layers.
@@ -131,6 +133,7 @@ cgroupDriver: cgroupfs
 failCgroupV1: false
 failSwapOn: false
 clusterDomain: cluster.local
+clusterDNS: [$DNS_IP]
 resolvConf: /etc/resolv.conf
 # Evict only when the disk is really full: the defaults (10% and 15% free) trip on a big disk
 # that docker's copies of the images share.
@@ -164,3 +167,9 @@ until kubectl wait --for=condition=Ready "node/$NODE" --timeout=5s >/dev/null 2>
   ((SECONDS - start < TIMEOUT)) || { tail -30 "$RUN/logs/kubelet.log" >&2; die "node $NODE not Ready after ${TIMEOUT}s"; }
 done
 log "node $NODE ($NODE_IP) Ready in $((SECONDS - start))s"
+
+# --- cluster DNS --------------------------------------------------------------------------------
+sed -e "s|@IMAGE@|$DNS_IMAGE|" -e "s|@DNS_IP@|$DNS_IP|" "$HERE/dns.yaml" | kubectl apply -f - >/dev/null
+kubectl -n kube-system rollout status deployment/coredns --timeout "${TIMEOUT}s" >/dev/null ||
+  die "CoreDNS not ready after ${TIMEOUT}s: $(kubectl -n kube-system logs deployment/coredns --tail 20 2>&1)"
+log "cluster DNS ready on $DNS_IP (CoreDNS, image $DNS_IMAGE)"

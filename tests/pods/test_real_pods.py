@@ -6,7 +6,8 @@ Nothing here is simulated: the kubelet (hack/node) runs the chart's operator pod
 operator image, logged in through the kubernetes Service with its ServiceAccount token; the
 operator's trainer Job runs from the trainer image on the claims of local PersistentVolumes and
 reports progress through the API; the serving Deployment runs vLLM's CPU build from the
-server-cpu image, and kube-proxy routes its Service.
+server-cpu image; the app is a pod that finds the server by the published URL, through the
+node's CoreDNS and kube-proxy.
 """
 
 from __future__ import annotations
@@ -20,9 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-import openai
 import pytest
 import yaml
 
@@ -166,7 +165,7 @@ def watching_pod(cluster: Cluster, namespace: str, name: str) -> Iterator[list[d
 
 
 def test_kubectl_apply_of_the_demo_job_trains_and_serves_on_real_pods(
-    cluster: Cluster, team: Team
+    cluster: Cluster, team: Team, images: dict[str, str]
 ) -> None:
     ns = team.namespace
     cluster.apply(demo_job("daoyan"), namespace=ns)
@@ -195,24 +194,61 @@ def test_kubectl_apply_of_the_demo_job_trains_and_serves_on_real_pods(
     ftj.wait_serving_ready(cluster, ns, "daoyan", timeout=SERVE_TIMEOUT)  # vLLM-CPU is Ready
     endpoint = cluster.get("configmap", "daoyan-endpoint", "-n", ns)["data"]
     assert endpoint["OPENAI_MODEL"] == "daoyan"
-    # No cluster DNS on this machine: the app reaches the Service by its ClusterIP, through
-    # kube-proxy's rules, on the port of the published URL.
-    url = urlsplit(endpoint["OPENAI_BASE_URL"])
-    service = cluster.get("service", str(url.hostname).split(".")[0], "-n", ns)
-    base_url = urlunsplit(url._replace(netloc=f"{service['spec']['clusterIP']}:{url.port}"))
-    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
-    examples = [json.loads(line)["messages"] for line in DATASET.read_text().splitlines()]
-    for messages in examples[:3]:
-        question = [m for m in messages if m["role"] != "assistant"]
-        answer = next(m["content"] for m in messages if m["role"] == "assistant")
-        reply = client.chat.completions.create(
-            model=endpoint["OPENAI_MODEL"],
-            messages=question,  # type: ignore[arg-type]
-            temperature=0,
-            max_tokens=160,
-            seed=0,
-        )
-        assert reply.choices[0].message.content == answer
+    # An internal app: a pod that takes the endpoint ConfigMap with envFrom, as docs/serving.md
+    # shows, and asks through the published URL (the Service's name, through the cluster DNS and
+    # kube-proxy) three questions of the training data.
+    examples = [json.loads(line)["messages"] for line in DATASET.read_text().splitlines()][:3]
+    questions = [[m for m in messages if m["role"] != "assistant"] for messages in examples]
+    replies = run_app(cluster, ns, "daoyan-endpoint", images["server-cpu"], questions)
+    answers = [next(m["content"] for m in ms if m["role"] == "assistant") for ms in examples]
+    assert replies == answers
+
+
+APP = """
+import json, os, sys
+from openai import OpenAI
+
+client = OpenAI(base_url=os.environ["OPENAI_BASE_URL"], api_key="EMPTY", max_retries=0)
+for messages in json.loads(sys.argv[1]):
+    reply = client.chat.completions.create(
+        model=os.environ["OPENAI_MODEL"], messages=messages, temperature=0, max_tokens=160, seed=0
+    )
+    print(json.dumps(reply.choices[0].message.content))
+"""
+
+
+def run_app(
+    cluster: Cluster, namespace: str, endpoint: str, image: str, questions: list[Any]
+) -> list[str]:
+    """Runs APP in a pod with the endpoint ConfigMap as its environment; its replies."""
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "internal-app"},
+        "spec": {
+            "restartPolicy": "Never",
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 1000},
+            "containers": [
+                {
+                    "name": "app",
+                    "image": image,
+                    "command": ["python", "-c", APP, json.dumps(questions)],
+                    "envFrom": [{"configMapRef": {"name": endpoint}}],
+                    "env": [{"name": "HOME", "value": "/tmp"}],
+                }
+            ],
+        },
+    }
+    cluster.apply(pod, namespace=namespace)
+
+    def finished() -> str | None:
+        phase = cluster.get("pod", "internal-app", "-n", namespace)["status"].get("phase")
+        return str(phase) if phase in ("Succeeded", "Failed") else None
+
+    phase = wait_until(finished, timeout=180, description="the internal app's pod to finish")
+    out = logs(cluster, namespace, "pod/internal-app")
+    assert phase == "Succeeded", out[-4000:]
+    return [json.loads(line) for line in out.splitlines() if line.startswith('"')]
 
 
 def test_an_evicted_trainer_pod_checkpoints_and_the_next_pod_resumes(

@@ -1,6 +1,9 @@
-"""Writes a one-file OCI image archive for the pod sandbox, importable with `ctr images import`.
+"""Writes an OCI image archive of one static binary, importable with `ctr images import`.
 
-    python3 pause_image.py <pause binary> <image name> <archive>
+    python3 binary_image.py <binary> <image name> <archive>
+
+The image holds the binary at /<its file name>, its entrypoint, run as user 65535: the node's
+pod sandbox (pause) and its cluster DNS (coredns), for which no registry can be reached.
 
 Standard library only: node-up.sh runs it with the machine's python3, before any venv exists.
 """
@@ -25,7 +28,7 @@ def blob(archive: tarfile.TarFile, data: bytes, media_type: str) -> dict[str, ob
 def main(binary: str, name: str, path: str) -> None:
     layer = io.BytesIO()
     with tarfile.open(fileobj=layer, mode="w") as tar:
-        info = tar.gettarinfo(binary, arcname="pause")
+        info = tar.gettarinfo(binary, arcname=Path(binary).name)
         info.uid = info.gid = 0
         info.uname = info.gname = ""
         info.mtime = 0
@@ -35,7 +38,7 @@ def main(binary: str, name: str, path: str) -> None:
     config = {
         "architecture": "amd64",
         "os": "linux",
-        "config": {"Entrypoint": ["/pause"], "User": "65535:65535"},
+        "config": {"Entrypoint": [f"/{Path(binary).name}"], "User": "65535:65535"},
         "rootfs": {"type": "layers", "diff_ids": [diff_id]},
     }
     with tarfile.open(path, "w") as archive:
