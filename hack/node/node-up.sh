@@ -109,6 +109,7 @@ version: 0.1
 log: {level: warn, accesslog: {disabled: true}}
 storage:
   filesystem: {rootdirectory: $STORE/registry}
+  delete: {enabled: true} # push-images.sh deletes older tags, then collects their layers
 http:
   addr: $REGISTRY
 EOF

@@ -8,8 +8,8 @@
 # A new tag per build keeps IfNotPresent pull policies honest. Layers the registry and containerd
 # already hold are neither pushed nor pulled again, so after a code change only the top layer of
 # each image moves (seconds); the first push of the trainer and server-cpu images moves ~8 GB.
-# containerd keeps one tag per image; the registry keeps every tag pushed (small: a code change
-# makes new top layers only).
+# containerd and the registry keep one tag per image: older tags go, and with them the layers that
+# only they used (the registry's garbage collector runs while the registry is stopped).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -38,4 +38,36 @@ for image in "$@"; do
     ctr_ images remove "$old" $(grep "^sha256:${old##*:}" <<<"$have" || true) >/dev/null
   done
 done
+# The registry: older tags' manifests are deleted through its API, then its garbage collector
+# frees the layers no tag uses any more. It runs with the registry stopped, as it must not race a
+# push; this script is the only one that pushes.
+accept="application/vnd.docker.distribution.manifest.v2+json,application/vnd.oci.image.manifest.v1+json"
+deleted=0
+for ref in "${refs[@]}"; do
+  repo="${ref#"$REGISTRY"/}"
+  tag="${repo##*:}"
+  repo="${repo%:*}"
+  tags="$(curl -sf "http://$REGISTRY/v2/$repo/tags/list" |
+    python3 -c 'import json, sys; print(*(json.load(sys.stdin).get("tags") or []))')"
+  for old in $tags; do
+    [[ "$old" != "$tag" ]] || continue
+    digest="$(curl -sfI -H "Accept: $accept" "http://$REGISTRY/v2/$repo/manifests/$old" |
+      tr -d '\r' | awk -F': ' 'tolower($1) == "docker-content-digest" { print $2 }')"
+    [[ -n "$digest" ]] || continue
+    curl -sf -X DELETE "http://$REGISTRY/v2/$repo/manifests/$digest" >/dev/null ||
+      die "the registry refused to delete $repo:$old ($digest)"
+    deleted=$((deleted + 1))
+  done
+done
+if ((deleted)); then
+  start=$SECONDS
+  before="$(du -sm "$STORE/registry" | cut -f1)"
+  BIN="$(bash "$HERE/../k8s/build.sh")"
+  stop_daemon registry
+  "$BIN/registry" garbage-collect --delete-untagged "$RUN/registry.yaml" >>"$RUN/logs/registry-gc.log" 2>&1 ||
+    die "registry garbage-collect failed (log: $RUN/logs/registry-gc.log)"
+  start_daemon registry "$BIN/registry" serve "$RUN/registry.yaml"
+  wait_for "the registry" 30 curl -sf "http://$REGISTRY/v2/"
+  log "registry: $deleted older tags removed, $((before - $(du -sm "$STORE/registry" | cut -f1))) MB freed in $((SECONDS - start))s"
+fi
 printf '%s\n' "${refs[@]}"
