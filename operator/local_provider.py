@@ -138,9 +138,8 @@ def ensure_serving(
     """
     wanted = serving_wanted(spec, owner, settings)
     meta = (deployment or {}).get("metadata") or {}
-    if (meta.get("annotations") or {}).get(APPLIED_HASH) == wanted[-1]["metadata"]["annotations"][
-        APPLIED_HASH
-    ]:
+    applied = (meta.get("annotations") or {}).get(APPLIED_HASH)
+    if applied == wanted[-1]["metadata"]["annotations"][APPLIED_HASH]:
         return
     if deployment is not None and _queue(deployment) != _queue(wanted[-1]):
         # Kueue refuses to change the queue of a Deployment whose replicas run: the server is
