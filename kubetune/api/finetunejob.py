@@ -588,4 +588,11 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Loss", "type": "number", "jsonPath": ".status.progress.trainLoss"},
     {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint.baseURL"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    {
+        "name": "Serving",
+        "type": "string",
+        "priority": 1,  # `kubectl get ftj -o wide`
+        "description": "Why the server is or is not ready: the ServingReady condition's reason.",
+        "jsonPath": '.status.conditions[?(@.type=="ServingReady")].reason',
+    },
 ]

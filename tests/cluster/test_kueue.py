@@ -294,6 +294,8 @@ def test_a_queued_jobs_server_is_admitted_by_quota_and_holds_it_until_serving_st
         "nvidia.com/gpu",
     )  # fmt: skip
     assert waiting["status"] == "False"
+    wide = cluster.kubectl("get", "ftj", "served", "-n", team, "-o", "wide").stdout
+    assert "SERVING" in wide and "ServingQueued" in wide, wide
     pods = server_pods(cluster, team, "served")
     admitted = [p for p in pods if not p["spec"].get("schedulingGates")]
     assert len(pods) == 2 and len(admitted) == 1, pods

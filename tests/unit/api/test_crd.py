@@ -58,7 +58,7 @@ def test_field_descriptions_reach_kubectl_explain() -> None:
 
 def test_printer_columns() -> None:
     cols = [c["name"] for c in crd.crd()["spec"]["versions"][0]["additionalPrinterColumns"]]
-    assert cols == ["Phase", "Provider", "Model", "Progress", "Loss", "Endpoint", "Age"]
+    assert cols == ["Phase", "Provider", "Model", "Progress", "Loss", "Endpoint", "Age", "Serving"]
 
 
 def test_committed_api_reference_matches_the_model() -> None:
