@@ -47,12 +47,13 @@ for ref in "${refs[@]}"; do
   repo="${ref#"$REGISTRY"/}"
   tag="${repo##*:}"
   repo="${repo%:*}"
-  tags="$(curl -sf "http://$REGISTRY/v2/$repo/tags/list" |
+  # (None listed when the registry lost the repository that containerd still had: nothing to drop.)
+  tags="$({ curl -sf "http://$REGISTRY/v2/$repo/tags/list" || echo '{}'; } |
     python3 -c 'import json, sys; print(*(json.load(sys.stdin).get("tags") or []))')"
   for old in $tags; do
     [[ "$old" != "$tag" ]] || continue
     digest="$(curl -sfI -H "Accept: $accept" "http://$REGISTRY/v2/$repo/manifests/$old" |
-      tr -d '\r' | awk -F': ' 'tolower($1) == "docker-content-digest" { print $2 }')"
+      tr -d '\r' | awk -F': ' 'tolower($1) == "docker-content-digest" { print $2 }' || true)"
     [[ -n "$digest" ]] || continue
     curl -sf -X DELETE "http://$REGISTRY/v2/$repo/manifests/$digest" >/dev/null ||
       die "the registry refused to delete $repo:$old ($digest)"
