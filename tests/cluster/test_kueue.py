@@ -252,8 +252,7 @@ def test_a_queue_that_does_not_exist_is_named_in_the_status(
 
 
 def serving(cluster: Cluster, ns: str, name: str) -> dict[str, Any]:
-    conditions = status(cluster, ns, name).get("conditions") or []
-    return next((c for c in conditions if c["type"] == "ServingReady"), {})
+    return ftj.serving_condition(status(cluster, ns, name))
 
 
 def wait_serving(cluster: Cluster, ns: str, name: str, reason: str, *parts: str) -> dict[str, Any]:

@@ -173,6 +173,12 @@ def wait_phase(
         raise AssertionError(f"{exc}; status: {json.dumps(status, indent=1)}") from None
 
 
+def serving_condition(status: dict[str, Any]) -> dict[str, Any]:
+    """The ServingReady condition of a job's status; {} while it has none."""
+    conditions = status.get("conditions") or []
+    return next((c for c in conditions if c["type"] == "ServingReady"), {})
+
+
 def wait_serving_ready(
     cluster: Cluster, namespace: str, name: str, timeout: float = 60
 ) -> dict[str, Any]:
@@ -181,8 +187,7 @@ def wait_serving_ready(
 
     def ready() -> dict[str, Any] | None:
         status: dict[str, Any] = get_ftj(cluster, namespace, name).get("status") or {}
-        conditions = {c["type"]: c["status"] for c in status.get("conditions", [])}
-        return status if conditions.get("ServingReady") == "True" else None
+        return status if serving_condition(status).get("status") == "True" else None
 
     return wait_until(ready, timeout=timeout, description=f"{name}: ServingReady=True")
 
