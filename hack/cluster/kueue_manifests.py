@@ -1,7 +1,8 @@
 """Rewrites Kueue's CRDs and webhook configurations for a test cluster without a Service network.
 
     kubectl create --dry-run=client -o json -f <manifests> | python3 kueue_manifests.py MODE URL CA
-    kubectl kustomize <webhook component> -o json | python3 kueue_manifests.py webhooks URL CA
+    kubectl kustomize <webhook component> | kubectl create --dry-run=client -o json -f - |
+      python3 kueue_manifests.py webhooks URL CA
 
 MODE ``crds``: the multi-version Kueue CRDs get their conversion webhook at ``URL/convert``.
 MODE ``webhooks``: only the webhook configurations, and in them only the webhooks of the
