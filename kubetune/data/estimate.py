@@ -183,7 +183,7 @@ def estimate_local(
     if tps <= 0:
         raise ValueError(f"`tokens_per_second` must be positive, got {tps}")
     # Examples longer than a sequence are cut to it, whatever the file's own limit.
-    per_epoch = _tokens_capped(stats, max_seq_length)
+    per_epoch, exact = _tokens_capped(stats, max_seq_length)
     steps_per_epoch = math.ceil(n / batch) if n else 0
     tokens = per_epoch * epochs
     return LocalEstimate(
@@ -200,20 +200,19 @@ def estimate_local(
         throughput_assumed=tokens_per_second is None,
         gpu_hours=round(tokens / tps / 3600, 6),
         counter=stats.counter,
-        exact=stats.exact,
+        exact=stats.exact and exact,
     )
 
 
-def _tokens_capped(stats: TokenStats, cap: int) -> int:
-    """Σ min(cap, tokens) per epoch, exact when no example exceeds ``cap``."""
-    if stats.max <= cap:
-        return stats.total_tokens
+def _tokens_capped(stats: TokenStats, cap: int) -> tuple[int, bool]:
+    """Σ min(cap, tokens) per epoch, and whether it is exact (not read off the histogram)."""
+    exact = stats.tokens_capped(cap)
+    if exact is not None:
+        return exact, True
     if stats.limit == cap:
-        return stats.billed_tokens_per_epoch
-    # Only the histogram is left: count each bucket's over-long examples at the cap, the rest at
-    # the bucket's midpoint (an estimate, a bucket is a tenth of the range wide).
-    total = 0
-    for b in stats.histogram:
-        mid = (b.lo + b.hi) / 2
-        total += round(b.count * min(mid, cap))
-    return total
+        return stats.billed_tokens_per_epoch, True
+    # Stats built without their per-length counts (by hand, or decoded from an older report):
+    # only the histogram is left. Every example in a bucket that starts above the cap loses at
+    # least (start - cap) tokens, so this bound never exceeds the uncut total; it is not exact.
+    cut = sum(b.count * (b.lo - cap) for b in stats.histogram if b.lo > cap)
+    return stats.total_tokens - cut, False

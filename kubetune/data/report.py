@@ -62,6 +62,8 @@ class Report(msgspec.Struct, kw_only=True):
     def to_builtins(self) -> dict[str, Any]:
         out: dict[str, Any] = {"ok": self.ok}
         out.update(msgspec.to_builtins(self))
+        if out.get("stats"):
+            del out["stats"]["lengths"]  # the estimate's input; the histogram shows its shape
         return out
 
     def to_json(self) -> str:

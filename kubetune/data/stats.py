@@ -44,6 +44,18 @@ class TokenStats(msgspec.Struct, frozen=True, kw_only=True):
     billed_tokens_per_epoch: int
     """Σ min(limit, tokens): what one epoch costs where over-long examples are truncated."""
     histogram: list[Bucket]
+    lengths: list[tuple[int, int]] = msgspec.field(default_factory=list)
+    """``(tokens, examples)`` for each distinct length, shortest first: the exact distribution,
+    from which :meth:`tokens_capped` sums any cut. At most as many pairs as the longest example
+    has tokens; :meth:`kubetune.data.Report.to_builtins` leaves it out of the printed report."""
+
+    def tokens_capped(self, cap: int) -> int | None:
+        """Σ min(cap, tokens) over the examples; None when :attr:`lengths` was not kept."""
+        if self.max <= cap:
+            return self.total_tokens
+        if not self.lengths and self.n_examples:
+            return None
+        return sum(min(cap, length) * count for length, count in self.lengths)
 
 
 class StatsAccumulator:
@@ -100,6 +112,7 @@ class StatsAccumulator:
             n_over_limit=self.over,
             billed_tokens_per_epoch=self.billed,
             histogram=_histogram(ordered),
+            lengths=ordered,
         )
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from kubetune import data
-from kubetune.data import estimate
+from kubetune.data import estimate, tokens
 from kubetune.data.stats import StatsAccumulator, TokenStats
 
 
@@ -69,3 +70,29 @@ def test_estimates_need_token_stats() -> None:
         data.estimate_openai(report)
     with pytest.raises(ValueError, match="at least 1"):
         data.estimate_local(stats_of([10]), n_epochs=0)
+
+
+def test_cutting_examples_lowers_the_local_estimate_exactly() -> None:
+    # 999 short examples and one of 1,821 tokens, cut at 512: Σ min(512, tokens), not bucket
+    # midpoints (which once gave 113,898 and called it exact).
+    s = stats_of([24] * 999 + [1821])
+    est = data.estimate_local(s, n_epochs=1, max_seq_length=512)
+    assert est.tokens == 999 * 24 + 512 and est.exact
+    uncut = data.estimate_local(s, n_epochs=1, max_seq_length=2048)
+    assert uncut.tokens == s.total_tokens == 999 * 24 + 1821
+    assert est.tokens < uncut.tokens
+
+
+def test_stats_without_their_lengths_give_an_estimate_marked_not_exact() -> None:
+    s = stats_of([24] * 999 + [1821])
+    bare = msgspec.structs.replace(s, lengths=[])
+    est = data.estimate_local(bare, n_epochs=1, max_seq_length=512)
+    assert not est.exact and 999 * 24 + 512 <= est.tokens < s.total_tokens
+
+
+def test_the_printed_report_leaves_the_length_table_out() -> None:
+    line = '{"messages": [{"role":"user", "content": "a"}, {"role": "assistant", "content": "b"}]}'
+    counter = tokens.OpenAIChatCounter(tokens.approx_lengths, name="~", exact=False, limit=None)
+    report = data.validate_text(line + "\n", counter=counter)
+    assert report.stats is not None and report.stats.lengths
+    assert "lengths" not in report.to_builtins()["stats"]
