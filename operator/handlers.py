@@ -31,6 +31,13 @@ from kubetune.operator.settings import OperatorSettings
 
 SETTINGS = OperatorSettings.from_env()
 MANAGED = {manifests.LABEL_MANAGED_BY: "kubetune"}
+CHILD_RESOURCES = (
+    ("batch", "v1", "jobs"),
+    ("v1", "pods"),
+    ("v1", "configmaps"),
+    ("apps", "v1", "deployments"),
+)
+"""The kinds of the job's children the operator watches (the indices below), as kopf selectors."""
 Key = tuple[str, str]
 
 
@@ -44,6 +51,12 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.peering.standalone = True
     settings.execution.max_workers = 32
     settings.watching.server_timeout = 300
+    # The indices below filter by label in the operator, after the API server has sent every
+    # Pod, Job, ConfigMap and Deployment of the cluster: on a shared cluster, most of it. The
+    # same selector on the watch itself makes the API server send only kubetune's children.
+    managed = ",".join(f"{k}={v}" for k, v in MANAGED.items())
+    for resource in CHILD_RESOURCES:
+        settings.watching.label_selectors[resource] = managed
 
 
 # ----------------------------------------------------------------------------- indices

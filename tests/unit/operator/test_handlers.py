@@ -174,3 +174,36 @@ def test_a_step_being_retried_is_shown_in_status_until_it_succeeds(
     patch = kopf.Patch()
     reconcile(retried.to_wire(), patch)
     assert "Reconciled" not in {c["type"] for c in patch["status"]["conditions"]}
+
+
+def _resource(group: str, version: str, plural: str) -> kopf.Resource:
+    return kopf.Resource(group, version, plural, namespaced=True)
+
+
+@pytest.mark.parametrize(
+    ("group", "version", "plural"),
+    [
+        ("batch", "v1", "jobs"),
+        ("", "v1", "pods"),
+        ("", "v1", "configmaps"),
+        ("apps", "v1", "deployments"),
+    ],
+)
+def test_children_are_watched_with_a_server_side_label_selector(
+    group: str, version: str, plural: str
+) -> None:
+    settings = kopf.OperatorSettings()
+    handlers.configure(settings=settings)
+    selectors = list(settings.watching.label_selectors.collect(_resource(group, version, plural)))
+    assert selectors == ["app.kubernetes.io/managed-by=kubetune"]
+
+
+def test_finetunejobs_and_other_kinds_are_watched_unfiltered() -> None:
+    settings = kopf.OperatorSettings()
+    handlers.configure(settings=settings)
+    for resource in (
+        _resource(ftj.GROUP, ftj.VERSION, ftj.PLURAL),
+        _resource("", "v1", "secrets"),
+        _resource("kueue.x-k8s.io", "v1beta2", "jobs"),
+    ):
+        assert not list(settings.watching.label_selectors.collect(resource)), resource
