@@ -86,7 +86,7 @@ def crd() -> dict[str, Any]:
             "spec": spec,
             "status": status,
         },
-        "x-kubernetes-validations": [ftj.NAME_RULE, ftj.immutability_rule()],
+        "x-kubernetes-validations": [*ftj.NAME_RULES, ftj.immutability_rule()],
     }
     return {
         "apiVersion": "apiextensions.k8s.io/v1",

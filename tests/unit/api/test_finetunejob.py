@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -91,6 +92,10 @@ def test_int_or_auto_accepts_both_and_rejects_other_strings() -> None:
         ),
         ({**LOCAL, "lora": {"r": 0}}, "lora.r"),
         ({**LOCAL, "lorra": {}}, "lorra"),
+        (
+            {**LOCAL, "serve": {"engine": "vllm", "resources": {"gpus": 0}}},
+            "`serve.engine: vllm` needs `serve.resources.gpus` >= 1; use `engine: vllm-cpu`",
+        ),
     ],
 )
 def test_cross_field_rules_name_the_field(spec: dict[str, Any], message: str) -> None:
@@ -125,3 +130,23 @@ def test_trainer_config_round_trips_through_yaml(tmp_path: Any) -> None:
     path = tmp_path / "config.yaml"
     path.write_text(config.dump_yaml(), encoding="utf-8")
     assert TrainerConfig.load(path) == config
+
+
+@pytest.mark.parametrize(
+    "serve",
+    [
+        {"engine": "vllm-cpu", "resources": {"gpus": 0}},
+        {"enabled": False, "engine": "vllm", "resources": {"gpus": 0}},
+        {"engine": "vllm"},
+    ],
+)
+def test_serving_without_gpus_is_valid_on_the_cpu_engine_or_when_off(serve: dict[str, Any]) -> None:
+    assert ftj.FineTuneJobSpec.model_validate({**LOCAL, "serve": serve}).serve.engine
+
+
+def test_name_rules_are_those_of_a_service_name() -> None:
+    pattern = re.compile(ftj.NAME_PATTERN)
+    for good in ("daoyan", "qwen2-5-tune", "a", "x" * ftj.MAX_NAME_LENGTH):
+        assert pattern.match(good), good
+    for bad in ("qwen2.5-tune", "7b-lora", "-x", "x-", "Daoyan", "tune_1"):
+        assert not pattern.match(bad), bad
