@@ -36,7 +36,8 @@ COPY trainer/ /src/trainer/
 COPY server/ /src/server/
 RUN pip wheel -q --no-deps --wheel-dir /wheels /src
 
-# `python -m kubetune.operator`: kopf, the Kubernetes and OpenAI clients; no torch.
+# `python -m kubetune.operator`: kopf, the Kubernetes and OpenAI clients, tiktoken with its
+# encoding files (exact OpenAI token counts offline); no torch.
 FROM python AS operator
 RUN python3 /opt/requirements/deps.py operator
 COPY --from=wheel /wheels/ /tmp/wheels/
