@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
+
 from kubetune.api import finetunejob as ftj
 from kubetune.operator import kube, kueue, manifests, serving_manifests
 from kubetune.operator import status as st
@@ -126,17 +128,16 @@ def serving_wanted(
 
 
 def ensure_serving(
-    spec: ftj.FineTuneJobSpec,
+    wanted: list[dict[str, Any]],
     owner: manifests.Owner,
-    settings: OperatorSettings,
     deployment: dict[str, Any] | None,
 ) -> None:
-    """Applies the serving objects when they are missing or ``spec.serve`` changed.
+    """Applies the serving objects (``serving_wanted``) when they are missing or
+    ``spec.serve`` changed.
 
     The common case, nothing changed, costs no request: the watched Deployment carries the
     hash of what was applied.
     """
-    wanted = serving_wanted(spec, owner, settings)
     meta = (deployment or {}).get("metadata") or {}
     applied = (meta.get("annotations") or {}).get(APPLIED_HASH)
     if applied == wanted[-1]["metadata"]["annotations"][APPLIED_HASH]:
@@ -180,6 +181,16 @@ def serving_queue_wait(namespace: str, held: list[dict[str, Any]]) -> str:
     )
 
 
+def config_problem(exc: ValueError) -> str:
+    """A serve config's validation error on one line, each problem with its field."""
+    if isinstance(exc, ValidationError):
+        return "; ".join(
+            f"`{'.'.join(str(part) for part in err['loc']) or 'serve config'}`: {err['msg']}"
+            for err in exc.errors()
+        )
+    return str(exc)
+
+
 def serve(
     spec: ftj.FineTuneJobSpec,
     owner: manifests.Owner,
@@ -190,8 +201,9 @@ def serve(
 ) -> None:
     """Serving after success, in ``new``: the server follows ``spec.serve``.
 
-    A server the API refuses (a name taken, a quota or a policy that forbids it) is reported in
-    the ServingReady condition; the training result stands and the job stays Succeeded.
+    A server the API refuses (a name taken, a quota or a policy that forbids it), or a serve
+    config that cannot be built from the spec, is reported in the ServingReady condition
+    (reason ServingRefused); the training result stands and the job stays Succeeded.
     """
     if not spec.serve.enabled:
         # Removal is decided by what status says exists, so a removal cut short is finished.
@@ -203,16 +215,25 @@ def serve(
             new.message = "training finished; serving is off"
         return
     try:
-        ensure_serving(spec, owner, settings, children.deployment)
+        wanted = serving_wanted(spec, owner, settings)
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        problem = config_problem(exc)
+        new.conditions = st.set_condition(
+            new.conditions, "ServingReady", False, "ServingRefused", problem, generation
+        )
+        new.message = f"training finished; the serve config is invalid: {problem}"
+        return
+    try:
+        ensure_serving(wanted, owner, children.deployment)
     except kube.PermanentKubeError as exc:
         new.conditions = st.set_condition(
             new.conditions, "ServingReady", False, "ServingRefused", str(exc), generation
         )
         new.message = f"training finished; the server could not be created: {exc}"
         return
-    ready, why = st.deployment_ready(children.deployment)
-    reason = "DeploymentReady" if ready else "DeploymentNotReady"
-    held = kueue.held_pods(children.server_pods) if not ready else []
+    state = st.serving_state(children.deployment, children.server_pods)
+    ready, reason, why = state.ready, state.reason, state.message
+    held = kueue.held_pods(children.server_pods) if reason == "DeploymentNotReady" else []
     if held:
         reason, why = "ServingQueued", f"{why}; {serving_queue_wait(owner.namespace, held)}"
     new.conditions = st.set_condition(
@@ -224,7 +245,12 @@ def serve(
         model=owner.name,
         config_map=manifests.endpoint_name(owner),
     )
-    new.message = "serving" if ready else f"training finished; waiting for vLLM: {why}"
+    if ready:
+        new.message = "serving"
+    elif reason in ("ScaledToZero", "LaunchRefused", "ReplicaFailure"):
+        new.message = f"training finished; {why}"
+    else:
+        new.message = f"training finished; waiting for vLLM: {why}"
 
 
 def reconcile(
@@ -246,6 +272,11 @@ def reconcile(
         if not held:
             job = ensure_trainer(spec, owner, settings)
         new.start_time = new.start_time or st.now()  # the spec is fixed from here on
+    if new.start_time is None and job is not None:
+        # The Job was created on a tick whose status patch was lost (the operator stopped,
+        # or a later step failed): the spec has been fixed since the Job's creation.
+        created = (job.get("metadata") or {}).get("creationTimestamp")
+        new.start_time = str(created) if created else st.now()
     workload, no_kueue = None, ""
     if job is not None and not finished:
         try:

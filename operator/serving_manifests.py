@@ -36,6 +36,7 @@ checks the output.
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Any
 
 from kubetune.api import finetunejob as ftj
@@ -103,12 +104,30 @@ def base_model_path(base_model: ftj.ModelRef) -> str:
     return f"{manifests.MODEL_DIR}/{base_model.pvc.path}".rstrip("/")
 
 
-def base_served_name(base_model: ftj.ModelRef) -> str:
-    """What clients send for the untuned base: the hub id, or the model folder's name."""
+BASE_NAME_SUFFIX = "-base"
+"""Added to the base model's served name when it would equal the adapter's (the job's) name."""
+
+MAX_FOLDER_NAME = 200
+"""A PVC folder name is cut to this many characters (served names may have 256)."""
+
+
+def base_served_name(base_model: ftj.ModelRef, adapter_name: str) -> str:
+    """What clients send for the untuned base: the hub id, or the model folder's name.
+
+    Always a valid served name (:data:`~kubetune.api.serveconfig.ServedName`) that differs
+    from ``adapter_name``: a folder name has each run of characters a served name cannot hold
+    (spaces, ``=``, ``,``, ...) replaced by ``-`` and leading ``-._`` dropped (``Llama 3 8B``
+    is served as ``Llama-3-8B``); a folder name with nothing left is replaced by the claim's
+    name; a name equal to ``adapter_name`` gets :data:`BASE_NAME_SUFFIX`.
+    """
     if base_model.id is not None:
-        return base_model.id
-    assert base_model.pvc is not None
-    return base_model.pvc.path.rstrip("/").rsplit("/", 1)[-1] or base_model.pvc.claim_name
+        name = base_model.id
+    else:
+        assert base_model.pvc is not None
+        folder = base_model.pvc.path.rstrip("/").rsplit("/", 1)[-1]
+        name = re.sub(r"[^-._A-Za-z0-9]+", "-", folder).lstrip("-._")[:MAX_FOLDER_NAME]
+        name = name or base_model.pvc.claim_name
+    return name + BASE_NAME_SUFFIX if name == adapter_name else name
 
 
 def serve_config(
@@ -124,7 +143,7 @@ def serve_config(
     return ServeConfig(
         model=base_model_path(base_model),
         revision=base_model.revision,
-        served_model_name=base_served_name(base_model),
+        served_model_name=base_served_name(base_model, owner.name),
         adapters=[AdapterSource(name=owner.name, path=ADAPTER_PATH)],
         engine=serve.engine,
         host="0.0.0.0",

@@ -231,3 +231,33 @@ def test_replicas_and_runtime_updating() -> None:
     objs = objects({"replicas": 3}, runtime_lora_updating=True)
     assert objs["Deployment"]["spec"]["replicas"] == 3
     assert served_config(objs).runtime_lora_updating
+
+
+@pytest.mark.parametrize(
+    ("model", "served"),
+    [
+        ({"pvc": {"claimName": "models", "path": "llama/Llama 3 8B"}}, "Llama-3-8B"),
+        ({"pvc": {"claimName": "models", "path": "_base/"}}, "base"),
+        ({"pvc": {"claimName": "models", "path": "x=1,y=2"}}, "x-1-y-2"),
+        ({"pvc": {"claimName": "models", "path": "weights/__"}}, "models"),
+        ({"pvc": {"claimName": "models", "path": ""}}, "models"),
+        ({"pvc": {"claimName": "models", "path": "runs/daoyan"}}, "daoyan-base"),
+        ({"pvc": {"claimName": "daoyan", "path": ""}}, "daoyan-base"),
+        ({"id": "daoyan"}, "daoyan-base"),
+        ({"id": "Qwen/Qwen2.5-0.5B-Instruct"}, "Qwen/Qwen2.5-0.5B-Instruct"),
+    ],
+)
+def test_the_base_model_is_served_under_a_valid_name_other_than_the_adapters(
+    model: dict[str, Any], served: str
+) -> None:
+    # A folder name the serve config would refuse (spaces, `=`/`,`, a leading `_`) or the job's
+    # own name would make the serve config invalid, and the server could never be created.
+    config = served_config(objects(model=model))
+    assert config.served_model_name == served
+    assert [a.name for a in config.adapters] == ["daoyan"]
+
+
+def test_a_long_folder_name_is_cut_to_a_served_name() -> None:
+    model = {"pvc": {"claimName": "models", "path": "m" * 300}}
+    config = served_config(objects(model=model))
+    assert config.served_model_name == "m" * sm.MAX_FOLDER_NAME
