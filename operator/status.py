@@ -11,6 +11,8 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from kubetune.api.finetunejob import Condition, Phase
+from kubetune.operator import manifests
+from kubetune.server import launcher
 
 if TYPE_CHECKING:
     from kubetune.operator.kueue import Workload
@@ -142,6 +144,74 @@ def deployment_ready(deploy: dict[str, Any] | None) -> tuple[bool, str]:
     if want and ready >= want:
         return True, f"{ready}/{want} replicas ready"
     return False, f"{ready}/{want} replicas ready"
+
+
+@dataclass(frozen=True)
+class ServingState:
+    """What a server Deployment and its pods mean for the ServingReady condition."""
+
+    ready: bool
+    reason: str
+    message: str
+
+
+def _current_pods(deploy: dict[str, Any], pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The pods made from the Deployment's current serve config (not an older one's)."""
+    template = ((deploy.get("spec") or {}).get("template") or {}).get("metadata") or {}
+    want = (template.get("annotations") or {}).get(manifests.CONFIG_HASH_ANNOTATION)
+    if want is None:
+        return pods
+    return [
+        p
+        for p in pods
+        if (p["metadata"].get("annotations") or {}).get(manifests.CONFIG_HASH_ANNOTATION) == want
+    ]
+
+
+def launcher_refusal(pods: list[dict[str, Any]]) -> str | None:
+    """Why the launcher refused to start vLLM in a server container (newest pod first), from
+    its termination message: an adapter or config problem that restarts cannot fix."""
+    for pod in _newest(pods):
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            for state in (cs.get("state") or {}, cs.get("lastState") or {}):
+                term = state.get("terminated") or {}
+                if term.get("exitCode") != launcher.EXIT_REFUSED:
+                    continue
+                lines = [ln for ln in (term.get("message") or "").strip().splitlines() if ln]
+                said = lines[-1].removeprefix(launcher.REFUSAL_PREFIX) if lines else ""
+                name = pod["metadata"].get("name", "?")
+                where = f"pod {name}, exit code {launcher.EXIT_REFUSED}"
+                return f"{said[:1000]} ({where})" if said else f"no message ({where})"
+    return None
+
+
+def serving_state(deploy: dict[str, Any] | None, pods: list[dict[str, Any]]) -> ServingState:
+    """The server's readiness, and what stands in its way when it is not ready.
+
+    In order: zero replicas asked for (``ScaledToZero``); the launcher refused to start
+    (``LaunchRefused``, with its message: e.g. an adapter rank too high or another base
+    model); the Deployment cannot create pods (``ReplicaFailure``: a quota or an admission
+    policy, in the API server's words); else not ready yet, counted in replicas.
+    """
+    if deploy is None:
+        return ServingState(False, "DeploymentNotReady", "serving Deployment not created yet")
+    ready, counted = deployment_ready(deploy)
+    if ready:
+        return ServingState(True, "DeploymentReady", counted)
+    if (deploy.get("spec") or {}).get("replicas", 1) == 0:
+        return ServingState(
+            False, "ScaledToZero", "serving is scaled to zero (`spec.serve.replicas: 0`)"
+        )
+    refusal = launcher_refusal(_current_pods(deploy, pods))
+    if refusal is not None:
+        return ServingState(False, "LaunchRefused", f"the server refuses to start: {refusal}")
+    failure = conditions_by_type(deploy).get("ReplicaFailure") or {}
+    if failure.get("status") == "True":
+        why = failure.get("message") or failure.get("reason") or "pods cannot be created"
+        return ServingState(
+            False, "ReplicaFailure", f"{counted}; the server's pods cannot be created: {why}"
+        )
+    return ServingState(False, "DeploymentNotReady", counted)
 
 
 def set_condition(

@@ -35,6 +35,10 @@ EXIT_REFUSED = 2
 """The input can never work as given (bad config, bad adapter); restarting cannot help."""
 
 
+REFUSAL_PREFIX = "kubetune.server: refusing to start: "
+"""How a refusal's one line (stderr, termination message) begins; the operator strips it."""
+
+
 class LaunchRefused(Exception):
     """Something in the config or the adapters rules out starting vLLM."""
 
@@ -128,7 +132,7 @@ TERMINATION_LOG = Path("/dev/termination-log")
 
 
 def refuse(message: str) -> int:
-    line = f"kubetune.server: refusing to start: {message}"
+    line = REFUSAL_PREFIX + message
     sys.stderr.write(line + "\n")
     if TERMINATION_LOG.exists():  # only in a pod: never create it elsewhere
         with contextlib.suppress(OSError):
