@@ -135,6 +135,20 @@ def test_rbac_lists_every_verb_and_grants_no_wildcard(
         assert binding["roleRef"]["kind"] == "Role"
 
 
+@pytest.mark.parametrize("namespaces", [[], ["team-a"]], ids=["clusterwide", "scoped"])
+def test_without_openai_the_operator_may_read_no_secret(
+    helm_bin: Path, namespaces: list[str]
+) -> None:
+    off = ["--set", "openai.allowedBaseURLs=null"]
+    docs = render(helm_bin, "kubetune-system", *watch_args(namespaces), *off)
+    roles = of_kind(docs, "ClusterRole") + of_kind(docs, "Role")
+    assert roles
+    assert not [r for role in roles for r in role["rules"] if "secrets" in r["resources"]]
+    env = the(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
+    allowed = next(e["value"] for e in env if e["name"] == "KUBETUNE_OPENAI_ALLOWED_BASE_URLS")
+    assert json.loads(allowed) == []  # and the operator runs no provider-openai job
+
+
 def test_operator_deployment_is_locked_down_and_takes_its_settings_from_values(
     helm_bin: Path,
 ) -> None:
