@@ -11,6 +11,7 @@ paths feed duplicates and token counting alike. It keeps no state between lines;
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,19 +62,57 @@ def _type_name(value: Any) -> str:
     }.get(type(value), type(value).__name__)
 
 
-def _not_json_message(raw: bytes) -> str:
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
+class _NotJSON(ValueError):
+    """Something Python's json accepts and JSON (and msgspec) does not."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NotJSON(f"`{name}` is not a JSON number (JSON has no NaN or Infinity)")
+
+
+def _refuse_huge(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise _NotJSON(f"the number {text} is out of range (larger than a 64-bit float)")
+    return value
+
+
+def _not_json_message(raw: bytes, exc: msgspec.DecodeError) -> str:
+    """The clearest sentence for a line msgspec refused: Python's json names the column; for
+    what Python accepts and JSON does not, say what it is; else msgspec's own message."""
+    text = raw.rstrip(b"\r\n")
+    if text.startswith(_UTF8_BOM):
+        return "the line starts with a UTF-8 byte-order mark (files joined with `cat`?); remove it"
     try:
-        json.loads(raw.rstrip(b"\r\n"))
+        json.loads(text, parse_constant=_refuse_constant, parse_float=_refuse_huge)
+    except _NotJSON as py_exc:
+        return f"not valid JSON: {py_exc}"
     except json.JSONDecodeError as py_exc:  # its message names the column, msgspec's the byte
         return f"not valid JSON: {py_exc.msg} at column {py_exc.colno}"
     except ValueError as py_exc:
         return f"not valid JSON: {py_exc}"
-    # Python's json accepts it, msgspec does not: a \ud800-style escape (a lone surrogate).
-    return "not valid JSON text: a \\uXXXX escape is not valid Unicode (a lone surrogate)"
+    if _LONE_SURROGATE.search(text):
+        return "not valid JSON text: a \\uXXXX escape is not valid Unicode (a lone surrogate)"
+    return f"not valid JSON: {exc}"
 
 
-def check_line(raw: bytes, line: int, *, provider: str) -> LineResult:
-    """All problems of one raw line (without its line break handling concerns)."""
+_LONE_SURROGATE = re.compile(
+    rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])|(?<![0-9a-fA-F]{4})\\u[dD][c-fC-F]"
+)
+"""A high surrogate escape not followed by a low one, or a low one on its own (approximate:
+only used to pick a message)."""
+
+
+def check_line(
+    raw: bytes, line: int, *, provider: str, method: schema.Method = "supervised"
+) -> LineResult:
+    """All problems of one raw line (without its line break handling concerns).
+
+    ``method="dpo"`` reads the line as a preference pair (:data:`schema.DPO_TOP_KEYS`).
+    """
     out = _Line(line)
     if not raw.strip():
         out.add(Code.BLANK_LINE, "empty line; ignored")
@@ -89,15 +128,21 @@ def check_line(raw: bytes, line: int, *, provider: str) -> LineResult:
         return LineResult(problems=out.problems)
     try:
         obj = msgspec.json.decode(raw)
-    except msgspec.DecodeError:
-        out.add(Code.NOT_JSON, _not_json_message(raw))
+    except msgspec.DecodeError as exc:
+        out.add(Code.NOT_JSON, _not_json_message(raw, exc))
         return LineResult(problems=out.problems)
     if not isinstance(obj, dict):
         out.add(Code.NOT_OBJECT, f"the line is {_type_name(obj)}, not a JSON object")
         return LineResult(problems=out.problems)
 
-    if "messages" in obj:
-        fmt: schema.Format = "chat"
+    if method == "dpo":
+        if not _dpo_shaped(obj, out):
+            return LineResult(problems=out.problems)
+        fmt: schema.Format = "dpo"
+        _check_dpo(obj, out)
+        known = schema.DPO_TOP_KEYS
+    elif "messages" in obj:
+        fmt = "chat"
         _check_chat(obj, out)
         known = schema.CHAT_TOP_KEYS
     elif "prompt" in obj or "completion" in obj:
@@ -106,9 +151,14 @@ def check_line(raw: bytes, line: int, *, provider: str) -> LineResult:
         known = schema.PROMPT_COMPLETION_KEYS
     else:
         keys = ", ".join(f"`{k}`" for k in sorted(obj)) or "no keys"
+        hint = (
+            "; it looks like a preference (DPO) example: validate with method dpo"
+            if "preferred_output" in obj or "non_preferred_output" in obj
+            else ""
+        )
         out.add(
             Code.MESSAGES_MISSING,
-            f"no `messages` list (nor `prompt`/`completion`); the object has {keys}",
+            f"no `messages` list (nor `prompt`/`completion`); the object has {keys}{hint}",
         )
         return LineResult(problems=out.problems)
     extra = sorted(set(obj) - known)
@@ -120,7 +170,9 @@ def check_line(raw: bytes, line: int, *, provider: str) -> LineResult:
     if out.has_error:
         return LineResult(problems=out.problems, format=fmt)
     clean = {k: v for k, v in obj.items() if k in known}
-    target: type[schema.FastLine] = schema._FChat if fmt == "chat" else schema._FPromptCompletion
+    if fmt == "dpo":
+        clean["input"] = {k: v for k, v in obj["input"].items() if k in schema.CHAT_TOP_KEYS}
+    target: type[schema.FastLine] = _TARGETS[fmt]
     try:
         value = msgspec.convert(clean, target)
     except msgspec.ValidationError as exc:  # the checks above and the types disagree: say so
@@ -129,20 +181,117 @@ def check_line(raw: bytes, line: int, *, provider: str) -> LineResult:
     return LineResult(problems=out.problems, value=value, format=fmt)
 
 
-def _check_chat(obj: dict[str, Any], out: _Line) -> None:
+_TARGETS: dict[str, type[schema.FastLine]] = {
+    "chat": schema._FChat,
+    "prompt-completion": schema._FPromptCompletion,
+    "dpo": schema._FDpo,
+}
+
+
+def _dpo_shaped(obj: dict[str, Any], out: _Line) -> bool:
+    """Whether the line is meant as a preference pair; if not, one problem that says so."""
+    if schema.DPO_TOP_KEYS & set(obj):
+        return True
+    if "messages" in obj or "prompt" in obj or "completion" in obj:
+        what = "chat" if "messages" in obj else "prompt/completion"
+        out.add(
+            Code.FORMAT_NOT_DPO,
+            f"{what} example: method dpo needs preference pairs, "
+            '{"input": {"messages": [...]}, "preferred_output": [...], '
+            '"non_preferred_output": [...]}',
+        )
+    else:
+        keys = ", ".join(f"`{k}`" for k in sorted(obj)) or "no keys"
+        out.add(
+            Code.MESSAGES_MISSING,
+            f"no `input` (nor `preferred_output`/`non_preferred_output`); the object has {keys}",
+        )
+    return False
+
+
+def _check_dpo(obj: dict[str, Any], out: _Line) -> None:
+    """A preference pair: the prompt as chat in ``input``, one assistant reply in each output."""
+    prompt = obj.get("input")
+    if prompt is None:
+        out.add(Code.MESSAGES_MISSING, "`input` is missing (it holds the prompt's `messages`)")
+    elif not isinstance(prompt, dict):
+        out.add(Code.FIELD_TYPE, f"`input` must be an object, got {_type_name(prompt)}")
+    elif "messages" not in prompt:
+        out.add(Code.MESSAGES_MISSING, "`input` has no `messages` list")
+    else:
+        _check_chat(prompt, out, field="input.", needs_assistant=False)
+        extra = sorted(set(prompt) - schema.CHAT_TOP_KEYS)
+        if extra:
+            names = ", ".join(f"`input.{k}`" for k in extra)
+            out.add(Code.UNKNOWN_TOP_KEY, f"unknown key(s) {names}; ignored")
+    replies = [_check_output(obj, key, out) for key in schema.DPO_OUTPUTS]
+    if replies[0] is not None and replies[0] == replies[1]:
+        out.add(Code.OUTPUT_INVALID, "the preferred and non-preferred outputs are the same")
+
+
+def _check_output(obj: dict[str, Any], key: str, out: _Line) -> str | None:
+    """One output: a list of exactly one assistant message with text; its text, or None."""
+    if key not in obj:
+        out.add(Code.OUTPUT_INVALID, f"`{key}` is missing (a list with one assistant message)")
+        return None
+    value = obj[key]
+    if not isinstance(value, list) or len(value) != 1:
+        got = f"{len(value)} items" if isinstance(value, list) else _type_name(value)
+        out.add(Code.OUTPUT_INVALID, f"`{key}` must be a list of one assistant message, got {got}")
+        return None
+    m = value[0]
+    where = f"{key}[0]"
+    if not isinstance(m, dict):
+        out.add(Code.MESSAGE_NOT_OBJECT, f"`{where}` is {_type_name(m)}, not an object")
+        return None
+    if m.get("role") != "assistant":
+        out.add(
+            Code.OUTPUT_INVALID,
+            f"`{where}` must be an assistant message, got role {m.get('role')!r}",
+        )
+        return None
+    extra = sorted(set(m) - {"role", "content", "name"})
+    if extra:
+        names = ", ".join(f"`{k}`" for k in extra)
+        out.add(Code.UNKNOWN_KEY, f"`{where}` has unknown key(s) {names} (DPO outputs are text)")
+    content = m.get("content")
+    if content is None:
+        out.add(
+            Code.CONTENT_MISSING, f"`{where}.content` is {'null' if 'content' in m else 'missing'}"
+        )
+    elif not isinstance(content, str):
+        out.add(
+            Code.CONTENT_NOT_STRING,
+            f"`{where}.content` must be a string, got {_type_name(content)}",
+        )
+    elif not content.strip():
+        out.add(
+            Code.CONTENT_EMPTY,
+            f"`{where}.content` is {'empty' if not content else 'only whitespace'}",
+        )
+    else:
+        return content
+    return None
+
+
+def _check_chat(
+    obj: dict[str, Any], out: _Line, field: str = "", *, needs_assistant: bool = True
+) -> None:
     for key in ("tools", "functions"):
         if key in obj and not isinstance(obj[key], list):
-            out.add(Code.FIELD_TYPE, f"`{key}` must be a list, got {_type_name(obj[key])}")
+            got = _type_name(obj[key])
+            out.add(Code.FIELD_TYPE, f"`{field}{key}` must be a list, got {got}")
     ptc = obj.get("parallel_tool_calls")
     if "parallel_tool_calls" in obj and not isinstance(ptc, bool):
-        out.add(Code.FIELD_TYPE, f"`parallel_tool_calls` must be true or false, got {ptc!r}")
+        out.add(Code.FIELD_TYPE, f"`{field}parallel_tool_calls` must be true or false, got {ptc!r}")
     messages = obj["messages"]
     if not isinstance(messages, list):
-        out.add(Code.MESSAGES_NOT_LIST, f"`messages` must be a list, got {_type_name(messages)}")
+        got = _type_name(messages)
+        out.add(Code.MESSAGES_NOT_LIST, f"`{field}messages` must be a list, got {got}")
     elif not messages:
-        out.add(Code.MESSAGES_EMPTY, "`messages` is an empty list")
+        out.add(Code.MESSAGES_EMPTY, f"`{field}messages` is an empty list")
     else:
-        check_messages(messages, out)
+        check_messages(messages, out, needs_assistant=needs_assistant)
 
 
 _FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
@@ -154,8 +303,10 @@ _FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
 }
 
 
-def check_messages(messages: list[Any], out: _Line) -> None:
-    """Per-message rules, then the example-wide ones (assistant present, system first)."""
+def check_messages(messages: list[Any], out: _Line, *, needs_assistant: bool = True) -> None:
+    """Per-message rules, then the example-wide ones (assistant present, system first).
+
+    ``needs_assistant=False`` for a DPO prompt, whose replies come in its outputs."""
     assistants = trained = 0
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
@@ -190,6 +341,8 @@ def check_messages(messages: list[Any], out: _Line) -> None:
                 trained += 1  # reported already; do not also claim nothing is trained
             elif weight == 1:
                 trained += 1
+    if not needs_assistant:
+        return
     if not assistants:
         out.add(Code.NO_ASSISTANT, "no assistant message: the example teaches nothing")
     elif not trained:
@@ -199,10 +352,13 @@ def check_messages(messages: list[Any], out: _Line) -> None:
 def _check_content(m: dict[str, Any], role: str | None, i: int, out: _Line) -> None:
     content = m.get("content")
     if content is None:
-        calls = role == "assistant" and ("tool_calls" in m or "function_call" in m)
+        # An empty list or object says nothing, as a missing one does.
+        calls = role == "assistant" and bool(m.get("tool_calls") or m.get("function_call"))
         if not calls:
             what = "null" if "content" in m else "missing"
-            out.add(Code.CONTENT_MISSING, f"`content` is {what}", i)
+            empty = [k for k in ("tool_calls", "function_call") if k in m and not m[k]]
+            and_empty = f" and `{empty[0]}` is empty" if role == "assistant" and empty else ""
+            out.add(Code.CONTENT_MISSING, f"`content` is {what}{and_empty}", i)
     elif not isinstance(content, str):
         hint = (
             "; content parts are not supported, write one string"

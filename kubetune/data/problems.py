@@ -32,6 +32,8 @@ class Code(enum.StrEnum):
     UNKNOWN_TOP_KEY = "unknown-top-key"
     MIXED_FORMAT = "mixed-format"
     FORMAT_NOT_CHAT = "format-not-chat"
+    FORMAT_NOT_DPO = "format-not-dpo"
+    OUTPUT_INVALID = "output-invalid"
     NO_ASSISTANT = "no-assistant"
     ALL_WEIGHT_ZERO = "all-weight-zero"
     SYSTEM_NOT_FIRST = "system-not-first"
@@ -76,6 +78,10 @@ DESCRIPTIONS: dict[Code, str] = {
     Code.UNKNOWN_TOP_KEY: "a top-level key that is neither chat nor tool data (ignored)",
     Code.MIXED_FORMAT: "chat and prompt/completion examples in one file",
     Code.FORMAT_NOT_CHAT: "prompt/completion example for a provider that takes chat only",
+    Code.FORMAT_NOT_DPO: "a chat or prompt/completion example where `method: dpo` needs "
+    "preference pairs",
+    Code.OUTPUT_INVALID: "`preferred_output` / `non_preferred_output` is missing, not one "
+    "assistant message, or both are the same",
     Code.NO_ASSISTANT: "no assistant message, so nothing to learn",
     Code.ALL_WEIGHT_ZERO: "every assistant message has `weight: 0`, so nothing to learn",
     Code.SYSTEM_NOT_FIRST: "a system message that is not the first message",

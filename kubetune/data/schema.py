@@ -3,10 +3,11 @@
 :class:`Example` and :class:`Message` are what callers get (the trainer reads them through
 :func:`kubetune.data.read_examples`). The private ``_F*`` structs mirror OpenAI's fine-tuning
 line schema (supervised chat: per-role message types, ``tools``, ``functions``,
-``parallel_tool_calls``; and legacy prompt/completion) so that msgspec can accept a clean line
-in one C-level pass; a line they refuse goes to :mod:`kubetune.data.checks`, which finds out
-why. The rules here and there must agree: a line these structs accept has no problems there
-(a unit test holds them to it). This module decides nothing about errors.
+``parallel_tool_calls``; legacy prompt/completion; and the preference pairs of ``method: dpo``)
+so that msgspec can accept a clean line in one C-level pass; a line they refuse goes to
+:mod:`kubetune.data.checks`, which finds out why. The rules here and there must agree: a line
+these structs accept has no problems there (a unit test holds them to it). This module decides
+nothing about errors.
 """
 
 from __future__ import annotations
@@ -32,8 +33,15 @@ MESSAGE_KEYS: dict[str, frozenset[str]] = {
 
 CHAT_TOP_KEYS = frozenset({"messages", "tools", "functions", "parallel_tool_calls"})
 PROMPT_COMPLETION_KEYS = frozenset({"prompt", "completion"})
+DPO_TOP_KEYS = frozenset({"input", "preferred_output", "non_preferred_output"})
+"""OpenAI's preference (DPO) line: ``input`` holds the chat keys, each output one assistant
+message (https://platform.openai.com/docs/guides/direct-preference-optimization)."""
+DPO_OUTPUTS = ("preferred_output", "non_preferred_output")
 
-Format = Literal["chat", "prompt-completion"]
+Format = Literal["chat", "prompt-completion", "dpo"]
+Method = Literal["supervised", "dpo"]
+"""OpenAI's fine-tuning methods: supervised reads chat (or prompt/completion) lines, dpo reads
+preference pairs."""
 
 
 class Message(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -67,6 +75,9 @@ class Example(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     tools: list[Any] | None = None
     functions: list[Any] | None = None
     parallel_tool_calls: bool | None = None
+    non_preferred: Message | None = None
+    """DPO only: the rejected reply. ``messages`` then holds the input and, last, the preferred
+    reply."""
 
 
 # --- fast typed decoders (private) ------------------------------------------------------------
@@ -122,21 +133,28 @@ class _FPromptCompletion(_Strict, frozen=True):
     completion: _Text
 
 
-FastLine = _FChat | _FPromptCompletion
+class _FDpo(_Strict, frozen=True):
+    input: _FChat
+    preferred_output: tuple[_FAssistant]
+    non_preferred_output: tuple[_FAssistant]
+
+
+FastLine = _FChat | _FPromptCompletion | _FDpo
 
 chat_decoder: msgspec.json.Decoder[_FChat] = msgspec.json.Decoder(_FChat)
 prompt_completion_decoder: msgspec.json.Decoder[_FPromptCompletion] = msgspec.json.Decoder(
     _FPromptCompletion
 )
-canonical_encoder = msgspec.json.Encoder()
-"""Encodes a fast struct canonically (fixed key order, no spaces)."""
+canonical_encoder = msgspec.json.Encoder(order="sorted")
+"""Encodes a fast struct canonically (keys sorted, also inside free-form tool data; no spaces)."""
 
 
 def digest(value: FastLine) -> int:
     """64-bit digest of an example for the duplicate check, blind to key order and spacing.
 
     The structs are frozen, so msgspec hashes their fields (and type) in C; an example holding
-    lists (tool calls, tool definitions) is not hashable and is digested by its canonical JSON.
+    lists (tool calls, tool definitions) is not hashable and is digested by its canonical JSON,
+    whose object keys are sorted at every depth.
     """
     try:
         return hash(value)
@@ -160,7 +178,7 @@ def fast_chat_is_clean(chat: _FChat) -> bool:
             if type(c) is str:
                 if c.isspace():
                     return False
-            elif m.tool_calls is UNSET and m.function_call is UNSET:
+            elif not m.tool_calls and not m.function_call:  # unset, [] or {}: nothing to say
                 return False
             if m.weight != 0:
                 trained = True
@@ -178,8 +196,30 @@ def _unset_none(value: Any) -> Any:
     return None if value is UNSET else value
 
 
+def _assistant(m: _FAssistant) -> Message:
+    return Message(
+        role="assistant",
+        content=_unset_none(m.content),
+        name=_unset_none(m.name),
+        weight=_unset_none(m.weight),
+        tool_calls=_unset_none(m.tool_calls),
+        function_call=_unset_none(m.function_call),
+    )
+
+
 def to_example(fast: FastLine, line: int) -> Example:
     """The public record of a line that passed the checks."""
+    if isinstance(fast, _FDpo):
+        prompt = to_example(fast.input, line)
+        return Example(
+            messages=(*prompt.messages, _assistant(fast.preferred_output[0])),
+            line=line,
+            format="dpo",
+            tools=prompt.tools,
+            functions=prompt.functions,
+            parallel_tool_calls=prompt.parallel_tool_calls,
+            non_preferred=_assistant(fast.non_preferred_output[0]),
+        )
     if isinstance(fast, _FPromptCompletion):
         return Example(
             messages=(
@@ -192,16 +232,7 @@ def to_example(fast: FastLine, line: int) -> Example:
     messages = []
     for m in fast.messages:
         if isinstance(m, _FAssistant):
-            messages.append(
-                Message(
-                    role="assistant",
-                    content=_unset_none(m.content),
-                    name=_unset_none(m.name),
-                    weight=_unset_none(m.weight),
-                    tool_calls=_unset_none(m.tool_calls),
-                    function_call=_unset_none(m.function_call),
-                )
-            )
+            messages.append(_assistant(m))
         elif isinstance(m, _FTool):
             messages.append(
                 Message(role="tool", content=m.content, tool_call_id=_unset_none(m.tool_call_id))

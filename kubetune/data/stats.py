@@ -70,16 +70,20 @@ class StatsAccumulator:
         self.over = 0
         self.billed = 0
 
-    def add(self, total: int, trained: int) -> None:
+    def add(self, total: int, trained: int, parts: tuple[int, ...] | None = None) -> None:
+        """One example; ``parts`` are the lengths of the sequences it trains as, when it is
+        more than one (a DPO pair: input + each output), each held to the limit on its own."""
         self.lengths[total] += 1
         self.n += 1
         self.total += total
         self.trained += trained
-        if self.limit is not None and total > self.limit:
-            self.over += 1
-            self.billed += self.limit
-        else:
+        limit = self.limit
+        if limit is None:
             self.billed += total
+            return
+        if any(p > limit for p in parts or (total,)):
+            self.over += 1
+        self.billed += sum(min(limit, p) for p in parts or (total,))
 
     def _quantile(self, ordered: list[tuple[int, int]], q: float) -> int:
         rank = max(1, math.ceil(q * self.n))  # nearest-rank definition

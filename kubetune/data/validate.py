@@ -59,10 +59,18 @@ class InvalidExample(ValueError):
 
 class _Validator:
     def __init__(
-        self, source: str, provider: Provider, max_tokens: int | None, counter: TokenCounter | None
+        self,
+        source: str,
+        provider: Provider,
+        max_tokens: int | None,
+        counter: TokenCounter | None,
+        method: schema.Method = "supervised",
     ) -> None:
+        if method not in ("supervised", "dpo"):
+            raise ValueError(f"`method` must be supervised or dpo, got {method!r}")
         self.source = source
         self.provider = provider
+        self.method = method
         self.counter = counter
         self.limit = max_tokens if max_tokens is not None else (counter.limit if counter else None)
         self.errors: list[Problem] = []
@@ -104,6 +112,7 @@ class _Validator:
         clean = schema.fast_chat_is_clean
         seen = self.seen.add
         counting = self.counter is not None
+        dpo = self.method == "dpo"
         lineno = 0
         for raw in lines:
             lineno += 1
@@ -126,6 +135,9 @@ class _Validator:
                     raw = raw[len(_UTF8_BOM) :]
             if progress is not None and not lineno % PROGRESS_EVERY:
                 progress(lineno, tell())
+            if dpo:  # preference pairs have no fast path: one check per line
+                self.slow(raw, lineno)
+                continue
             try:
                 value = decode(raw)
             except _BAD_FAST:
@@ -152,13 +164,17 @@ class _Validator:
         fmt: schema.Format | None = None
         try:  # prompt/completion files have a fast path of their own
             pc = schema.prompt_completion_decoder.decode(raw)
-            if schema.fast_prompt_completion_is_clean(pc) and self.provider != "openai":
+            if (
+                schema.fast_prompt_completion_is_clean(pc)
+                and self.provider != "openai"
+                and self.method == "supervised"
+            ):
                 value, fmt = pc, "prompt-completion"
         except _BAD_FAST:
             pass
         problems: list[Problem] = []
         if value is None:
-            result = checks.check_line(raw, lineno, provider=self.provider)
+            result = checks.check_line(raw, lineno, provider=self.provider, method=self.method)
             if result.blank:
                 self.add(result.problems[0])
                 return
@@ -198,19 +214,35 @@ class _Validator:
     def flush(self) -> None:
         if not self.batch or self.counter is None or self.stats is None:
             return
-        for ex, c in zip(self.batch, self.counter.count(self.batch), strict=True):
-            if c.error is not None:
-                self.add(Problem(code=Code.TEMPLATE_ERROR, line=ex.line, message=c.error))
+        # A DPO pair counts as two conversations: the input with each output.
+        sequences: list[schema.Example] = []
+        for ex in self.batch:
+            sequences.append(ex)
+            if ex.non_preferred is not None:
+                rejected = (*ex.messages[:-1], ex.non_preferred)
+                sequences.append(msgspec.structs.replace(ex, messages=rejected))
+        counts = iter(self.counter.count(sequences))
+        for ex in self.batch:
+            c = next(counts)
+            parts = [c]
+            if ex.non_preferred is not None:
+                parts.append(next(counts))
+            error = next((p.error for p in parts if p.error is not None), None)
+            if error is not None:
+                self.add(Problem(code=Code.TEMPLATE_ERROR, line=ex.line, message=error))
                 self.n_valid -= 1
                 continue
-            self.stats.add(c.total, c.trained)
-            if self.limit is not None and c.total > self.limit:
+            lengths = tuple(p.total for p in parts)
+            total = sum(lengths)
+            self.stats.add(total, sum(p.trained for p in parts), lengths)
+            longest = max(lengths)
+            if self.limit is not None and longest > self.limit:
                 self.n_valid -= 1
                 self.add(
                     Problem(
                         code=Code.TOO_LONG,
                         line=ex.line,
-                        message=f"{c.total:,} tokens; the limit is {self.limit:,}",
+                        message=f"{longest:,} tokens; the limit is {self.limit:,}",
                     )
                 )
         self.batch.clear()
@@ -280,9 +312,10 @@ def validate_lines(
     counter: TokenCounter | None = None,
     source: str = "<lines>",
     progress: Progress | None = None,
+    method: schema.Method = "supervised",
 ) -> Report:
     """Validate JSONL given as lines (bytes or str, with or without line breaks)."""
-    v = _Validator(source, provider, max_tokens, counter)
+    v = _Validator(source, provider, max_tokens, counter, method)
     v.run(_as_bytes(lines), progress, lambda: 0)
     return v.finish()
 
@@ -294,10 +327,11 @@ def validate_text(
     max_tokens: int | None = None,
     counter: TokenCounter | None = None,
     source: str = "<text>",
+    method: schema.Method = "supervised",
 ) -> Report:
     """Validate a whole JSONL document held in memory (e.g. a ConfigMap value)."""
     data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
-    v = _Validator(source, provider, max_tokens, counter)
+    v = _Validator(source, provider, max_tokens, counter, method)
     v.run(io.BytesIO(data), None, lambda: 0)
     return v.finish()
 
@@ -309,9 +343,14 @@ def validate_file(
     max_tokens: int | None = None,
     counter: TokenCounter | None = None,
     progress: Progress | None = None,
+    method: schema.Method = "supervised",
+    source: str | None = None,
 ) -> Report:
-    """Validate a JSONL file, streaming it; see :class:`~kubetune.data.report.Report`."""
-    v = _Validator(str(path), provider, max_tokens, counter)
+    """Validate a JSONL file, streaming it; see :class:`~kubetune.data.report.Report`.
+
+    ``method="dpo"`` reads preference pairs (OpenAI's DPO lines) instead of chat;
+    ``source`` labels the report (default: the path)."""
+    v = _Validator(str(path) if source is None else source, provider, max_tokens, counter, method)
     with Path(path).open("rb") as f:
         v.run(f, progress, f.tell)
     return v.finish()

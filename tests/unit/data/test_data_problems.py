@@ -12,11 +12,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from data_helpers import chat, clean_example, write_jsonl
 
 from kubetune import data
-from kubetune.data import Code, checks, schema, validate
+from kubetune.data import Code, checks, schema, tokens, validate
 from kubetune.data.dedupe import DigestTable
 from kubetune.data.tokens import TokenCount
 
@@ -37,6 +38,10 @@ LINE_CASES: list[tuple[Code, Any, int | None]] = [
     (Code.NOT_UTF8, b'{"messages": [{"role": "user", "content": "caf\xe9"}]}', None),
     (Code.NOT_JSON, b'{"messages": [{"role": "user", "content": "hi"}', None),
     (Code.NOT_JSON, b'{"messages": [{"role": "user", "content": "\\ud800"}]}', None),
+    (Code.NOT_JSON, b'{"messages": [], "parallel_tool_calls": NaN}', None),
+    (Code.NOT_JSON, b'{"messages": [], "parallel_tool_calls": -Infinity}', None),
+    (Code.NOT_JSON, b'{"messages": [], "parallel_tool_calls": 1e999}', None),
+    (Code.NOT_JSON, b"\xef\xbb\xbf" + json.dumps(clean_example(99)).encode(), None),
     (Code.NOT_OBJECT, [clean_example(0)], None),
     (Code.NOT_OBJECT, b'"just a string"', None),
     (Code.MESSAGES_MISSING, {"conversation": [{"role": "user", "content": "hi"}]}, None),
@@ -60,6 +65,12 @@ LINE_CASES: list[tuple[Code, Any, int | None]] = [
     (
         Code.CONTENT_MISSING,
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]},
+        1,
+    ),
+    (Code.CONTENT_MISSING, {"messages": [U_, {"role": "assistant", "tool_calls": []}]}, 1),
+    (
+        Code.CONTENT_MISSING,
+        {"messages": [U_, {"role": "assistant", "content": None, "function_call": {}}]},
         1,
     ),
     (Code.CONTENT_EMPTY, chat(U, ("assistant", "")), 1),
@@ -108,6 +119,32 @@ LINE_CASES: list[tuple[Code, Any, int | None]] = [
     (Code.FIELD_TYPE, {"messages": [U_, A_], "parallel_tool_calls": "yes"}, None),
     (Code.MIXED_FORMAT, {"prompt": "hi", "completion": "hello"}, None),
 ]
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (b'{"messages": NaN}', "`NaN` is not a JSON number (JSON has no NaN or Infinity)"),
+        (b'{"messages": [Infinity]}', "`Infinity` is not a JSON number"),
+        (b'{"messages": 1e999}', "the number 1e999 is out of range"),
+        (b"\xef\xbb\xbf{}", "the line starts with a UTF-8 byte-order mark"),
+        (b'{"messages": "\\udc00"}', "a lone surrogate"),
+        (b'{"messages": [1,]}', "not valid JSON: Expecting value at column 17"),
+    ],
+)
+def test_not_json_says_what_is_wrong(bad: bytes, message: str) -> None:
+    (problem,) = checks.check_line(bad, 3, provider="local").problems
+    assert problem.code == Code.NOT_JSON and message in problem.message
+    assert "surrogate" not in problem.message or message == "a lone surrogate"
+
+
+def test_a_bom_on_a_later_line_is_named(tmp_path: Path) -> None:
+    # `cat a.jsonl b.jsonl` where b.jsonl starts with a byte-order mark
+    lines = [line(clean_example(i)) for i in range(11)]
+    lines[7] = b"\xef\xbb\xbf" + lines[7]
+    report = data.validate_file(write_jsonl(tmp_path / "d.jsonl", lines))
+    (error,) = report.errors
+    assert (error.code, error.line) == (Code.NOT_JSON, 8) and "byte-order mark" in error.message
 
 
 def twelve_lines_with(bad: bytes) -> list[bytes]:
@@ -385,3 +422,153 @@ def test_duplicates_with_tool_calls_are_found_and_roles_count(tmp_path: Path) ->
     report = data.validate_file(write_jsonl(tmp_path / "d.jsonl", lines))
     assert only(report) == {(Code.DUPLICATE, 12, None)}
     assert report.warnings[0].message == "same example as line 9"
+
+
+def test_duplicates_ignore_key_order_inside_tool_data(tmp_path: Path) -> None:
+    fn = {"name": "f", "arguments": "{}"}
+    calls = [{"id": "c1", "type": "function", "function": fn}]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+
+    def example(order: int) -> dict[str, Any]:
+        def flip(d: dict[str, Any]) -> dict[str, Any]:  # same keys, reversed order, all depths
+            items = [(k, flip(v) if isinstance(v, dict) else v) for k, v in d.items()]
+            return dict(reversed(items) if order else items)
+
+        return {
+            "messages": [U_, {"role": "assistant", "tool_calls": [flip(c) for c in calls]}, A_],
+            "tools": [flip(t) for t in tools],
+        }
+
+    assert line(example(0)) != line(example(1))
+    lines = [line(clean_example(i)) for i in range(8)] + [line(example(0)), line(example(1))]
+    report = data.validate_file(write_jsonl(tmp_path / "d.jsonl", lines))
+    assert only(report) == {(Code.DUPLICATE, 10, None)}
+    assert report.warnings[0].message == "same example as line 9"
+
+
+# --- method dpo: OpenAI's preference pairs ----------------------------------------------------
+
+
+def dpo(i: int, **change: Any) -> dict[str, Any]:
+    """A clean preference pair (OpenAI's documented shape), with top-level keys replaced."""
+    pair: dict[str, Any] = {
+        "input": {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": f"q{i}"},
+            ],
+            "tools": [],
+            "parallel_tool_calls": True,
+        },
+        "preferred_output": [{"role": "assistant", "content": f"short answer {i}"}],
+        "non_preferred_output": [{"role": "assistant", "content": f"a long rambling answer {i}"}],
+    }
+    pair.update(change)
+    return {k: v for k, v in pair.items() if v is not None}
+
+
+OUT = "preferred_output"
+NOUT = "non_preferred_output"
+DPO_CASES: list[tuple[Code, Any, int | None]] = [
+    (Code.FORMAT_NOT_DPO, clean_example(3), None),
+    (Code.FORMAT_NOT_DPO, {"prompt": "hi", "completion": "yo"}, None),
+    (Code.MESSAGES_MISSING, {"question": "hi"}, None),
+    (Code.MESSAGES_MISSING, dpo(1, input=None), None),
+    (Code.MESSAGES_MISSING, dpo(1, input={"tools": []}), None),
+    (Code.FIELD_TYPE, dpo(1, input="hi"), None),
+    (Code.MESSAGES_EMPTY, dpo(1, input={"messages": []}), None),
+    (Code.ROLE_UNKNOWN, dpo(1, input={"messages": [{"role": "developer", "content": "x"}]}), 0),
+    (Code.OUTPUT_INVALID, dpo(1, preferred_output=None), None),
+    (Code.OUTPUT_INVALID, dpo(1, non_preferred_output={"role": "assistant", "content": "x"}), None),
+    (Code.OUTPUT_INVALID, dpo(1, preferred_output=[A_, A_]), None),
+    (Code.OUTPUT_INVALID, dpo(1, preferred_output=[U_]), None),
+    (Code.OUTPUT_INVALID, dpo(1, non_preferred_output=dpo(1)[OUT]), None),
+    (Code.MESSAGE_NOT_OBJECT, dpo(1, preferred_output=["x"]), None),
+    (Code.CONTENT_MISSING, dpo(1, preferred_output=[{"role": "assistant"}]), None),
+    (
+        Code.CONTENT_EMPTY,
+        dpo(1, non_preferred_output=[{"role": "assistant", "content": " "}]),
+        None,
+    ),
+    (Code.CONTENT_NOT_STRING, dpo(1, preferred_output=[{"role": "assistant", "content": 4}]), None),
+    (Code.UNKNOWN_KEY, dpo(1, preferred_output=[{**A_, "weight": 1}]), None),
+]
+
+
+def twelve_pairs_with(bad: bytes) -> list[bytes]:
+    lines = [line(dpo(i)) for i in range(12)]
+    lines[BAD_AT - 1] = bad
+    return lines
+
+
+@pytest.mark.parametrize(("code", "bad", "index"), DPO_CASES, ids=lambda v: str(v)[:40])
+def test_bad_dpo_line_gives_exactly_its_code_and_line(
+    code: Code, bad: Any, index: int | None, tmp_path: Path
+) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", twelve_pairs_with(line(bad)))
+    report = data.validate_file(path, provider="openai", method="dpo")
+    assert only(report) == {(code, BAD_AT, index)}, report.errors
+    assert report.n_examples == 12 and report.n_valid == 11
+
+
+def test_dpo_messages_name_the_field() -> None:
+    bad = dpo(1, non_preferred_output=[{"role": "assistant", "content": ""}])
+    (problem,) = checks.check_line(line(bad), 4, provider="openai", method="dpo").problems
+    assert problem.message == "`non_preferred_output[0].content` is empty"
+    two = checks.check_line(
+        line(dpo(1, preferred_output=[A_, A_])), 4, provider="openai", method="dpo"
+    )
+    assert (
+        two.problems[0].message
+        == "`preferred_output` must be a list of one assistant message, got 2 items"
+    )
+    chat_line = checks.check_line(line(clean_example(1)), 4, provider="openai", method="dpo")
+    assert "method dpo needs preference pairs" in chat_line.problems[0].message
+
+
+def test_clean_dpo_file_passes_and_counts_both_conversations(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [line(dpo(i)) for i in range(12)])
+    counter = tokens.OpenAIChatCounter(tokens.approx_lengths, name="~", exact=False, limit=None)
+    report = data.validate_file(path, provider="openai", method="dpo", counter=counter)
+    assert report.ok and report.counts == {} and report.format == "dpo"
+    assert report.n_valid == 12 and report.stats is not None
+    # each pair is two conversations: the input with the preferred, and with the other output
+    conversations = []
+    for i in range(12):
+        value = checks.check_line(line(dpo(i)), 1, provider="openai", method="dpo").value
+        assert value is not None
+        pair = schema.to_example(value, 1)
+        assert pair.messages[-1].content == f"short answer {i}"
+        assert pair.non_preferred is not None
+        rejected = (*pair.messages[:-1], pair.non_preferred)
+        conversations += [pair, msgspec.structs.replace(pair, messages=rejected)]
+    counts = counter.count(conversations)
+    assert report.stats.total_tokens == sum(c.total for c in counts)
+    assert report.stats.trained_tokens == sum(c.trained for c in counts) > 0
+
+
+def test_dpo_limit_applies_to_each_conversation(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [line(dpo(i)) for i in range(12)])
+    counter = tokens.OpenAIChatCounter(tokens.approx_lengths, name="~", exact=False, limit=None)
+    probe = data.validate_file(path, method="dpo", counter=counter)
+    assert probe.stats is not None
+    # a limit between one conversation and the pair's sum: nothing is too long
+    report = data.validate_file(path, method="dpo", counter=counter, max_tokens=probe.stats.max - 1)
+    assert report.ok and report.stats is not None and report.stats.n_over_limit == 0
+    assert report.stats.billed_tokens_per_epoch == report.stats.total_tokens
+
+
+def test_chat_file_is_refused_for_dpo_and_a_dpo_file_for_supervised(tmp_path: Path) -> None:
+    chat_file = write_jsonl(tmp_path / "c.jsonl", [line(clean_example(i)) for i in range(12)])
+    report = data.validate_file(chat_file, provider="openai", method="dpo")
+    assert report.counts == {"format-not-dpo": 12} and not report.ok
+    dpo_file = write_jsonl(tmp_path / "p.jsonl", [line(dpo(i)) for i in range(12)])
+    report = data.validate_file(dpo_file, provider="openai")
+    assert report.counts == {"messages-missing": 12}
+    assert "validate with method dpo" in report.errors[0].message
+
+
+def test_dpo_duplicates_are_found(tmp_path: Path) -> None:
+    lines = [line(dpo(i)) for i in range(11)] + [line(dpo(4))]
+    report = data.validate_file(write_jsonl(tmp_path / "d.jsonl", lines), method="dpo")
+    assert only(report) == {(Code.DUPLICATE, 12, None)}
