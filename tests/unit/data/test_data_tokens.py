@@ -86,7 +86,7 @@ def test_validate_with_hf_counter_reports_stats_lengths_and_template_errors(
         {
             "messages": [
                 {"role": "user", "content": "hi"},
-                {"role": "assistant", "content": None, "tool_calls": []},
+                {"role": "assistant", "content": None, "tool_calls": [{"id": "c1"}]},
                 {"role": "tool", "content": "x"},
                 {"role": "assistant", "content": "ok"},
             ]
