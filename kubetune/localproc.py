@@ -1,9 +1,11 @@
 """The child processes of a local run: the trainer with its progress bar, and vLLM.
 
-Children run in their own sessions, so a Ctrl-C at the terminal reaches only ``kubetune``:
-it forwards SIGTERM to the trainer (which checkpoints, so the next run resumes) and stops
-vLLM's whole process group (vLLM starts engine processes of its own). Children's logs go to
-files in the run folder; what the user sees goes to an injected text stream.
+Children run in their own sessions, so a Ctrl-C at the terminal (or the terminal closing:
+SIGHUP) reaches only ``kubetune``: it forwards SIGTERM to the trainer (which checkpoints, so
+the next run resumes) and stops vLLM's whole process group (vLLM starts engine processes of
+its own). Children's logs go to files in the run folder; what the user sees goes to an
+injected text stream, which may be gone by then (a closed terminal): the children are
+stopped all the same.
 Heavy imports happen inside the functions.
 """
 
@@ -30,8 +32,12 @@ SERVER_GRACE_SECONDS = 20.0
 """How long vLLM may take to shut down before its process group is killed."""
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""Ctrl-C, ``kill``, and the terminal closing: each stops the run and its children."""
+
+
 class Interrupted(Exception):
-    """SIGINT or SIGTERM reached this process."""
+    """One of :data:`STOP_SIGNALS` reached this process."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
@@ -40,12 +46,12 @@ class Interrupted(Exception):
 
 @contextlib.contextmanager
 def signals_raise() -> Iterator[None]:
-    """Turns SIGINT and SIGTERM into :class:`Interrupted` in the main thread."""
+    """Turns :data:`STOP_SIGNALS` into :class:`Interrupted` in the main thread."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
         raise Interrupted(signum)
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
         yield
     finally:
@@ -59,6 +65,21 @@ def child_env() -> dict[str, str]:
     env["PYTHONSAFEPATH"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def say(out: TextIO, text: str) -> None:
+    """Write ``text`` if ``out`` still takes it: after SIGHUP the terminal is gone (EIO), a
+    closed pipe raises BrokenPipeError; neither may stop the cleanup that follows."""
+    try:
+        out.write(text)
+        out.flush()
+    except (OSError, ValueError):
+        # What is still buffered would fail again when the interpreter flushes it at exit
+        # (exit code 120 instead of ours); from now on it goes nowhere.
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, out.fileno())
+            os.close(devnull)
 
 
 def shown(path: Path) -> str:
@@ -111,8 +132,8 @@ class ProgressView:
 
     def close(self) -> None:
         if self.drawn:
-            self.out.write("\n")
             self.drawn = False
+            say(self.out, "\n")
 
 
 def duration(seconds: float) -> str:
@@ -162,12 +183,13 @@ def train(config_path: Path, run: Path, out: TextIO, *, tty: bool) -> Trained:
                     None if eta is None else eta.timestamp() - time.time(),
                 )
             rc = proc.wait()
-        except Interrupted:
+        except BaseException as e:
+            # Interrupted, or the terminal gone under the progress bar (OSError): either way
+            # this process is leaving, and the trainer writes its progress into our pipe.
             view.close()
-            out.write(
-                f"  stopping the trainer (it writes a checkpoint; log: {shown(run)}/train.log)\n"
-            )
-            out.flush()
+            if isinstance(e, Interrupted):
+                say(out, f"  stopping the trainer (it writes a checkpoint; log: "
+                    f"{shown(run)}/train.log)\n")  # fmt: skip
             _stop_group(proc, TRAINER_GRACE_SECONDS)
             raise
         finally:

@@ -172,7 +172,7 @@ def run_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         err.write(f"kubetune run: {e}\n")
         return EXIT_BAD_INPUT
     except Interrupted:
-        out.write("kubetune run: interrupted\n")
+        localproc.say(out, "kubetune run: interrupted\n")
         return EXIT_INTERRUPTED
 
 
@@ -319,9 +319,10 @@ def _run_locked(
         try:
             trained = localproc.train(config_path, run, out, tty=tty)
         except Interrupted:
-            out.write(
+            localproc.say(
+                out,
                 f"✗ interrupted; the checkpoint in {shown(run)}/ is kept: run the same "
-                "command again to resume\n"
+                "command again to resume\n",
             )
             return EXIT_INTERRUPTED
         if trained.returncode != 0:
@@ -412,7 +413,7 @@ def _serve(
             )
             return 1
     except Interrupted:
-        out.write("\nstopped serving\n")
+        localproc.say(out, "\nstopped serving\n")
         return 0
     finally:
         endpoint.unlink(missing_ok=True)

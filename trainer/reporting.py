@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -144,14 +145,30 @@ class ProgressReporter:
         self.configmap = configmap
 
     def emit(self, record: ProgressRecord) -> None:
+        """Append ``record`` to the metrics file, print it, patch the ConfigMap."""
         line = record.to_json()
         with self.metrics_path.open("a", encoding="utf-8") as f:
             f.write(line + "\n")
         if self.stdout:
-            sys.stdout.write(line + "\n")
-            sys.stdout.flush()
+            self._print(line)
         if self.configmap is not None:
             self.configmap.patch({CONFIGMAP_KEY: line})
+
+    def _print(self, line: str) -> None:
+        """One record on stdout; a reader that went away (``kubetune run`` killed, its
+        terminal closed) ends the printing, never the training or its checkpoints."""
+        try:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+        except (OSError, ValueError) as exc:
+            self.stdout = False
+            log.warning("stdout is gone (%s); progress goes on in %s only", exc, self.metrics_path)
+            # What is still buffered would fail again when the interpreter flushes stdout at
+            # exit (exit code 120); from now on it goes nowhere.
+            with contextlib.suppress(OSError, ValueError):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
 
     def flush(self, record: ProgressRecord) -> None:
         """Make sure the ConfigMap holds ``record`` (already emitted), despite rate limits."""

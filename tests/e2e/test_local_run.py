@@ -277,6 +277,38 @@ def test_changed_manifest_with_the_same_name_is_refused(
     assert sorted(p.name for p in run.iterdir()) == before
 
 
+def test_a_closed_terminal_stops_training_at_a_checkpoint_and_leaves_nothing_running(
+    tmp_path: Path,
+) -> None:
+    """The terminal closes mid-training: the shell sends SIGHUP, and the terminal is gone."""
+    run = tmp_path / ".kubetune" / "runs" / NAME
+    proc = subprocess.Popen(
+        [KUBETUNE, "run", str(EXAMPLE), "--local", "--no-serve", "--claim",
+         f"kubetune-examples={ROOT / 'examples'}"],
+        cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + TRAIN_TIMEOUT
+        # Its output stays unread in the pipe (a few lines): as on a terminal nobody answers.
+        while not ((run / "metrics.jsonl").exists() and read_metrics(run)):
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "no training step in time"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGHUP)
+        assert proc.stdout is not None
+        proc.stdout.close()  # the terminal is gone: what it says next goes nowhere
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130
+    assert complete_checkpoints(run), "no checkpoint written: the training is lost"
+    assert not (run / "result.json").exists() and not (run / "endpoint.json").exists()
+    left = subprocess.run(["pgrep", "-af", str(run)], capture_output=True, text=True, check=False)
+    assert left.stdout == "", f"processes left behind: {left.stdout}"
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _no_leftover_servers(workdir: Path) -> Iterator[None]:
     yield

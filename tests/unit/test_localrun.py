@@ -6,8 +6,12 @@ run folder, the conversation sent for a question, and what the user sees (progre
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -317,3 +321,28 @@ def test_progress_records_are_told_from_log_lines() -> None:
     assert parsed is not None and parsed.step == 3 and parsed.train_loss == 1.5
     assert localproc._progress("{'loss': '6.5'}\n", ProgressRecord) is None
     assert localproc._progress(json.dumps({"other": 1}) + "\n", ProgressRecord) is None
+
+
+@pytest.mark.parametrize("signum", localproc.STOP_SIGNALS)
+def test_ctrl_c_kill_and_a_closed_terminal_each_stop_the_run(signum: int) -> None:
+    before = signal.getsignal(signum)
+    with pytest.raises(localproc.Interrupted) as info, localproc.signals_raise():
+        os.kill(os.getpid(), signum)
+        time.sleep(5)  # the handler raises at once; this only bounds a failure
+    assert info.value.signum == signum
+    assert signal.getsignal(signum) == before
+
+
+class GoneTerminal(io.StringIO):
+    """A terminal after SIGHUP: every write fails with EIO."""
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.EIO, "Input/output error")
+
+
+def test_messages_to_a_closed_terminal_do_not_stop_the_cleanup() -> None:
+    view = localproc.ProgressView(GoneTerminal(), tty=True)
+    view.drawn = True
+    view.close()  # would raise before the trainer is stopped
+    localproc.say(GoneTerminal(), "kubetune run: interrupted\n")
+    assert not view.drawn

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -172,3 +175,35 @@ def test_loss_plot_is_a_png(tmp_path: Path) -> None:
     path = tmp_path / "loss.png"
     reporting.plot_loss(records, path, title="t")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_reader_that_goes_away_ends_the_printing_not_the_training(tmp_path: Path) -> None:
+    """``kubetune run`` killed with its terminal: the trainer's stdout pipe has no reader."""
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from kubetune.api.jobconfig import ProgressSink\n"
+        "from kubetune.progress import ProgressRecord\n"
+        "from kubetune.trainer import reporting\n"
+        "reporter = reporting.ProgressReporter(Path(sys.argv[1]), ProgressSink(stdout=True))\n"
+        "for step in range(1, 201):\n"
+        "    reporter.emit(ProgressRecord(step=step, total_steps=200, epoch=0.0, train_loss=1.0))\n"
+        "    if step == 1:\n"
+        "        sys.stdin.readline()  # the reader is gone once this returns\n"
+        "print('after the last record')\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONSAFEPATH": "1"},
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stdin is not None and proc.stderr is not None
+    assert json.loads(proc.stdout.readline())["step"] == 1
+    proc.stdout.close()
+    proc.stdin.write(b"go\n")
+    proc.stdin.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0, stderr  # not 1 (BrokenPipeError), not 120 (at exit)
+    steps = [r.step for r in reporting.read_metrics(tmp_path / reporting.METRICS_FILE)]
+    assert steps == list(range(1, 201))
+    assert stderr.count("stdout is gone") == 1
