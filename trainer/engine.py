@@ -14,7 +14,9 @@ The subclass changes four things:
   (:func:`kubetune.trainer.packing.real_tokens`);
 - checkpoints are written into a staging folder and published atomically
   (:mod:`kubetune.trainer.checkpoints`);
-- :class:`PreemptionCallback` turns SIGTERM into "finish this step, checkpoint, stop".
+- :class:`PreemptionCallback` turns SIGTERM into "finish this step, checkpoint, stop", and
+  stops a validation pass that is under way (:class:`EvaluationStopped`): a pass can take
+  longer than the grace period that follows SIGTERM.
 
 TRL's ``SFTTrainer`` was measured against this (``bench/trainer_throughput.py``); it has no
 per-message ``weight`` and needs ``{% generation %}`` markers or a template it knows for
@@ -79,6 +81,25 @@ def target_only_loss(model: Any, inputs: dict[str, Any], labels: Any) -> tuple[A
     return loss_sum, trained.sum(), outputs
 
 
+class EvaluationStopped(Exception):
+    """A SIGTERM during a validation pass: the pass stops at its next batch."""
+
+
+def preemption_agreed(preemption: Preemption) -> bool:
+    """Whether any process was asked to stop; every process must call it at the same point
+    and stop at the same step, or the checkpoint's collectives hang."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return preemption.requested
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    flag = torch.tensor([1 if preemption.requested else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item():
+        preemption.requested = True
+    return preemption.requested
+
+
 class KubetuneTrainer(Trainer):
     """HF Trainer with target-only logits and atomic checkpoints."""
 
@@ -121,6 +142,21 @@ class KubetuneTrainer(Trainer):
                 loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """A pass stopped by SIGTERM logs no loss and returns none; during training, the
+        step's checkpoint is written next and training stops there."""
+        try:
+            metrics: dict[str, float] = super().evaluate(*args, **kwargs)
+        except EvaluationStopped:
+            log.warning(
+                "SIGTERM: validation pass at step %d stopped; checkpointing", self.state.global_step
+            )
+            self.control.should_evaluate = False  # as on_evaluate would have reset it
+            self.control.should_save = True
+            self.control.should_training_stop = True
+            return {}
+        return metrics
+
     # --- atomic checkpoints -------------------------------------------------------------
 
     def _get_output_dir(self, trial: Any) -> str:
@@ -147,7 +183,8 @@ class KubetuneTrainer(Trainer):
 
 class PreemptionCallback(TrainerCallback):
     """SIGTERM → save a checkpoint at the end of the current step and stop training,
-    without the validation pass that step may have been due for."""
+    without the validation pass that step may have been due for, or the rest of the one
+    under way."""
 
     def __init__(self, preemption: Preemption) -> None:
         self.preemption = preemption
@@ -156,25 +193,19 @@ class PreemptionCallback(TrainerCallback):
     def requested(self) -> bool:
         return self.preemption.requested
 
-    def _agreed(self) -> bool:
-        """Every process must stop at the same step, or the checkpoint's collectives hang."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return self.preemption.requested
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        flag = torch.tensor([1 if self.preemption.requested else 0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        if self._agreed():
-            self.preemption.requested = True
+        if preemption_agreed(self.preemption):
             control.should_save = True
             control.should_training_stop = True
             # A full validation pass now could outlast the grace period; the run that
             # resumes evaluates again at its next evaluation step.
             control.should_evaluate = False
+        return control
+
+    def on_prediction_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        # Every process runs the same number of evaluation batches, so all of them agree here.
+        if preemption_agreed(self.preemption):
+            raise EvaluationStopped
         return control
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from kubetune.api.jobconfig import TrainerConfig
 from kubetune.api.result import RESULT_FILE, DataCounts, TrainingResult
+from kubetune.progress import ProgressRecord
 from kubetune.trainer import chat, checkpoints, dataset, launch, modelload, plan, reporting
 from kubetune.trainer.launch import EXIT_FAILED, EXIT_INVALID, EXIT_OK, EXIT_PREEMPTED
 from kubetune.trainer.preemption import Preemption
@@ -290,9 +291,24 @@ def train(config: TrainerConfig) -> int:
     claim_output(config, output_dir, sha, write=proc.is_main)
 
     # Installed first: a SIGTERM while the data or model loads must not kill the process
-    # before it can say it was preempted.
+    # before it can say it was preempted. Kept until result.json is written: a SIGTERM
+    # while the adapter and result are written lets them be finished (seconds) instead of
+    # leaving a final checkpoint without its result.
     preemption = Preemption()
     preemption.install()
+    try:
+        return _train(config, proc, output_dir, sha, preemption)
+    finally:
+        preemption.uninstall()
+
+
+def _train(
+    config: TrainerConfig,
+    proc: launch.ProcessInfo,
+    output_dir: Path,
+    sha: str,
+    preemption: Preemption,
+) -> int:
     files = read_data(config, output_dir)  # bad data stops here, before torch is imported
     claim_data(output_dir, files.digests, write=proc.is_main)
     if already_finished(output_dir, sha, files.digests):
@@ -373,17 +389,21 @@ def train(config: TrainerConfig) -> int:
         },
     )
     trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
-    if preemption.requested and trainer.state.global_step < trainer.state.max_steps:
-        message = f"preempted at step {trainer.state.global_step}/{total}; checkpoint saved"
+    step = trainer.state.global_step
+    stopped = engine.preemption_agreed(preemption)  # every process takes the same way out
+    # The Trainer evaluates at its last step itself, unless that step was not run here (a
+    # resume from the final checkpoint) or a SIGTERM on it skipped or stopped the evaluation.
+    if prepared.valid_examples and progress.valid_step != step and not stopped:
+        trainer.evaluate()  # returns early, with no loss, if a SIGTERM arrives meanwhile
+    unfinished = step < trainer.state.max_steps
+    owes_validation = bool(prepared.valid_examples) and progress.valid_step != step
+    if preemption.requested and (unfinished or owes_validation):
+        what = f"at step {step}/{total}" if unfinished else "before the final validation pass"
+        message = f"preempted {what}; checkpoint saved"
         log.warning("%s; start again with the same output folder to resume", message)
         if proc.is_main:
             reporting.write_termination_message(message)
         return EXIT_PREEMPTED
-    # The Trainer evaluates at its last step itself, unless that step was not run here (a
-    # resume from the final checkpoint) or a SIGTERM on it skipped the evaluation.
-    if prepared.valid_examples and progress.valid_step != trainer.state.global_step:
-        trainer.evaluate()
-    preemption.uninstall()
     if not proc.is_main:
         return EXIT_OK
 
@@ -391,8 +411,9 @@ def train(config: TrainerConfig) -> int:
     final = progress.last_record
     if final is not None:
         reporter.flush(final)
+    records = reporting.read_metrics(output_dir / reporting.METRICS_FILE)
     reporting.plot_loss(
-        reporting.read_metrics(output_dir / reporting.METRICS_FILE),
+        records,
         output_dir / reporting.LOSS_PLOT,
         title=f"{config.job.name} on {config.model.display}",
     )
@@ -424,7 +445,7 @@ def train(config: TrainerConfig) -> int:
         steps=int(trainer.state.global_step),
         total_steps=int(trainer.state.max_steps),
         trained_tokens=int(trainer.state.num_input_tokens_seen),
-        final_train_loss=progress.train_loss,
+        final_train_loss=final_train_loss(progress.train_loss, records),
         final_valid_loss=progress.valid_loss,
         wall_seconds=round(progress.elapsed(), 3),
         attempts=attempts,
@@ -442,6 +463,14 @@ def train(config: TrainerConfig) -> int:
         output_dir,
     )
     return EXIT_OK
+
+
+def final_train_loss(logged_here: float | None, records: list[ProgressRecord]) -> float | None:
+    """The last train loss this process logged, else the last one in ``metrics.jsonl``: a run
+    resumed from its final checkpoint has no step left to log one."""
+    if logged_here is not None:
+        return logged_here
+    return next((r.train_loss for r in reversed(records) if r.train_loss is not None), None)
 
 
 def termination_line(exc: BaseException) -> str:

@@ -6,6 +6,7 @@ import os
 import signal
 import time
 
+import pytest
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from kubetune.trainer import engine
@@ -46,3 +47,13 @@ def test_a_preempted_step_checkpoints_without_a_validation_pass(tmp_path: object
     control = engine.PreemptionCallback(preemption).on_step_end(args, TrainerState(), due)
     assert control.should_save and control.should_training_stop
     assert not control.should_evaluate  # a full pass could outlast the grace period
+
+
+def test_a_validation_pass_stops_at_the_next_batch_only_when_requested(tmp_path: object) -> None:
+    preemption = Preemption()
+    callback = engine.PreemptionCallback(preemption)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[])
+    callback.on_prediction_step(args, TrainerState(), TrainerControl())
+    preemption.requested = True
+    with pytest.raises(engine.EvaluationStopped):
+        callback.on_prediction_step(args, TrainerState(), TrainerControl())

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -234,3 +237,93 @@ def test_a_run_killed_after_a_checkpoint_resumes_with_each_step_logged_once(
     with data.open("a") as lines:
         lines.write(chat_line("新问题", "新答案") + "\n")
     assert run.main(config_path) == 2
+
+
+def test_a_run_resumed_from_its_final_checkpoint_reports_the_same_final_loss(
+    tmp_path: Path, demo_model_dir: Path
+) -> None:
+    cfg = demo_config(tmp_path, demo_model_dir)
+    config_path, out = write_config(tmp_path, cfg), tmp_path / "out"
+    assert run.main(config_path) == 0
+    first = TrainingResult.load(out)
+    assert first.final_train_loss is not None
+    # As if killed after the final checkpoint, before result.json: no step is left to train.
+    (out / RESULT_FILE).unlink()
+    assert run.main(config_path) == 0
+    again = TrainingResult.load(out)
+    assert again.attempts == 2 and again.steps == first.steps
+    assert again.final_train_loss == first.final_train_loss
+
+
+def sigterm_once(when: Any) -> Any:
+    """A method wrapper that sends this process SIGTERM the first time ``when(trainer)``."""
+    sent: list[int] = []
+
+    def wrap(original: Any) -> Any:
+        def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if not sent and when(self):
+                sent.append(self.state.global_step)
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.1)  # the handler runs in this thread, at the next bytecode
+            return original(self, *args, **kwargs)
+
+        return method
+
+    wrap.sent = sent  # type: ignore[attr-defined]
+    return wrap
+
+
+def test_sigterm_during_a_validation_pass_stops_it_and_checkpoints(
+    tmp_path: Path, demo_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kubetune.trainer import engine
+
+    cfg = demo_config(tmp_path, demo_model_dir, validation={"path": str(DATASET)})
+    config_path, out = write_config(tmp_path, cfg), tmp_path / "out"
+    batches: list[int] = []
+    original = engine.KubetuneTrainer.prediction_step
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        batches.append(self.state.global_step)
+        return original(self, *args, **kwargs)
+
+    wrap = sigterm_once(lambda trainer: True)
+    monkeypatch.setattr(engine.KubetuneTrainer, "prediction_step", wrap(counted))
+    assert run.main(config_path) == 143
+    assert wrap.sent == [5]  # the first validation pass, at the first checkpoint step
+    assert batches == [5], "the pass went on after SIGTERM"  # 54 examples: 14 batches in all
+    assert checkpoints.newest(out / "checkpoints") == out / "checkpoints" / "checkpoint-5"
+    records = reporting.read_metrics(out / reporting.METRICS_FILE)
+    assert [r.step for r in records] == [1, 2, 3, 4, 5]  # no validation record, no step 6
+    assert all(r.valid_loss is None for r in records)
+    assert not (out / RESULT_FILE).exists()
+
+    monkeypatch.undo()
+    assert run.main(config_path) == 0
+    result = TrainingResult.load(out)
+    assert result.steps == 14 and result.final_valid_loss is not None
+
+
+def test_sigterm_on_the_last_step_skips_the_final_validation_and_the_restart_does_it(
+    tmp_path: Path, demo_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kubetune.trainer import engine
+
+    cfg = demo_config(tmp_path, demo_model_dir, validation={"path": str(DATASET)})
+    config_path, out = write_config(tmp_path, cfg), tmp_path / "out"
+    wrap = sigterm_once(lambda trainer: trainer.state.global_step == 13)  # computing step 14
+    monkeypatch.setattr(
+        engine.KubetuneTrainer, "training_step", wrap(engine.KubetuneTrainer.training_step)
+    )
+    assert run.main(config_path) == 143
+    assert checkpoints.newest(out / "checkpoints") == out / "checkpoints" / "checkpoint-14"
+    records = reporting.read_metrics(out / reporting.METRICS_FILE)
+    assert [r.step for r in records if r.step == 14] == [14]  # trained, not validated
+    last_train_loss = records[-1].train_loss
+    assert not (out / RESULT_FILE).exists()
+
+    monkeypatch.undo()
+    assert run.main(config_path) == 0
+    result = TrainingResult.load(out)
+    assert result.attempts == 2 and result.steps == 14
+    assert result.final_train_loss == last_train_loss and result.final_valid_loss is not None
