@@ -251,11 +251,16 @@ def run_dir(state_dir: Path, name: str) -> Path:
     return (state_dir / "runs" / name).resolve()
 
 
-def demo_model_dir(state_dir: Path, dataset: bytes, builder: bytes) -> Path:
+def demo_model_dir(state_dir: Path, dataset: bytes, builder: bytes, seed: int = 0) -> Path:
     """Where the demo model for a dataset lives, keyed by content: built once, and a new
     kubetune (another ``builder``, the demo model's source) builds a new one beside it
-    instead of changing the base model under runs already trained on the old one."""
-    key = hashlib.sha256(hashlib.sha256(dataset).digest() + builder).hexdigest()[:12]
+    instead of changing the base model under runs already trained on the old one. Another
+    ``seed`` (``kubetune demo-model --seed``) is another model, so another folder too; seed 0
+    (what ``kubetune run`` uses) keeps the key it always had."""
+    blob = hashlib.sha256(dataset).digest() + builder
+    if seed:
+        blob += f"\nseed={seed}".encode()
+    key = hashlib.sha256(blob).hexdigest()[:12]
     return (state_dir / "models" / f"demo-tiny-{key}").resolve()
 
 
@@ -297,11 +302,57 @@ def fingerprint(config: TrainerConfig, inputs: Iterable[DataInput]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def run_state(folder: Path, expected: str) -> RunState:
+def fingerprint_parts(config: TrainerConfig, inputs: Iterable[DataInput]) -> dict[str, Any]:
+    """What :func:`fingerprint` is made of, part by part, kept in the run record so that a
+    refused rerun can say which part changed (see :func:`changed_parts`)."""
+    wire = config.to_wire()
+    model = dict(wire.pop("model", {}))
+    model_path = model.pop("idOrPath", None)
+    gpus, max_steps = wire.pop("gpus", None), wire.pop("maxSteps", None)
+    settings = json.dumps({**wire, "model": model}, sort_keys=True)
+    return {
+        "manifest": hashlib.sha256(settings.encode()).hexdigest()[:16],
+        "data": hashlib.sha256("".join(sorted(i.sha256 for i in inputs)).encode()).hexdigest()[:16],
+        "model": model_path,
+        "gpus": gpus,
+        "maxSteps": max_steps,
+    }
+
+
+def changed_parts(before: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """What differs between two :func:`fingerprint_parts`, in words."""
+    changed = []
+    if before.get("manifest") != now.get("manifest"):
+        changed.append("the manifest's training settings")
+    if before.get("data") != now.get("data"):
+        changed.append("the dataset")
+    old_model, new_model = before.get("model"), now.get("model")
+    if old_model != new_model:
+        demo = f"{Path(str(new_model)).name}".startswith("demo-tiny-")
+        changed.append(
+            "the demo model (kubetune's demo-model recipe or the dataset it is built from "
+            f"changed; the run was trained on {old_model})"
+            if demo
+            else f"the base model ({old_model} → {new_model})"
+        )
+    for key, what, where in (("gpus", "the GPU count", "; --gpus or spec.resources.gpus"),
+                             ("maxSteps", "--max-steps", "")):  # fmt: skip
+        if before.get(key) != now.get(key):
+            old, new = _or_none(before.get(key)), _or_none(now.get(key))
+            changed.append(f"{what} ({old} → {new}{where})")
+    return changed
+
+
+def _or_none(value: Any) -> str:
+    return "none" if value is None else str(value)
+
+
+def run_state(folder: Path, expected: str, parts: Mapping[str, Any] | None = None) -> RunState:
     """NEW, RESUME or FINISHED for ``folder``; PlanError when a rerun would overwrite it.
 
     A folder with a run record but no trainer output (it stopped before training, e.g. at a
-    bad dataset) counts as new: there is nothing in it to lose.
+    bad dataset) counts as new: there is nothing in it to lose. ``parts`` (this run's
+    :func:`fingerprint_parts`) let the refusal say what changed.
     """
     record = read_record(folder)
     foreign = folder.exists() and any(
@@ -316,10 +367,21 @@ def run_state(folder: Path, expected: str) -> RunState:
     finished = (folder / RESULT_FILE).exists()
     if record.get("fingerprint") != expected:
         what = "finished" if finished else "unfinished"
+        recorded = record.get("parts")
+        changed = (
+            changed_parts(recorded, parts)
+            if isinstance(recorded, dict) and parts is not None
+            else []
+        )
+        made = (
+            f"differs from this one in {'; '.join(changed)}"
+            if changed
+            else "was made from a different manifest or dataset"
+        )
         raise PlanError(
-            f"run `{folder.name}` already exists ({what}, in {shown(folder)}) and was made from "
-            "a different manifest or dataset; a run is never overwritten. Give the job another "
-            "`metadata.name`, or delete that folder to start over."
+            f"run `{folder.name}` already exists ({what}, in {shown(folder)}) and {made}; "
+            "a run is never overwritten. Give the job another `metadata.name`, or delete that "
+            "folder to start over."
         )
     return RunState.FINISHED if finished else RunState.RESUME
 
@@ -364,15 +426,19 @@ def clear_unstarted(folder: Path) -> None:
             p.unlink()
 
 
-def write_record(folder: Path, job: LocalJob, expected: str) -> None:
+def write_record(
+    folder: Path, job: LocalJob, expected: str, parts: Mapping[str, Any] | None = None
+) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    record = {
+    record: dict[str, Any] = {
         "name": job.name,
         "namespace": job.namespace,
         "manifest": str(job.manifest),
         "fingerprint": expected,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+    if parts is not None:
+        record["parts"] = dict(parts)
     (folder / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 

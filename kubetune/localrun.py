@@ -147,7 +147,9 @@ def demo_model_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> in
     except OSError as e:
         err.write(f"kubetune demo-model: {dataset}: {e.strerror or e}\n")
         return EXIT_BAD_INPUT
-    folder = args.out or localplan.demo_model_dir(args.state_dir, content, demo_builder())
+    folder = args.out or localplan.demo_model_dir(
+        args.state_dir, content, demo_builder(), args.seed
+    )
     started = time.monotonic()
     build_demo_model(folder, dataset, seed=args.seed)
     took = time.monotonic() - started
@@ -257,11 +259,13 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         max_steps=args.max_steps,
     )
     fingerprint = lp.fingerprint(config, inputs)
-    state = lp.run_state(run, fingerprint)
+    parts = lp.fingerprint_parts(config, inputs)
+    # Locked first: another `kubetune run` of this job may be changing the folder right now.
     lock = lp.lock_run(run)  # held until this process exits
     try:
+        state = lp.run_state(run, fingerprint, parts)
         return _run_locked(
-            args, out, err, job, run, state, config, inputs, paths, demo, fingerprint
+            args, out, err, job, run, state, config, inputs, paths, demo, fingerprint, parts
         )
     finally:
         lock.close()
@@ -279,6 +283,7 @@ def _run_locked(
     paths: Sequence[Path],
     demo: bool,
     fingerprint: str,
+    parts: dict[str, Any],
 ) -> int:
     from kubetune import localplan as lp
 
@@ -288,7 +293,7 @@ def _run_locked(
             if item.path is None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(item.content)
-        lp.write_record(run, job, fingerprint)
+        lp.write_record(run, job, fingerprint, parts)
     config_path = run / "trainer.yaml"
     config_path.write_text(config.dump_yaml(), encoding="utf-8")
 

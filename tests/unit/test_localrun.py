@@ -6,6 +6,7 @@ run folder, the conversation sent for a question, and what the user sees (progre
 
 from __future__ import annotations
 
+import argparse
 import errno
 import io
 import json
@@ -13,6 +14,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -346,3 +348,84 @@ def test_messages_to_a_closed_terminal_do_not_stop_the_cleanup() -> None:
     view.close()  # would raise before the trainer is stopped
     localproc.say(GoneTerminal(), "kubetune run: interrupted\n")
     assert not view.drawn
+
+
+# ------------------------------------------------------------------------------ reruns
+
+
+def test_demo_model_with_another_seed_leaves_the_shared_one_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kubetune import demo_model
+
+    built: list[tuple[Path, int]] = []
+    monkeypatch.setattr(
+        localrun, "build_demo_model", lambda folder, dataset, seed=0: built.append((folder, seed))
+    )
+    for seed in (0, 3):
+        args = argparse.Namespace(dataset=None, out=None, state_dir=tmp_path, seed=seed)
+        assert localrun.demo_model_command(args, io.StringIO(), io.StringIO()) == 0
+    (default, _), (seeded, seed) = built
+    content = demo_model.DEFAULT_DATASET.read_bytes()
+    # the folder `kubetune run` uses (seed 0) is the one it always was
+    assert default == localplan.demo_model_dir(tmp_path, content, localrun.demo_builder())
+    assert seeded != default and seed == 3
+
+
+def parts_of(tmp_path: Path, data: bytes = b"one", model: str = "m", **options: Any) -> Any:
+    job = localplan.load_job(EXAMPLE)
+    config = localplan.trainer_config(
+        job, output_dir=tmp_path, model_path=model, dataset=tmp_path / "t", validation=None,
+        **options,
+    )  # fmt: skip
+    inputs = [localplan.DataInput("t", data, None, "t")]
+    return localplan.fingerprint(config, inputs), localplan.fingerprint_parts(config, inputs)
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        ({"max_steps": 20}, "--max-steps (none → 20)"),
+        ({"gpus": 1}, "the GPU count (0 → 1; --gpus or spec.resources.gpus)"),
+        ({"data": b"two"}, "the dataset"),
+        ({"model": "/s/models/demo-tiny-bbbb"}, "the demo model (kubetune's demo-model recipe"),
+    ],
+)
+def test_a_refused_rerun_says_what_changed(
+    tmp_path: Path, change: dict[str, Any], said: str
+) -> None:
+    run = tmp_path / "demo"
+    before, before_parts = parts_of(tmp_path, model="/s/models/demo-tiny-aaaa")
+    localplan.write_record(run, localplan.load_job(EXAMPLE), before, before_parts)
+    (run / "metrics.jsonl").write_text("{}\n", encoding="utf-8")
+    now, now_parts = parts_of(tmp_path, **{"model": "/s/models/demo-tiny-aaaa", **change})
+    with pytest.raises(localplan.PlanError) as info:
+        localplan.run_state(run, now, now_parts)
+    changed = localplan.changed_parts(before_parts, now_parts)
+    assert len(changed) == 1 and changed[0].startswith(said)  # that one, and only that one
+    assert f"differs from this one in {changed[0]}; a run is never overwritten" in str(info.value)
+
+
+def test_a_run_in_use_is_refused_before_its_folder_is_read(tmp_path: Path) -> None:
+    job = localplan.load_job(EXAMPLE)
+    run = localplan.run_dir(tmp_path, job.name)
+    # Another `kubetune run` of another version of the job holds the folder and is training.
+    localplan.write_record(run, job, "another")
+    (run / "metrics.jsonl").write_text("{}\n", encoding="utf-8")
+    lock = localplan.lock_run(run)
+    try:
+        args = localrun_args(EXAMPLE, state_dir=tmp_path)
+        err = io.StringIO()
+        assert localrun.run_command(args, io.StringIO(), err) == localrun.EXIT_BAD_INPUT
+    finally:
+        lock.close()
+    assert "is in use by another `kubetune run`" in err.getvalue(), err.getvalue()
+
+
+def localrun_args(manifest: Path, **overrides: Any) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    localrun.register(parser.add_subparsers())
+    args = parser.parse_args(["run", str(manifest), "--local"])
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args
