@@ -5,11 +5,23 @@ line, and no pod, upload or remote job is created. The API server's schema and C
 most spec errors at ``kubectl apply``; this catches the rest (and objects written before a CRD
 upgrade). Dataset text comes from a ConfigMap (through ``kube``) or an http(s) URL; datasets on
 a PVC cannot be read from here and are checked by the trainer with the same validator.
+
+A dataset ConfigMap that does not exist yet is waited for (a temporary error, shown in the
+``Reconciled`` condition) until :data:`CONFIGMAP_GRACE` after the job's creation, then fails
+naming it: ``kubectl apply -f dir/`` may create the job before its ConfigMap. Callers that do
+not pass the creation time get no deadline (the wait goes on, its message says why). A
+ConfigMap without the key is a permanent error at once. A URL is
+streamed to a temporary file under ``/tmp`` (an emptyDir in the chart) and validated from
+there, so the operator's memory does not grow with the dataset.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import functools
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +35,11 @@ from kubetune.operator import dataset_url, kube
 from kubetune.operator.settings import OperatorSettings
 
 MAX_DATASET_BYTES = 512 * 1024 * 1024
+"""Largest dataset fetched from a URL (the chart's /tmp emptyDir holds 1Gi by default)."""
 MAX_LISTED_PROBLEMS = 5
+CONFIGMAP_GRACE = datetime.timedelta(minutes=5)
+"""How long after its creation a job waits for a dataset ConfigMap that does not exist yet."""
+CONFIGMAP_RETRY_SECONDS = 10.0
 
 
 class InvalidJob(Exception):
@@ -44,7 +60,60 @@ def parse_spec(raw: dict[str, Any]) -> ftj.FineTuneJobSpec:
 @dataclass(frozen=True)
 class DatasetCheck:
     report: data.Report
-    text: bytes
+
+
+class DatasetNotYet(kube.TemporaryKubeError):
+    """The dataset's ConfigMap does not exist yet; the job waits for it (see the module doc)."""
+
+
+Created = str | datetime.datetime | None
+"""The job's ``metadata.creationTimestamp`` (RFC 3339 text as the API server writes it)."""
+
+
+def _age(created: Created) -> datetime.timedelta | None:
+    if created is None:
+        return None
+    when = (
+        created
+        if isinstance(created, datetime.datetime)
+        else datetime.datetime.fromisoformat(created.replace("Z", "+00:00"))
+    )
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return datetime.datetime.now(datetime.UTC) - when
+
+
+def _configmap_text(ref: ftj.ConfigMapKeyRef, namespace: str, field: str, created: Created) -> str:
+    cm = kube.get("v1", "ConfigMap", namespace, ref.name)
+    if cm is None:
+        missing = f"{field}.configMap: ConfigMap {ref.name!r} not found in namespace {namespace!r}"
+        age = _age(created)
+        minutes = int(CONFIGMAP_GRACE.total_seconds() // 60)
+        if age is not None and age >= CONFIGMAP_GRACE:
+            raise InvalidJob(f"{missing} (waited {minutes} minutes from the job's creation)")
+        until = "" if age is None else f", up to {minutes} minutes after the job's creation"
+        raise DatasetNotYet(f"{missing}; waiting for it{until}", delay=CONFIGMAP_RETRY_SECONDS)
+    value = (cm.get("data") or {}).get(ref.key)
+    if value is None:
+        raise InvalidJob(f"{field}.configMap: ConfigMap {ref.name!r} has no key {ref.key!r}")
+    return str(value)
+
+
+@contextlib.contextmanager
+def _url_errors(field: str, url: str) -> Iterator[None]:
+    """Maps a download's errors: refused or too large, and 401/403/404, fail the job; other
+    HTTP answers and network trouble are retried."""
+    try:
+        yield
+    except (dataset_url.Refused, dataset_url.TooLarge) as exc:
+        raise InvalidJob(f"{field}.url: {exc}") from None
+    except httpx.HTTPStatusError as exc:
+        code = exc.response.status_code
+        if code in (404, 401, 403):
+            raise InvalidJob(f"{field}.url: HTTP {code} from {url}") from None
+        raise kube.TemporaryKubeError(f"{field}.url: HTTP {code}", delay=30) from None
+    except httpx.HTTPError as exc:
+        raise kube.TemporaryKubeError(f"{field}.url: {type(exc).__name__}", delay=30) from None
 
 
 def fetch_dataset(
@@ -52,26 +121,19 @@ def fetch_dataset(
     namespace: str,
     field: str,
     transport: httpx.BaseTransport | None = None,
+    *,
+    created: Created = None,
 ) -> bytes | None:
-    """The dataset's bytes, or None for a PVC source (the trainer checks those)."""
+    """The dataset's bytes, or None for a PVC source (the trainer checks those).
+
+    ``created`` (the job's creation time) bounds the wait for a missing ConfigMap (see the
+    module doc).
+    """
     if src.config_map is not None:
-        ref = src.config_map
-        value = kube.read_configmap_key(namespace, ref.name, ref.key)
-        if value is None:
-            raise InvalidJob(f"{field}.configMap: ConfigMap {ref.name!r} has no key {ref.key!r}")
-        return value.encode("utf-8")
+        return _configmap_text(src.config_map, namespace, field, created).encode("utf-8")
     if src.url is not None:
-        try:
+        with _url_errors(field, src.url):
             return dataset_url.fetch(src.url, MAX_DATASET_BYTES, transport)
-        except (dataset_url.Refused, dataset_url.TooLarge) as exc:
-            raise InvalidJob(f"{field}.url: {exc}") from None
-        except httpx.HTTPStatusError as exc:
-            code = exc.response.status_code
-            if code in (404, 401, 403):
-                raise InvalidJob(f"{field}.url: HTTP {code} from {src.url}") from None
-            raise kube.TemporaryKubeError(f"{field}.url: HTTP {code}", delay=30) from None
-        except httpx.HTTPError as exc:
-            raise kube.TemporaryKubeError(f"{field}.url: {type(exc).__name__}", delay=30) from None
     return None
 
 
@@ -80,9 +142,10 @@ def describe_problems(report: data.Report, field: str) -> str:
         f"line {p.line}: {p.message} [{p.code}]" if p.line else f"{p.message} [{p.code}]"
         for p in report.errors[:MAX_LISTED_PROBLEMS]
     ]
-    more = len(report.errors) - len(listed)
-    tail = f"; and {more} more (run `kubetune validate` on the file)" if more > 0 else ""
-    return f"{field} has {len(report.errors)} error(s): " + "; ".join(listed) + tail
+    total = report.n_errors  # all of them: ``errors`` lists at most 1,000 per code
+    more = total - len(listed)
+    tail = f"; and {more:,} more (run `kubetune validate` on the file)" if more > 0 else ""
+    return f"{field} has {total:,} error(s): " + "; ".join(listed) + tail
 
 
 @functools.lru_cache(maxsize=32)
@@ -105,18 +168,48 @@ def token_counter(spec: ftj.FineTuneJobSpec) -> data.TokenCounter:
 
 
 def check_dataset(
-    src: ftj.DatasetSource, namespace: str, field: str, spec: ftj.FineTuneJobSpec
+    src: ftj.DatasetSource,
+    namespace: str,
+    field: str,
+    spec: ftj.FineTuneJobSpec,
+    *,
+    created: Created = None,
+    transport: httpx.BaseTransport | None = None,
 ) -> DatasetCheck | None:
-    """Validates one dataset with the shared validator; raises InvalidJob on errors."""
-    text = fetch_dataset(src, namespace, field)
-    if text is None:
-        return None
-    report = data.validate_text(
-        text, provider=ftj.Provider(spec.provider).value, counter=token_counter(spec), source=field
+    """Validates one dataset with the shared validator; raises InvalidJob on errors.
+
+    None for a PVC source. A URL's body goes to a temporary file, validated as a stream and
+    deleted afterwards, so memory does not depend on its size.
+    """
+    provider: data.Provider = "openai" if spec.provider == ftj.Provider.OPENAI else "local"
+    counter = token_counter(spec)
+    method: data.Method = (
+        "dpo" if spec.openai is not None and spec.openai.method == "dpo" else "supervised"
     )
+    if src.config_map is not None:
+        # through fetch_dataset, the one reader of inline datasets (a ConfigMap is at most 1 MiB)
+        text = (
+            fetch_dataset(src, namespace, field)
+            if created is None
+            else fetch_dataset(src, namespace, field, created=created)
+        ) or b""
+        report = data.validate_text(
+            text, provider=provider, counter=counter, method=method, source=field
+        )
+    elif src.url is not None:
+        # /tmp is an emptyDir in the chart; the file goes when the block ends, whatever happens
+        with tempfile.NamedTemporaryFile(prefix="kubetune-dataset-", suffix=".jsonl") as f:
+            with _url_errors(field, src.url):
+                dataset_url.download(src.url, f, MAX_DATASET_BYTES, transport)
+            f.flush()
+            report = data.validate_file(
+                f.name, provider=provider, counter=counter, method=method, source=field
+            )
+    else:
+        return None
     if not report.ok:
         raise InvalidJob(describe_problems(report, field))
-    return DatasetCheck(report=report, text=text)
+    return DatasetCheck(report=report)
 
 
 def estimate(

@@ -20,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import socket
+import tempfile
 import urllib.request
+from typing import IO
 
 import httpx
 
@@ -101,10 +103,14 @@ def pinned_request(client: httpx.Client, url: httpx.URL) -> httpx.Request:
     )
 
 
-def fetch(url: str, max_bytes: int, transport: httpx.BaseTransport | None = None) -> bytes:
-    """The body of ``url``, following redirects, each checked and pinned like the first.
+def download(
+    url: str, dest: IO[bytes], max_bytes: int, transport: httpx.BaseTransport | None = None
+) -> int:
+    """Writes the body of ``url`` to ``dest`` as it arrives and returns its size in bytes.
 
-    Raises Refused, TooLarge, httpx.HTTPStatusError for a non-2xx answer, and other
+    Redirects are followed, each checked and pinned like the first. Memory stays at one chunk
+    whatever the size. Raises Refused, TooLarge (once more than ``max_bytes`` arrived; ``dest``
+    then holds a partial body), httpx.HTTPStatusError for a non-2xx answer, and other
     httpx.HTTPError subclasses for network trouble.
     """
     target = httpx.URL(url)
@@ -116,13 +122,22 @@ def fetch(url: str, max_bytes: int, transport: httpx.BaseTransport | None = None
                     target = target.join(response.headers["Location"])
                     continue
                 response.raise_for_status()
-                chunks, size = [], 0
+                size = 0
                 for chunk in response.iter_bytes():
                     size += len(chunk)
                     if size > max_bytes:
                         raise TooLarge(f"larger than {max_bytes} bytes")
-                    chunks.append(chunk)
-                return b"".join(chunks)
+                    dest.write(chunk)
+                return size
             finally:
                 response.close()
     raise httpx.TooManyRedirects(f"more than {MAX_REDIRECTS} redirects from {url}")
+
+
+def fetch(url: str, max_bytes: int, transport: httpx.BaseTransport | None = None) -> bytes:
+    """The body of ``url`` as bytes (see :func:`download`); it passes through a temporary file,
+    so the peak is the body once, not the chunks and their join."""
+    with tempfile.TemporaryFile(prefix="kubetune-dataset-") as f:
+        download(url, f, max_bytes, transport)
+        f.seek(0)
+        return f.read()

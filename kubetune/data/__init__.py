@@ -2,17 +2,22 @@
 
 One validator for the CLI (``kubetune validate``), the operator (before any upload or pod) and
 the trainer (before loading a model). It reads OpenAI chat JSONL (``{"messages": [...]}``,
-with ``tools``/``functions``/``parallel_tool_calls``) and prompt/completion JSONL, streams any
+with ``tools``/``functions``/``parallel_tool_calls``), prompt/completion JSONL and, with
+``method="dpo"``, OpenAI's preference pairs (``input``, ``preferred_output``,
+``non_preferred_output``), streams any
 number of lines in constant memory, and reports every problem with a stable code
 (:class:`Code`), its line and, where it applies, the message index. Importing this package is
 cheap and pulls in neither transformers nor tiktoken (the operator imports it).
 
 Public API (stable; other components call these names):
 
-``validate_file(path, *, provider="local", max_tokens=None, counter=None, progress=None) -> Report``
+``validate_file(path, *, provider="local", max_tokens=None, counter=None, progress=None,
+method="supervised", source=None) -> Report``
     Check a JSONL file. ``provider`` sets the rules that differ (OpenAI: at least 10 examples,
-    chat format only). ``counter`` adds token statistics and the length check against
-    ``max_tokens`` (default: the counter's known limit).
+    chat format only). ``method`` (:data:`Method`) is ``supervised`` (chat or prompt/completion
+    lines) or ``dpo`` (preference pairs; each counts as two conversations, the input with each
+    output, and the length limit applies to each). ``counter`` adds token statistics and the
+    length check against ``max_tokens`` (default: the counter's known limit).
 ``validate_text(text, ...)`` / ``validate_lines(lines, ...) -> Report``
     The same on a document in memory (a ConfigMap value) or on an iterable of lines.
 ``Report``
@@ -43,8 +48,8 @@ from kubetune.data.estimate import (
     estimate_openai,
 )
 from kubetune.data.problems import Code, Problem
-from kubetune.data.report import Report, render_text
-from kubetune.data.schema import Example, Message
+from kubetune.data.report import Provider, Report, render_text
+from kubetune.data.schema import Example, Message, Method
 from kubetune.data.stats import TokenStats
 from kubetune.data.tokens import (
     CounterError,
@@ -72,8 +77,10 @@ __all__ = [
     "InvalidExample",
     "LocalEstimate",
     "Message",
+    "Method",
     "OpenAIEstimate",
     "Problem",
+    "Provider",
     "Report",
     "TokenCount",
     "TokenCounter",

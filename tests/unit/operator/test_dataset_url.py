@@ -167,6 +167,21 @@ def test_a_body_over_the_limit_is_refused(resolver: Callable[..., Resolver]) -> 
         dataset_url.fetch("http://data.example/big", len(BODY) - 1, recording()[0])
 
 
+def test_download_writes_the_body_as_it_arrives(
+    resolver: Callable[..., Resolver], tmp_path: Path
+) -> None:
+    resolver(PUBLIC)
+    chunks = [BODY] * 1000
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=iter(chunks))
+
+    with (tmp_path / "d.jsonl").open("wb") as f:
+        size = dataset_url.download("http://data.example/d", f, 1 << 20, recording(answer)[0])
+    assert size == len(BODY) * 1000
+    assert (tmp_path / "d.jsonl").read_bytes() == BODY * 1000
+
+
 # --- a real TLS server: SNI and the certificate are checked against the name --------------------
 
 
