@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -90,18 +91,72 @@ def register_validate(subparsers: Any) -> None:
         choices=("openai", "local"),
         help="rules to apply (default: openai for gpt-*/ft:* models, else local)",
     )
+    p.add_argument(
+        "--method",
+        choices=("supervised", "dpo"),
+        default="supervised",
+        help="supervised: chat or prompt/completion lines (default); dpo: OpenAI preference "
+        "pairs (input, preferred_output, non_preferred_output; provider openai)",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--max-tokens", type=int, help="tokens per example (default: the model's)")
+    p.add_argument(
+        "--max-tokens", type=_positive_int, help="tokens per example (default: the model's)"
+    )
     p.add_argument("--no-tokens", action="store_true", help="skip token counting")
     est = p.add_argument_group("estimate")
     est.add_argument("--epochs", default="auto", help="number or auto (OpenAI's rule; default)")
-    est.add_argument("--price-per-1m", type=float, help="USD per 1M training tokens (openai)")
+    est.add_argument(
+        "--price-per-1m", type=_price, help="USD per 1M training tokens, 0 or more (openai)"
+    )
     est.add_argument("--batch-size", default="auto", help="examples per step, or auto (local)")
     est.add_argument(
-        "--max-seq-length", type=int, default=2048, help="longest example in tokens (local)"
+        "--max-seq-length",
+        type=_positive_int,
+        default=2048,
+        help="longest example in tokens (local)",
     )
-    est.add_argument("--tokens-per-second", type=float, help="measured training tokens/s per GPU")
+    est.add_argument(
+        "--tokens-per-second", type=_positive_float, help="measured training tokens/s per GPU"
+    )
     p.set_defaults(handler=validate_command)
+
+
+# argparse turns the ArgumentTypeError of a `type=` function into "argument --x: message" and
+# exit 2, the usage-error code (1 means: the data has errors).
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def _finite(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return x
+
+
+def _positive_float(text: str) -> float:
+    x = _finite(text)
+    if x <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return x
+
+
+def _price(text: str) -> float:
+    x = _finite(text)
+    if x < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return x
 
 
 def _int_or_auto(value: str, flag: str) -> int | Literal["auto"]:
@@ -120,7 +175,8 @@ def _provider(args: argparse.Namespace) -> Literal["openai", "local"]:
     if args.provider:
         return "openai" if args.provider == "openai" else "local"
     model = args.model or ""
-    return "openai" if model.startswith(_OPENAI_PREFIXES) else "local"
+    # DPO is an OpenAI method; the local trainer tunes supervised only
+    return "openai" if model.startswith(_OPENAI_PREFIXES) or args.method == "dpo" else "local"
 
 
 class _ProgressLine:
@@ -152,6 +208,10 @@ def validate_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     try:
         epochs = _int_or_auto(args.epochs, "--epochs")
         batch = _int_or_auto(args.batch_size, "--batch-size")
+        if args.method == "dpo" and provider != "openai":
+            raise ValueError(
+                "--method dpo is for provider openai (the local trainer is supervised)"
+            )
     except ValueError as exc:
         err.write(f"{prog}: {exc}\n")
         return EXIT_USAGE
@@ -164,7 +224,7 @@ def validate_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             return EXIT_USAGE
 
     try:
-        report = _validate(args.file, provider, args.max_tokens, counter, err)
+        report = _validate(args.file, provider, args.max_tokens, counter, err, args.method)
     except OSError as exc:
         err.write(f"{prog}: {args.file}: {exc.strerror or exc}\n")
         return EXIT_USAGE
@@ -203,6 +263,7 @@ def _validate(
     max_tokens: int | None,
     counter: TokenCounter | None,
     err: TextIO,
+    method: Literal["supervised", "dpo"] = "supervised",
 ) -> Report:
     from kubetune import data
 
@@ -213,6 +274,7 @@ def _validate(
             max_tokens=max_tokens,
             counter=counter,
             source="<stdin>",
+            method=method,
         )
     size = Path(file).stat().st_size
     progress = _ProgressLine(err, size) if size >= PROGRESS_MIN_BYTES and err.isatty() else None
@@ -223,6 +285,7 @@ def _validate(
             max_tokens=max_tokens,
             counter=counter,
             progress=progress,
+            method=method,
         )
     finally:
         if progress is not None:

@@ -136,6 +136,65 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     assert code == 2 and "--epochs" in err
     code, _, err = run("validate", str(write(tmp_path, 3)), "--model", str(tmp_path / "nope"))
     assert code == 2 and "cannot load a tokenizer" in err
+    code, _, err = run(
+        "validate", str(write(tmp_path, 3)), "--method", "dpo", "--provider", "local"
+    )
+    assert code == 2 and "--method dpo is for provider openai" in err
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--max-seq-length", "0", "must be at least 1, got 0"),
+        ("--max-tokens", "-5", "must be at least 1, got -5"),
+        ("--max-tokens", "many", "must be a whole number, got 'many'"),
+        ("--tokens-per-second", "0", "must be more than 0, got 0"),
+        ("--tokens-per-second", "inf", "must be a finite number, got 'inf'"),
+        ("--price-per-1m", "-3", "must be 0 or more, got -3"),
+        ("--price-per-1m", "nan", "must be a finite number, got 'nan'"),
+    ],
+)
+def test_numbers_out_of_range_are_usage_errors(
+    flag: str, value: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["validate", str(write(tmp_path, 3)), flag, value])
+    assert exited.value.code == 2  # not 1, which means: the data has errors
+    err = capsys.readouterr().err
+    assert f"argument {flag}: {message}" in err and "Traceback" not in err
+
+
+def test_a_zero_price_is_a_free_estimate(tmp_path: Path) -> None:
+    code, out, _ = run("validate", str(write(tmp_path, 12)), "--model", "gpt-4o-mini",
+                       "--price-per-1m", "0", "--json")  # fmt: skip
+    assert code == 0 and json.loads(out)["estimate"]["cost_usd"] == 0
+
+
+def dpo_file(tmp_path: Path, n: int) -> Path:
+    lines = [
+        json.dumps(
+            {
+                "input": {"messages": [{"role": "user", "content": f"question {i}"}]},
+                "preferred_output": [{"role": "assistant", "content": f"brief {i}"}],
+                "non_preferred_output": [{"role": "assistant", "content": f"rambling {i}"}],
+            }
+        )
+        for i in range(n)
+    ]
+    path = tmp_path / "dpo.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_method_dpo_validates_preference_pairs(tmp_path: Path) -> None:
+    code, out, _ = run("validate", str(dpo_file(tmp_path, 12)), "--method", "dpo", "--json")
+    doc = json.loads(out)
+    assert code == 0 and doc["format"] == "dpo" and doc["provider"] == "openai"
+    assert doc["n_valid"] == 12 and doc["estimate"]["billed_tokens"] > 0
+    code, out, _ = run("validate", str(write(tmp_path, 12)), "--method", "dpo")
+    assert code == 1 and "format-not-dpo" in out
+    code, out, _ = run("validate", str(dpo_file(tmp_path, 12)), "--model", "gpt-4o-mini")
+    assert code == 1 and "validate with method dpo" in out
 
 
 def test_stdin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
