@@ -159,15 +159,18 @@ def _fail(
 
 
 def _validate(
-    spec: ftj.FineTuneJobSpec, namespace: str, status: ftj.FineTuneJobStatus
+    spec: ftj.FineTuneJobSpec,
+    namespace: str,
+    status: ftj.FineTuneJobStatus,
+    created: str | None = None,
 ) -> ftj.FineTuneJobStatus:
     """Checks the datasets and writes the estimate; raises checks.InvalidJob on bad data."""
     new = status.model_copy(deep=True)
     new.phase = ftj.Phase.VALIDATING
     new.model = spec.openai.model if spec.openai else (spec.model.display if spec.model else None)
-    train = checks.check_dataset(spec.dataset, namespace, "spec.dataset", spec)
+    train = checks.check_dataset(spec.dataset, namespace, "spec.dataset", spec, created=created)
     if spec.validation is not None:
-        checks.check_dataset(spec.validation, namespace, "spec.validation", spec)
+        checks.check_dataset(spec.validation, namespace, "spec.validation", spec, created=created)
     if train is not None:
         new.estimate = checks.estimate(spec, train.report, SETTINGS)
     return new
@@ -205,7 +208,7 @@ def reconcile(
         if old.start_time is None and old.phase in (ftj.Phase.PENDING, ftj.Phase.VALIDATING):
             # Validation gets a tick of its own, so the estimate is in status (and the
             # Validating event posted) before anything is uploaded or scheduled.
-            new = _validate(parsed, namespace, old)
+            new = _validate(parsed, namespace, old, meta.get("creationTimestamp"))
             if old.phase == ftj.Phase.PENDING:
                 _write(body, patch, stored, old, new, events)
                 return
