@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import datetime
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import kopf
@@ -146,16 +147,46 @@ RECONCILED = "Reconciled"
 
 
 def _fail(
-    status: ftj.FineTuneJobStatus, message: str, generation: int | None
+    status: ftj.FineTuneJobStatus,
+    message: str,
+    generation: int | None,
+    reason: str = "Invalid",
 ) -> ftj.FineTuneJobStatus:
+    """``status`` as Failed; ``reason`` (CamelCase) goes to the Ready condition."""
     new = status.model_copy(deep=True)
     new.phase = ftj.Phase.FAILED
     new.message = message
     new.completion_time = new.completion_time or st.now()
-    new.conditions = st.set_condition(
-        new.conditions, "Ready", False, "Invalid", message, generation
-    )
+    new.conditions = st.set_condition(new.conditions, "Ready", False, reason, message, generation)
     return new
+
+
+def _failure_reason(exc: Exception) -> str:
+    """The Ready condition's reason for a permanent error: the provider's own, when it has one."""
+    if isinstance(exc, openai_errors.ProviderError):
+        return exc.reason
+    if isinstance(exc, kube.NameTaken):
+        return "NameTaken"
+    return "Invalid"
+
+
+def _validated(status: ftj.FineTuneJobStatus) -> bool:
+    """Whether an OpenAI job's dataset was checked and uploaded already (no need to read it)."""
+    remote = status.remote
+    return status.estimate is not None and remote is not None and bool(remote.training_file)
+
+
+def _stopping(stopped: kopf.DaemonStopped | None, meta: kopf.Meta) -> Callable[[], str | None]:
+    """Why this tick must not start paid work any more (read live, at the moment it asks)."""
+
+    def why() -> str | None:
+        if meta.get("deletionTimestamp"):
+            return "the FineTuneJob is being deleted"
+        if stopped is not None and stopped.is_set():
+            return "the operator is stopping this FineTuneJob's timer"
+        return None
+
+    return why
 
 
 def _validate(
@@ -189,6 +220,8 @@ def reconcile(
     uid: str,
     meta: kopf.Meta,
     patch: kopf.Patch,
+    stopped: kopf.DaemonStopped | None = None,
+    retry: int = 0,
     **kwargs: Any,
 ) -> None:
     indices: dict[str, kopf.Index[Key, Any]] = kwargs  # kopf passes each index by its name
@@ -203,9 +236,18 @@ def reconcile(
     events: list[Event] = []
     try:
         parsed = checks.parse_spec(dict(spec))
-        if parsed.provider == ftj.Provider.OPENAI and old.phase == ftj.Phase.SUCCEEDED:
-            return  # nothing left to follow; the endpoint ConfigMap exists
-        if old.start_time is None and old.phase in (ftj.Phase.PENDING, ftj.Phase.VALIDATING):
+        openai = parsed.provider == ftj.Provider.OPENAI
+        if openai and old.phase == ftj.Phase.SUCCEEDED:
+            if openai_handlers.endpoint_published(old):
+                return  # nothing left to follow; the endpoint ConfigMap exists
+            new, events = openai_handlers.publish_endpoint(owner, old, generation)
+            _write(body, patch, stored, old, new, events)
+            return
+        if (
+            old.start_time is None
+            and old.phase in (ftj.Phase.PENDING, ftj.Phase.VALIDATING)
+            and not (openai and _validated(old))
+        ):
             # Validation gets a tick of its own, so the estimate is in status (and the
             # Validating event posted) before anything is uploaded or scheduled.
             new = _validate(parsed, namespace, old, meta.get("creationTimestamp"))
@@ -214,8 +256,10 @@ def reconcile(
                 return
         else:
             new = old
-        if parsed.provider == ftj.Provider.OPENAI:
-            new, events = openai_handlers.reconcile(parsed, owner, new, SETTINGS, generation)
+        if openai:
+            new, events = openai_handlers.reconcile(
+                parsed, owner, new, SETTINGS, generation, stopping=_stopping(stopped, meta)
+            )
         else:
             children = _children(indices, key, uid)
             new = local_provider.reconcile(parsed, owner, new, children, SETTINGS, generation)
@@ -224,7 +268,7 @@ def reconcile(
         kube.PermanentKubeError,
         openai_errors.PermanentProviderError,
     ) as exc:
-        new = _fail(old, str(exc), generation)
+        new = _fail(old, str(exc), generation, _failure_reason(exc))
     except (kube.TemporaryKubeError, openai_errors.TemporaryProviderError) as exc:
         # Shown in status (timers apply the patch on every attempt), then retried after delay.
         retrying = old.model_copy(deep=True)
@@ -232,7 +276,10 @@ def reconcile(
             old.conditions, RECONCILED, False, "Retrying", str(exc), generation
         )
         _write(body, patch, stored, old, retrying, [])
-        raise kopf.TemporaryError(str(exc), delay=exc.delay) from None
+        delay = exc.delay
+        if isinstance(exc, openai_errors.TemporaryProviderError):
+            delay = openai_errors.retry_delay(exc, retry)  # a lasting outage backs off
+        raise kopf.TemporaryError(str(exc), delay=delay) from None
     new.conditions = [c for c in new.conditions if c.type != RECONCILED]
     _write(body, patch, stored, old, new, events)
 

@@ -31,9 +31,15 @@ must not end the FineTuneJob: the remote job keeps running, and billing, whateve
 reads. :func:`while_following` turns such an error into a long temporary wait whose message
 says what to fix; the provider applies it (``openai_provider.step``).
 
+Any other refusal while following (a 400 or 422 on retrieve, events or cancel) does not end it
+either: it is retried, backing off, with the server's words in status. Only the remote job's
+own terminal status (succeeded, failed, cancelled) ends a FineTuneJob that has one.
+
 A temporary error's ``delay`` is the server's ``retry-after-ms`` or ``Retry-After`` (seconds
 or an HTTP date) when it sent one, else a default per kind. The client itself already retried
 short waits (see ``openai_provider.make_client``); what reaches here is what is left over.
+The handler grows the delay of an outage that lasts (:func:`retry_delay`): doubled per
+consecutive failure of the same tick, up to :data:`MAX_BACKOFF_DELAY`.
 
 Secrets: openai's exceptions carry the request (with its ``Authorization`` header) and the raw
 response body, and OpenAI's 401 body echoes a masked form of the key. Nothing of that leaves
@@ -61,6 +67,14 @@ DEFAULT_DELAY_SERVER = 15.0
 
 DEFAULT_DELAY_CONNECTION = 10.0
 """Seconds to wait after a timeout or a connection error."""
+
+DELAY_REFUSED_WHILE_FOLLOWING = 60.0
+"""Seconds before retrying a request about an existing remote job that OpenAI refused for
+another reason (400, 422): the job runs on, so it is followed again, backing off."""
+
+MAX_BACKOFF_DELAY = 600.0
+"""The longest wait an outage grows to (:func:`retry_delay`); a longer ``Retry-After`` the
+server asked for is still honoured."""
 
 DELAY_WHILE_FOLLOWING = 300.0
 """Seconds between two tries to follow a remote job that the credentials cannot read (a revoked
@@ -117,11 +131,29 @@ class RefusedProviderError(PermanentProviderError):
 
 
 class TemporaryProviderError(ProviderError):
-    """Worth retrying after ``delay`` seconds (kopf.TemporaryError(delay=...))."""
+    """Worth retrying after ``delay`` seconds (kopf.TemporaryError(delay=...)).
 
-    def __init__(self, message: str, *, reason: str, delay: float) -> None:
+    ``backoff``: an outage or refusal that may last, whose delay grows with each consecutive
+    failure (:func:`retry_delay`); False for waits whose length is chosen on purpose.
+    """
+
+    def __init__(self, message: str, *, reason: str, delay: float, backoff: bool = False) -> None:
         super().__init__(message, reason=reason)
         self.delay = delay
+        self.backoff = backoff
+
+
+def retry_delay(exc: TemporaryProviderError, retry: int) -> float:
+    """Seconds to wait before try ``retry + 1`` (kopf's ``retry``: 0 for the first failure).
+
+    A backing-off error's delay doubles per consecutive failure, capped at
+    :data:`MAX_BACKOFF_DELAY` (but never below the delay itself, which may be the server's
+    ``Retry-After``); any other error's delay is kept as it is.
+    """
+    if not exc.backoff:
+        return exc.delay
+    grown = exc.delay * 2.0 ** min(max(retry, 0), 16)
+    return max(exc.delay, min(grown, MAX_BACKOFF_DELAY))
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
@@ -223,38 +255,44 @@ def classify(exc: openai.OpenAIError, what: str, secrets: Iterable[str] = ()) ->
             return QuotaProviderError(msg + QUOTA_ADVICE, reason="InsufficientQuota")
         if status == 429:
             delay = _delay(exc, DEFAULT_DELAY_RATE_LIMITED)
-            return TemporaryProviderError(msg, reason="RateLimited", delay=delay)
+            return TemporaryProviderError(msg, reason="RateLimited", delay=delay, backoff=True)
         if status >= 500 or status in (408, 409):
             delay = _delay(exc, DEFAULT_DELAY_SERVER)
-            return TemporaryProviderError(msg, reason="ServerError", delay=delay)
+            return TemporaryProviderError(msg, reason="ServerError", delay=delay, backoff=True)
         return PermanentProviderError(msg, reason="BadRequest" if status == 400 else "Rejected")
     if isinstance(exc, openai.APITimeoutError):
         return TemporaryProviderError(
             f"{what}: OpenAI did not answer in time",
             reason="Timeout",
             delay=DEFAULT_DELAY_CONNECTION,
+            backoff=True,
         )
     if isinstance(exc, openai.APIConnectionError):
         return TemporaryProviderError(
             f"{what}: cannot reach the OpenAI API",
             reason="ConnectionError",
             delay=DEFAULT_DELAY_CONNECTION,
+            backoff=True,
         )
     # APIResponseValidationError and the rest: a garbled answer, most likely passing.
     return TemporaryProviderError(
         redact(f"{what}: unexpected answer from the OpenAI API ({type(exc).__name__})", secrets),
         reason="BadResponse",
         delay=DEFAULT_DELAY_SERVER,
+        backoff=True,
     )
 
 
-def while_following(exc: PermanentProviderError, job_id: str, secret: str) -> ProviderError:
-    """What an error reading the existing remote job ``job_id`` means for the FineTuneJob.
+def while_following(
+    exc: PermanentProviderError, job_id: str, secret: str
+) -> TemporaryProviderError:
+    """What an error about the existing remote job ``job_id`` means for the FineTuneJob: a wait.
 
-    Auth, not-found and quota errors, and kubetune's own refusal to use the credentials,
-    become a :class:`TemporaryProviderError` retried after :data:`DELAY_WHILE_FOLLOWING`, with
-    a message that says what to fix in ``secret`` (the Secret, as ``namespace/name``); anything
-    else is returned as it is.
+    The remote job runs (and bills) whatever kubetune can read, so nothing but its own terminal
+    status ends the FineTuneJob. Auth, not-found and quota errors, and kubetune's own refusal
+    to use the credentials, are retried after :data:`DELAY_WHILE_FOLLOWING` with a message that
+    says what to fix in ``secret`` (the Secret, as ``namespace/name``); any other refusal (a 400
+    or 422) after :data:`DELAY_REFUSED_WHILE_FOLLOWING`, backing off.
     """
     if isinstance(exc, AuthProviderError) and exc.reason == "Forbidden":
         fix = f"give the key in Secret {secret} (its organization, project) access to that job"
@@ -269,7 +307,14 @@ def while_following(exc: PermanentProviderError, job_id: str, secret: str) -> Pr
     elif isinstance(exc, QuotaProviderError):
         fix = "add credit or raise the account's limits under Billing in the OpenAI dashboard"
     else:
-        return exc
+        return TemporaryProviderError(
+            f"{exc.message.rstrip('.')}. OpenAI job {job_id} exists and may still be running "
+            "(and billing); the FineTuneJob is kept and kubetune tries again, backing off. If "
+            "this persists, look at the job in OpenAI's dashboard (cancel it there if needed)",
+            reason=exc.reason,
+            delay=DELAY_REFUSED_WHILE_FOLLOWING,
+            backoff=True,
+        )
     minutes = round(DELAY_WHILE_FOLLOWING / 60)
     happened = exc.message.removesuffix(QUOTA_ADVICE).rstrip(".")
     return TemporaryProviderError(

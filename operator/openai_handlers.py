@@ -17,6 +17,27 @@ deputy). Both ends are therefore fixed by people who hold that power already:
 
 The URL is checked before the Secret is read, and the label before any of its values is used.
 
+Secret values are checked before use: a key (or organization, project) with a line break,
+whitespace or control character inside fails the job naming the Secret and its key, never the
+value (the HTTP library would refuse it on every request as a "connection error", and its
+debug log would print it).
+
+A tick and the deletion's cleanup
+---------------------------------
+kopf runs the deletion handler while a timer tick may still be running. A tick that had found
+no remote job and was uploading could otherwise create the paid job after the cleanup had
+looked for it, and nothing would ever cancel it. So each FineTuneJob UID has a lock
+(:data:`TICKS`): a tick holds it throughout; :func:`cleanup` raises a short temporary error
+while a tick holds it (kopf retries the deletion), and a tick that finds the cleanup holding
+it does nothing. A tick also asks, right before uploading and before creating, whether the
+FineTuneJob is being deleted (``stopping``), and then does neither.
+
+Endpoint
+--------
+A succeeded job's ``<name>-endpoint`` ConfigMap is written after the success is recorded; if
+it cannot be (a name taken by someone else's object, an API server error), condition
+``ServingReady`` is False with the reason, and later ticks try again (:func:`publish_endpoint`).
+
 Polls
 -----
 kopf ticks every ``reconcile_interval``; a job being followed at OpenAI is polled only every
@@ -29,7 +50,8 @@ from __future__ import annotations
 import base64
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -41,6 +63,7 @@ from kubetune.api import finetunejob as ftj
 from kubetune.operator import checks, kube, manifests
 from kubetune.operator import openai_errors as errors
 from kubetune.operator import openai_provider as provider
+from kubetune.operator import status as st
 from kubetune.operator.openai_status import TERMINAL, Event
 from kubetune.operator.settings import DEFAULT_OPENAI_BASE_URL, OperatorSettings
 
@@ -108,7 +131,18 @@ def credentials(
     def value(key: str) -> str:
         if key not in values:
             raise kube.PermanentKubeError(f"{where} has no key {key!r}")
-        return base64.b64decode(values[key]).decode("utf-8").strip()
+        try:
+            text = base64.b64decode(values[key]).decode("utf-8").strip()
+        except UnicodeDecodeError:
+            text = "\ufffd"
+        problem = provider.header_problem(text)
+        if problem is not None:
+            raise errors.AuthProviderError(
+                f"the value of key {key!r} in {where} (spec.openai.apiKeySecretRef) contains "
+                f"{problem}, which cannot be sent to OpenAI; store it again without it",
+                reason="InvalidKey",
+            )
+        return text
 
     return Credentials(
         value(ref.key),
@@ -179,6 +213,46 @@ class PollSchedule:
 POLLS = PollSchedule()
 
 
+# ----------------------------------------------------------------------------- ticks
+
+
+@dataclass
+class TickLocks:
+    """One lock per FineTuneJob UID, held by a tick or by the cleanup (in memory).
+
+    Only one operator runs (the chart's single replica), so this is all the exclusion needed.
+    """
+
+    locks: dict[str, threading.Lock] = field(default_factory=dict)
+    guard: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @contextmanager
+    def hold(self, uid: str) -> Iterator[bool]:
+        """Takes ``uid``'s lock without waiting; yields whether it got it."""
+        with self.guard:
+            lock = self.locks.setdefault(uid, threading.Lock())
+        got = lock.acquire(blocking=False)
+        try:
+            yield got
+        finally:
+            if got:
+                lock.release()
+
+    def forget(self, uid: str) -> None:
+        """Drops ``uid``'s lock once the FineTuneJob is gone (a tick still holding it keeps it)."""
+        with self.guard:
+            self.locks.pop(uid, None)
+
+
+TICKS = TickLocks()
+
+TICK_IN_PROGRESS_DELAY = 5.0
+"""Seconds before a deletion looks again while a tick of the same FineTuneJob is running."""
+
+SERVING = "ServingReady"
+"""The condition that says whether the endpoint ConfigMap is written (as for local jobs)."""
+
+
 # ----------------------------------------------------------------------------- reconcile
 
 
@@ -218,36 +292,87 @@ def reconcile(
     *,
     polls: PollSchedule = POLLS,
     now: float | None = None,
+    stopping: Callable[[], str | None] | None = None,
+    ticks: TickLocks = TICKS,
 ) -> tuple[ftj.FineTuneJobStatus, list[Event]]:
     """One tick of an OpenAI job. Raises the provider's Permanent/Temporary errors as they are.
 
     A followed job polled less than ``settings.openai_poll_interval`` ago is left alone: the
-    status comes back unchanged, nothing is read or sent.
+    status comes back unchanged, nothing is read or sent; so is a job whose cleanup is running.
+    ``stopping`` says why nothing more may be uploaded or created (see ``provider.step``).
     """
     assert spec.openai is not None
     now = time.monotonic() if now is None else now
-    if not polls.due(owner.uid, status, generation, now, settings):
-        return status, []
-    with _client_or_wait(spec.openai, owner, status, settings) as client:
-        result = provider.step(
-            client,
-            spec,
-            owner,
-            status,
-            training=_reader(spec.dataset, owner.namespace, "spec.dataset"),
-            validation=None
-            if spec.validation is None
-            else _reader(spec.validation, owner.namespace, "spec.validation"),
-            prices=settings.prices_per_million or data.OPENAI_PRICES_PER_MILLION,
-            generation=generation,
-        )
-    new = result.status
-    if new.endpoint is not None:
-        kube.create_or_adopt(
-            manifests.endpoint_configmap(owner, new.endpoint.base_url, new.endpoint.model)
-        )
-    polls.polled(owner.uid, new, now)
-    return new, result.events
+    with ticks.hold(owner.uid) as got:
+        if not got or not polls.due(owner.uid, status, generation, now, settings):
+            return status, []
+        with _client_or_wait(spec.openai, owner, status, settings) as client:
+            result = provider.step(
+                client,
+                spec,
+                owner,
+                status,
+                training=_reader(spec.dataset, owner.namespace, "spec.dataset"),
+                validation=None
+                if spec.validation is None
+                else _reader(spec.validation, owner.namespace, "spec.validation"),
+                prices=settings.prices_per_million or data.OPENAI_PRICES_PER_MILLION,
+                generation=generation,
+                stopping=stopping,
+            )
+        new, events = result.status, list(result.events)
+        if new.endpoint is not None:
+            new, more = publish_endpoint(owner, new, generation)
+            events += more
+        polls.polled(owner.uid, new, now)
+        return new, events
+
+
+def endpoint_published(status: ftj.FineTuneJobStatus) -> bool:
+    """Whether nothing is left to do for a succeeded job: its endpoint ConfigMap is written.
+
+    A job that succeeded before the condition existed counts as unpublished (writing the
+    ConfigMap again adopts it).
+    """
+    if status.endpoint is None:
+        return True
+    return any(c.type == SERVING and c.status == "True" for c in status.conditions)
+
+
+def publish_endpoint(
+    owner: manifests.Owner, status: ftj.FineTuneJobStatus, generation: int | None
+) -> tuple[ftj.FineTuneJobStatus, list[Event]]:
+    """Writes the endpoint ConfigMap of ``status.endpoint``; a failure is a condition.
+
+    The job's result (fine-tuned model, cost, tokens) is kept whatever happens here: the
+    condition ``ServingReady`` is False with the reason (``EndpointRefused`` when the API
+    server refuses it, as for a name taken by someone else's object; ``EndpointRetrying`` for
+    a passing error) and the next tick tries again.
+    """
+    assert status.endpoint is not None
+    new = status.model_copy(deep=True)
+    endpoint = status.endpoint
+    cm = manifests.endpoint_configmap(owner, endpoint.base_url, endpoint.model)
+    name = f"{owner.namespace}/{manifests.endpoint_name(owner)}"
+    try:
+        kube.create_or_adopt(cm)
+    except (kube.PermanentKubeError, kube.TemporaryKubeError) as exc:
+        permanent = isinstance(exc, kube.PermanentKubeError)
+        reason = "EndpointRefused" if permanent else "EndpointRetrying"
+        text = f"the endpoint ConfigMap {name} could not be written: {exc}; retrying"
+        was = next((c for c in status.conditions if c.type == SERVING), None)
+        events = []
+        if was is None or was.reason != reason:
+            events.append(Event("Warning", reason, text))
+        new.conditions = st.set_condition(new.conditions, SERVING, False, reason, text, generation)
+        new.message = f"fine-tuned model {endpoint.model} is ready; {text}"
+        return new, events
+    text = f"ConfigMap {name} holds OPENAI_BASE_URL and OPENAI_MODEL"
+    new.conditions = st.set_condition(
+        new.conditions, SERVING, True, "EndpointPublished", text, generation
+    )
+    new.message = f"fine-tuned model {endpoint.model} is ready"
+    return new, []
 
 
 def cleanup(
@@ -255,16 +380,44 @@ def cleanup(
     owner: manifests.Owner,
     status: ftj.FineTuneJobStatus,
     settings: OperatorSettings,
+    *,
+    ticks: TickLocks = TICKS,
 ) -> list[Event]:
-    """On deletion: cancel the remote job if unfinished, delete uploaded files."""
+    """On deletion: cancel the remote job if unfinished, delete uploaded files.
+
+    Raises TemporaryProviderError while a tick of the same FineTuneJob runs: it may be about
+    to create the remote job this cleanup would not see (see the module docstring).
+    """
     assert spec.openai is not None
-    POLLS.forget(owner.uid)
+    with ticks.hold(owner.uid) as got:
+        if not got:
+            raise errors.TemporaryProviderError(
+                "a reconcile of this FineTuneJob is still running (it may be uploading or "
+                "creating the OpenAI job); cleaning up once it has ended",
+                reason="TickInProgress",
+                delay=TICK_IN_PROGRESS_DELAY,
+            )
+        POLLS.forget(owner.uid)
+        events = _cleanup(spec.openai, spec, owner, status, settings)
+    ticks.forget(owner.uid)
+    return events
+
+
+def _cleanup(
+    oa: ftj.OpenAISpec,
+    spec: ftj.FineTuneJobSpec,
+    owner: manifests.Owner,
+    status: ftj.FineTuneJobStatus,
+    settings: OperatorSettings,
+) -> list[Event]:
     try:
-        with client_for(spec.openai, owner.namespace, settings) as client:
+        with client_for(oa, owner.namespace, settings) as client:
             return provider.cleanup(client, spec, owner, status)
-    except (kube.PermanentKubeError, errors.RefusedProviderError) as exc:
-        # No Secret any more, or one kubetune may not use: nothing can be cancelled; say so
-        # rather than block deletion (and a namespace's deletion) forever.
+    except (kube.PermanentKubeError, errors.RefusedProviderError, errors.AuthProviderError) as exc:
+        # No Secret any more, one kubetune may not use, or a key that cannot be sent: nothing
+        # can be cancelled; say so rather than block deletion (and a namespace's) forever.
+        if isinstance(exc, errors.AuthProviderError) and exc.reason != "InvalidKey":
+            raise  # OpenAI refused the key: as before, the handler reports it
         remote = status.remote.id if status.remote is not None else None
         text = f"cannot clean up the OpenAI job: {exc}"
         if remote:
@@ -277,10 +430,13 @@ __all__ = [
     "CREDENTIALS_LABEL_VALUE",
     "Event",
     "PollSchedule",
+    "TickLocks",
     "allowed_base_url",
     "cleanup",
     "client_for",
     "credentials",
+    "endpoint_published",
     "errors",
+    "publish_endpoint",
     "reconcile",
 ]

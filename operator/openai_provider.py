@@ -24,7 +24,11 @@ Never a second paid job
 So if the operator dies anywhere (after an upload, after create, before the status patch) the
 next tick adopts what exists instead of creating it again. What this relies on: the list
 endpoint shows a job as soon as create has answered, and one operator works on a FineTuneJob
-at a time (kopf's peering).
+at a time. kopf runs standalone (no peering), so nothing in kopf ensures the latter: the
+chart does, with one replica and the ``Recreate`` strategy (the old pod is gone before the new
+one starts). Within one operator, a tick and the deletion cleanup of the same FineTuneJob
+never overlap (``openai_handlers`` holds a lock per UID), and ``step`` checks ``stopping``
+right before uploading and before creating, so a job being deleted gets no new paid job.
 
 Following
 ---------
@@ -34,9 +38,10 @@ endpoint (the handler creates the endpoint ConfigMap from ``status.endpoint``). 
 cancels an unfinished job (it ends Cancelled); :func:`cleanup` on deletion cancels and deletes
 the uploaded files unless ``keepFiles``.
 
-Once ``status.remote.id`` is recorded, an auth, not-found or quota error while following is
-temporary with a long delay (:func:`openai_errors.while_following`): the remote job runs on,
-so the FineTuneJob waits for fixed credentials instead of failing. Before that, they fail it.
+Once a remote job exists, only its terminal status ends the FineTuneJob. An auth, not-found
+or quota error while following is temporary with a long delay, any other refusal (400, 422 on
+retrieve, events or cancel) temporary and backing off (:func:`openai_errors.while_following`):
+the remote job runs on, so the FineTuneJob waits instead of failing. Before that, they fail it.
 
 Errors leave as :mod:`openai_errors` classes; the API key never appears in anything returned
 or raised (see that module).
@@ -114,6 +119,38 @@ class StepResult:
 # ----------------------------------------------------------------------------- client
 
 
+def header_problem(value: str) -> str | None:
+    """What keeps ``value`` (stripped) from being sent as a header value, or None.
+
+    A key pasted with a line break or a space inside would be refused by the HTTP library
+    (h11) on every request, which openai-python reports as a connection error (retried forever)
+    and whose debug log names the whole header. Keys, organization and project IDs are
+    printable ASCII without spaces.
+    """
+    for ch in value:
+        if ch in "\r\n":
+            return "a line break"
+        if ch.isspace():
+            return "whitespace"
+        if not ch.isascii():
+            return "a non-ASCII character"
+        if not ch.isprintable():
+            return "a control character"
+    return None
+
+
+HTTP_LOGGERS = ("httpx", "httpcore", "openai")
+"""Loggers whose DEBUG records carry request headers (the ``Authorization`` header)."""
+
+
+def quiet_http_logs() -> None:
+    """Keeps :data:`HTTP_LOGGERS` at INFO or above, whatever the root level (``-v``)."""
+    for name in HTTP_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.getEffectiveLevel() < logging.INFO:
+            logger.setLevel(logging.INFO)
+
+
 class _Client(openai.OpenAI):
     """openai.OpenAI that leaves long server-requested waits to kopf instead of sleeping."""
 
@@ -135,14 +172,26 @@ def make_client(
     max_retries: int = MAX_RETRIES,
     timeout: httpx.Timeout = TIMEOUT,
 ) -> openai.OpenAI:
-    """A client for one FineTuneJob's credentials; use it as a context manager (it pools)."""
+    """A client for one FineTuneJob's credentials; use it as a context manager (it pools).
+
+    Raises AuthProviderError for an empty key, or a key, organization or project that cannot
+    be sent as an HTTP header (:func:`header_problem`); the message never holds the value.
+    """
     key = api_key.strip()  # Secrets made with --from-file often end in a newline
     if not key:
         raise errors.AuthProviderError("the API key in the Secret is empty", reason="MissingKey")
+    org = (organization or "").strip() or None
+    proj = (project or "").strip() or None
+    for what, value in (("API key", key), ("organization", org), ("project", proj)):
+        problem = header_problem(value or "")
+        if problem is not None:
+            raise errors.AuthProviderError(
+                f"the {what} in the Secret contains {problem}", reason="InvalidKey"
+            )
     return _Client(
         api_key=key,
-        organization=(organization or "").strip() or None,
-        project=(project or "").strip() or None,
+        organization=org,
+        project=proj,
         base_url=base_url or DEFAULT_OPENAI_BASE_URL,
         max_retries=max_retries,
         timeout=timeout,
@@ -388,13 +437,16 @@ def step(
     validation: Dataset | None = None,
     prices: Mapping[str, float],
     generation: int | None = None,
+    stopping: Callable[[], str | None] | None = None,
 ) -> StepResult:
     """One reconcile: adopt or create the remote job, then read it into the status.
 
     ``training`` / ``validation`` are read only when a file must be uploaded (pass a function
-    to fetch lazily). Raises :class:`openai_errors.PermanentProviderError` (mark the job
-    Failed with its message) or :class:`openai_errors.TemporaryProviderError` (retry after
-    ``delay``); nothing is half-written: the next call finds what this one created.
+    to fetch lazily). ``stopping`` is asked right before uploading and right before creating
+    the job; when it names a reason (the FineTuneJob is being deleted), neither is done and the
+    status says why. Raises :class:`openai_errors.PermanentProviderError` (mark the job Failed
+    with its message) or :class:`openai_errors.TemporaryProviderError` (retry after ``delay``);
+    nothing is half-written: the next call finds what this one created.
     """
     oa = _openai_spec(spec)
     new = status.model_copy(deep=True)
@@ -410,10 +462,9 @@ def step(
                 client, spec, owner, status, new, remote, recorded, out, prices, generation
             )
         except errors.PermanentProviderError as exc:
-            # The remote job runs (and bills) whatever we can read: never end the
-            # FineTuneJob over its credentials; wait until someone fixes them.
-            secret = f"{owner.namespace}/{oa.api_key_secret_ref.name}"
-            raise errors.while_following(exc, remote.id, secret) from None
+            # The remote job runs (and bills) whatever we can read: only its own terminal
+            # status ends the FineTuneJob; anything else is waited out.
+            raise _while_following(exc, remote.id, owner, oa) from None
 
     job = _find_job(client, owner.uid, out)
     if job is None:
@@ -425,15 +476,48 @@ def step(
             )
             new.observed_generation = generation
             return StepResult(new, ostatus.status_patch(status, new), out, False)
+        why = stopping() if stopping is not None else None
+        if why is not None:
+            return _stopped(status, new, remote, why, out)
         seen = _ensure_files(client, owner.uid, remote, training, validation)
         waiting = _files_waiting(client, remote, seen)
         if waiting is not None:
             # Recorded, so the next tick neither reads the dataset nor lists the files again.
             new.remote, new.message, new.observed_generation = remote, waiting, generation
             return StepResult(new, ostatus.status_patch(status, new), out, False)
+        why = stopping() if stopping is not None else None
+        if why is not None:
+            return _stopped(status, new, remote, why, out)
         job = _create_job(client, oa, owner, remote)
         out.append(Event("Normal", "Created", f"created OpenAI fine-tuning job {job.id}"))
-    return _follow(client, spec, owner, status, new, remote, job, out, prices, generation)
+    try:
+        return _follow(client, spec, owner, status, new, remote, job, out, prices, generation)
+    except errors.PermanentProviderError as exc:
+        # Found or created just now, not recorded yet: the next tick adopts it by metadata.
+        raise _while_following(exc, job.id, owner, oa) from None
+
+
+def _while_following(
+    exc: errors.PermanentProviderError,
+    job_id: str,
+    owner: manifests.Owner,
+    oa: ftj.OpenAISpec,
+) -> errors.TemporaryProviderError:
+    return errors.while_following(exc, job_id, f"{owner.namespace}/{oa.api_key_secret_ref.name}")
+
+
+def _stopped(
+    status: ftj.FineTuneJobStatus,
+    new: ftj.FineTuneJobStatus,
+    remote: ftj.RemoteJob,
+    why: str,
+    out: list[Event],
+) -> StepResult:
+    """Nothing more is uploaded or created; what was already uploaded stays recorded."""
+    if remote != ftj.RemoteJob():
+        new.remote = remote
+    new.message = f"{why}: no file is uploaded and no OpenAI job is created"
+    return StepResult(new, ostatus.status_patch(status, new), out, False)
 
 
 def _follow(

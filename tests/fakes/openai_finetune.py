@@ -18,8 +18,12 @@ failures (status, OpenAI's error ``code`` such as ``insufficient_quota``,
 ``Retry-After``/``retry-after-ms``, on a method/path, optionally *after* handling the request,
 as when an answer is lost), make the next upload fail processing, or the next job fail with an
 error object,
-force a job's status (``paused``), advance time, inspect jobs/files/cancels, and read the
-request log (every request but its ``Authorization`` header; see :meth:`FakeOpenAI.leaks`).
+force a job's status (``paused``), advance time, inspect jobs/files/cancels, hold a request
+until released (:meth:`FineTuneState.hold`, in Python only), and read the request log (every
+request but its ``Authorization`` header, with the ``OpenAI-Organization`` and
+``OpenAI-Project`` headers also as ``organization`` and ``project``; see
+:meth:`FakeOpenAI.leaks`). A job's ``organization_id`` is the organization header it was created
+with, if any.
 
 Run: ``with FakeOpenAI().serve() as fake: fake.base_url`` (in-thread), ``with
 run_subprocess(api_keys=...) as admin: admin.base_url`` (a process, driven through
@@ -138,6 +142,8 @@ def build_app(fake: FakeOpenAI) -> Starlette:
             "time": fake.clock.now(), "method": request.method, "path": request.url.path,
             "query": str(request.url.query), "headers": headers,
             "body": body[:65536].decode("utf-8", errors="replace"), "status": None,
+            "organization": request.headers.get("openai-organization"),
+            "project": request.headers.get("openai-project"),
         }  # fmt: skip
         with fake.lock:
             fake.requests.append(entry)
@@ -167,6 +173,20 @@ def build_app(fake: FakeOpenAI) -> Starlette:
                     return f
         return None
 
+    async def held(request: Request) -> None:
+        with fake.lock:
+            h = next((h for h in fake.holds if (h.method is None or h.method.upper() ==
+                      request.method) and (h.path is None or request.url.path.startswith(
+                      h.path))), None)  # fmt: skip
+            if h is not None:
+                fake.holds.remove(h)
+        if h is None:
+            return
+        h.arrived.set()
+        deadline = time.monotonic() + h.timeout
+        while not h.released.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
     def api(handler: Any) -> Any:
         async def endpoint(request: Request) -> Response:
             rid = "req_" + secrets.token_hex(12)
@@ -174,6 +194,7 @@ def build_app(fake: FakeOpenAI) -> Starlette:
             entry = log(request, body)
             try:
                 authenticate(request)
+                await held(request)
                 f = injected(request)
                 if f is not None and not f.after_handling:
                     await asyncio.sleep(f.delay)
@@ -229,7 +250,7 @@ def build_app(fake: FakeOpenAI) -> Starlette:
         except json.JSONDecodeError:
             raise ApiError(400, "We could not parse the JSON body of your request.") from None
         with fake.lock:
-            return fake.create_job(payload)
+            return fake.create_job(payload, request.headers.get("openai-organization"))
 
     async def jobs_list(request: Request, _: bytes) -> Any:
         q = request.query_params

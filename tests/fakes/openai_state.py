@@ -24,7 +24,7 @@ import math
 import secrets
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 FINE_TUNABLE = (
@@ -112,6 +112,26 @@ class Failure:
 
 
 @dataclass
+class Hold:
+    """Keeps the next matching request waiting until :meth:`release` (a slow upload, say).
+
+    The request is held before it is handled; other requests are answered meanwhile.
+    """
+
+    method: str | None = None
+    path: str | None = None
+    """Path prefix it applies to; None: every API request."""
+    timeout: float = 30.0
+    """Seconds after which a request is let go anyway (a test that forgot to release)."""
+    arrived: threading.Event = field(default_factory=threading.Event)
+    """Set when the held request has arrived."""
+    released: threading.Event = field(default_factory=threading.Event)
+
+    def release(self) -> None:
+        self.released.set()
+
+
+@dataclass
 class JobPlan:
     """How the next created job ends, instead of succeeding."""
 
@@ -188,6 +208,7 @@ class FineTuneState:
         self.jobs: dict[str, dict[str, Any]] = {}
         self._plans: dict[str, dict[str, Any]] = {}  # job id -> timeline, sizes, plan
         self.failures: list[Failure] = []
+        self.holds: list[Hold] = []
         self.next_job: JobPlan | None = None
         self.requests: list[dict[str, Any]] = []
         self.cancelled: list[str] = []
@@ -208,6 +229,14 @@ class FineTuneState:
     def fail(self, status: int, **kw: Any) -> None:
         with self.lock:
             self.failures.append(Failure(status=status, **kw))
+
+    def hold(self, method: str | None = None, path: str | None = None,
+             timeout: float = 30.0) -> Hold:  # fmt: skip
+        """Holds the next request matching ``method`` and ``path`` (a prefix) until released."""
+        h = Hold(method, path, timeout)
+        with self.lock:
+            self.holds.append(h)
+        return h
 
     def fail_next_job(self, code: str, message: str, param: str | None = None,
                       at_step: int = 0) -> None:  # fmt: skip
@@ -307,7 +336,9 @@ class FineTuneState:
 
     # --------------------------------------------------------------------- jobs
 
-    def create_job(self, body: dict[str, Any]) -> dict[str, Any]:
+    def create_job(self, body: dict[str, Any], organization: str | None = None) -> dict[str, Any]:
+        """Creates a job; ``organization`` is the ``OpenAI-Organization`` header, if sent
+        (the job's ``organization_id``, as OpenAI reports the organization billed)."""
         for required in ("model", "training_file"):
             if not body.get(required):
                 raise ApiError(400, f"Missing required parameter: '{required}'.",
@@ -360,7 +391,7 @@ class FineTuneState:
             "id": jid, "object": "fine_tuning.job", "created_at": now, "error": None,
             "fine_tuned_model": None, "finished_at": None,
             "hyperparameters": {k: v for k, v in hp.items() if k != "beta"},
-            "model": model, "organization_id": ORG, "result_files": [],
+            "model": model, "organization_id": organization or ORG, "result_files": [],
             "seed": body.get("seed") if body.get("seed") is not None else 42,
             "status": "validating_files", "trained_tokens": None,
             "training_file": body["training_file"],
