@@ -5,58 +5,35 @@ when the model has none) and tokenised once. Labels are the input ids on the tok
 messages whose weight is not 0 and ``-100`` everywhere else (system, user, tool turns, the
 template's role headers, and assistant turns with ``weight: 0``).
 
-Which characters belong to an assistant message is found by rendering the conversation up to
-that message twice, with and without it (the prefix ends with the generation prompt), and
-mapping that character span onto tokens through the tokenizer's offsets. That works for any
-template that renders a conversation's prefix as a prefix of the whole, which is what
-serving relies on too; a template that does not is refused with :class:`TemplateError`
-rather than trained with wrong labels. The span includes the template's end-of-turn marker,
-so the model learns to stop.
+Rendering, the fallback template and the search for the trained text are
+:mod:`kubetune.data.chat_template`, shared with the dataset doctor so that its token counts
+are the trainer's: an assistant message's characters are found by rendering the conversation
+up to it twice, with and without it, and mapped onto tokens through the tokenizer's offsets.
+A template that does not render a conversation's prefix as a prefix of the whole (which
+serving relies on too) is refused with :class:`TemplateError` rather than trained with wrong
+labels. The span includes the template's end-of-turn marker, so the model learns to stop.
 
 Pure logic over a tokenizer object: nothing here loads a model or reads files.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from kubetune.api.finetunejob import Truncation
+from kubetune.data import chat_template
+from kubetune.data.chat_template import FALLBACK_TEMPLATE as FALLBACK_TEMPLATE
+from kubetune.data.chat_template import TemplateError as TemplateError
+from kubetune.data.chat_template import template_for as template_for
 
 IGNORE_INDEX = -100
 """Label of a token that is not trained on (PyTorch's cross-entropy ``ignore_index``)."""
 
-FALLBACK_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' }}"
-    "{% if message['role'] == 'assistant' and eos_token and eos_token != '<|im_end|>' %}"
-    "{{ eos_token }}{% endif %}"
-    "{{ '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-"""ChatML, used when the tokenizer has no chat template: ``<|im_start|>role\\n...<|im_end|>\\n``.
 
-After an assistant message the tokenizer's EOS token follows ``<|im_end|>`` (unless it *is*
-``<|im_end|>``), so a base model that does not know the ChatML markers as special tokens still
-learns to end its turn with a token that stops generation. When it is used, the trainer writes
-it next to the adapter as ``chat_template.jinja`` with the tokenizer files, so the server
-renders prompts the same way.
-"""
-
-
-class TemplateError(ValueError):
-    """The chat template cannot be used for assistant-only loss (it is not prefix-stable)."""
-
-
-class ChatTokenizer(Protocol):
+class ChatTokenizer(chat_template.ChatTokenizer, Protocol):
     """What this module needs from a Hugging Face (fast) tokenizer."""
-
-    chat_template: str | None
-    eos_token: str | None
-
-    def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
 
     def __call__(self, text: str, **kwargs: Any) -> Any: ...
 
@@ -116,53 +93,18 @@ class TokenizeSummary:
         return self.dropped_too_long + self.dropped_no_target
 
 
-def template_for(tokenizer: ChatTokenizer) -> tuple[str, bool]:
-    """The template to train with, and whether it is the fallback."""
-    if tokenizer.chat_template:
-        return tokenizer.chat_template, False
-    return FALLBACK_TEMPLATE, True
-
-
-def _render(
-    tokenizer: ChatTokenizer,
-    template: str,
-    messages: Sequence[Message],
-    *,
-    generation: bool,
-    tools: Sequence[Any] | None = None,
-) -> str:
-    text = tokenizer.apply_chat_template(
-        [m.as_dict() for m in messages],
-        chat_template=template,
-        tokenize=False,
-        add_generation_prompt=generation,
-        tools=list(tools) if tools else None,
-    )
-    if not isinstance(text, str):  # pragma: no cover - tokenize=False always gives text
-        raise TypeError(f"chat template rendered {type(text).__name__}, not text")
-    return text
-
-
 def assistant_spans(
     tokenizer: ChatTokenizer, template: str, conversation: Conversation
 ) -> tuple[str, list[tuple[int, int]]]:
     """The rendered text and the character spans of the trained assistant messages."""
-    messages, tools = conversation.messages, conversation.tools
-    full = _render(tokenizer, template, messages, generation=False, tools=tools)
-    spans: list[tuple[int, int]] = []
-    for i, message in enumerate(messages):
-        if message.role != "assistant" or message.weight == 0:
-            continue
-        before = _render(tokenizer, template, messages[:i], generation=True, tools=tools)
-        through = _render(tokenizer, template, messages[: i + 1], generation=False, tools=tools)
-        if not (through.startswith(before) and full.startswith(through)):
-            raise TemplateError(
-                f"line {conversation.line}: the chat template does not render message {i + 1} "
-                "as a continuation of the messages before it, so the assistant tokens cannot "
-                "be located; use a model whose template is prefix-stable"
-            )
-        spans.append((len(before), len(through)))
-    return full, spans
+    messages = [m.as_dict() for m in conversation.messages]
+    trained = [m.role == "assistant" and m.weight != 0 for m in conversation.messages]
+    try:
+        return chat_template.trained_spans(
+            tokenizer, template, messages, trained, conversation.tools
+        )
+    except TemplateError as exc:
+        raise TemplateError(f"line {conversation.line}: {exc}") from exc
 
 
 def tokenize_conversation(
@@ -172,17 +114,8 @@ def tokenize_conversation(
     text, spans = assistant_spans(tokenizer, template, conversation)
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids: list[int] = list(encoding["input_ids"])
-    offsets: list[tuple[int, int]] = list(encoding["offset_mapping"])
-    labels = [IGNORE_INDEX] * len(input_ids)
-    span_index = 0
-    for t, (start, _end) in enumerate(offsets):
-        while span_index < len(spans) and start >= spans[span_index][1]:
-            span_index += 1
-        if span_index == len(spans):
-            break
-        lo, hi = spans[span_index]
-        if lo <= start < hi:
-            labels[t] = input_ids[t]
+    mask = chat_template.trained_mask(list(encoding["offset_mapping"]), spans)
+    labels = [t if trained else IGNORE_INDEX for t, trained in zip(input_ids, mask, strict=True)]
     return TokenizedExample(input_ids=input_ids, labels=labels, line=conversation.line)
 
 

@@ -11,13 +11,13 @@ into ``result.json`` is the file that was trained on.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from kubetune.api.jobconfig import DataFile
+from kubetune.data import chat_template
 from kubetune.trainer.chat import Conversation, Message
 
 log = logging.getLogger(__name__)
@@ -96,59 +96,23 @@ def _field(obj: Any, name: str, default: Any = None) -> Any:
     return getattr(obj, name, default)
 
 
-EXTRA_KEYS = ("name", "tool_calls", "function_call", "tool_call_id")
-
-
-def _arguments_as_object(arguments: Any) -> Any:
-    if arguments is None or (isinstance(arguments, str) and not arguments.strip()):
-        return {}  # as vLLM renders a call without arguments
-    if not isinstance(arguments, str):
-        return arguments
-    try:
-        parsed = json.loads(arguments)
-    except ValueError:
-        return arguments
-    return parsed if isinstance(parsed, dict) else arguments
-
-
-def parse_tool_call_arguments(tool_calls: Any) -> Any:
-    """``tool_calls`` with each ``function.arguments`` JSON string parsed into an object.
-
-    OpenAI's format carries the arguments as a JSON string; vLLM parses it into a dict before
-    rendering the chat template, and templates write it with ``tojson``. Left a string, it would
-    be trained double-encoded. A string that is not a JSON object is kept as it is.
-    """
-    if not isinstance(tool_calls, list):
-        return tool_calls
-    parsed = []
-    for call in tool_calls:
-        function = call.get("function") if isinstance(call, Mapping) else None
-        if isinstance(function, Mapping) and "arguments" in function:
-            arguments = _arguments_as_object(function["arguments"])
-            call = {**call, "function": {**function, "arguments": arguments}}
-        parsed.append(call)
-    return parsed
-
-
 def to_conversation(example: Any, line: int) -> Conversation:
-    """One example from :func:`kubetune.data.read_examples` as the trainer's conversation."""
+    """One example from :func:`kubetune.data.read_examples` as the trainer's conversation,
+    its messages as :func:`kubetune.data.chat_template.template_message` makes them."""
     messages = []
     for m in _field(example, "messages") or []:
         weight = _field(m, "weight")
-        extra = tuple(
-            (k, parse_tool_call_arguments(v) if k == "tool_calls" else v)
-            for k in EXTRA_KEYS
-            if (v := _field(m, k)) is not None
-        )
+        rendered = chat_template.template_message(m)
+        role, content = rendered.pop("role"), rendered.pop("content")
         messages.append(
             Message(
-                role=str(_field(m, "role")),
-                content=str(_field(m, "content") or ""),
+                role=role,
+                content=content,
                 weight=1 if weight is None else int(weight),
-                extra=extra,
+                extra=tuple(rendered.items()),
             )
         )
-    tools = _field(example, "tools")
+    tools = chat_template.template_tools(example)
     return Conversation(
         messages=tuple(messages),
         line=int(_field(example, "line") or line),

