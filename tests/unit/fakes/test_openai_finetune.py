@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -112,6 +113,34 @@ def test_errors_have_openais_status_codes_and_shapes(
     with wrong, pytest.raises(openai.AuthenticationError) as denied:
         wrong.files.list()
     assert denied.value.code == "invalid_api_key"
+
+
+def test_requests_record_organization_and_project_and_jobs_their_organization(
+    fake: FakeOpenAI,
+) -> None:
+    with openai.OpenAI(api_key=KEY, base_url=fake.base_url, max_retries=0,
+                       organization="org-abc", project="proj_xyz") as scoped:  # fmt: skip
+        job = scoped.fine_tuning.jobs.create(model="gpt-4o-mini-2024-07-18",
+                                             training_file=upload(scoped))  # fmt: skip
+    assert job.organization_id == "org-abc"
+    assert [(r["organization"], r["project"]) for r in fake.requests] == [
+        ("org-abc", "proj_xyz"), ("org-abc", "proj_xyz")
+    ]  # fmt: skip
+    with openai.OpenAI(api_key=KEY, base_url=fake.base_url, max_retries=0) as plain:
+        plain.files.list()
+    assert (fake.requests[-1]["organization"], fake.requests[-1]["project"]) == (None, None)
+
+
+def test_a_held_request_waits_until_released(fake: FakeOpenAI, client: openai.OpenAI) -> None:
+    held = fake.hold("POST", "/v1/files")
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (upload(client), done.set()), daemon=True)
+    worker.start()
+    assert held.arrived.wait(10)
+    assert client.files.list().data == [] and not done.is_set()  # others are answered
+    held.release()
+    worker.join(10)
+    assert done.is_set() and len(client.files.list().data) == 1
 
 
 def test_files_are_listed_by_purpose_and_deleted(client: openai.OpenAI) -> None:

@@ -170,6 +170,40 @@ def test_a_labelled_secret_gives_key_organization_and_project(
         assert str(client.base_url).rstrip("/") == fake.base_url
 
 
+def test_organization_and_project_are_sent_with_every_request(
+    cluster: Kube, fake: FakeOpenAI
+) -> None:
+    cluster.secrets["openai"] = secret(LABEL, api_key=KEY, org="org-team-a\n", proj="proj_daoyan")
+    spec = make_spec(
+        fake.base_url,
+        apiKeySecretRef={"name": "openai", "organizationKey": "org", "projectKey": "proj"},
+    )
+    status, _ = handlers.reconcile(
+        spec, OWNER, ftj.FineTuneJobStatus(), settings_for(fake), 1, polls=handlers.PollSchedule()
+    )
+
+    assert status.remote is not None and status.remote.id
+    kinds = {(r["method"], r["path"].split("/")[2]) for r in fake.requests}
+    assert ("POST", "files") in kinds and ("POST", "fine_tuning") in kinds
+    assert {(r["organization"], r["project"]) for r in fake.requests} == {
+        ("org-team-a", "proj_daoyan")
+    }
+    assert fake.jobs[status.remote.id]["organization_id"] == "org-team-a"
+
+
+def test_a_secret_value_that_cannot_be_a_header_is_refused_by_name(
+    cluster: Kube, fake: FakeOpenAI
+) -> None:
+    cluster.secrets["openai"] = secret(LABEL, api_key=KEY, proj="proj_da oyan")
+    spec = make_spec(fake.base_url, apiKeySecretRef={"name": "openai", "projectKey": "proj"})
+    with pytest.raises(errors.AuthProviderError) as caught:
+        handlers.reconcile(spec, OWNER, ftj.FineTuneJobStatus(), settings_for(fake), 1)
+    text = str(caught.value)
+    assert "key 'proj' in Secret team-a/openai" in text and "whitespace" in text
+    assert "da oyan" not in text and caught.value.reason == "InvalidKey"
+    assert fake.requests == []
+
+
 def test_a_missing_secret_or_key_names_it() -> None:
     ref = ftj.OpenAIKeyRef(name="openai", key="api-key", projectKey="proj")
     with pytest.raises(kube.PermanentKubeError, match="Secret team-a/openai not found"):

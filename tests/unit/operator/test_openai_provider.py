@@ -709,6 +709,87 @@ def test_make_client_strips_the_key_and_refuses_an_empty_one() -> None:
         provider.make_client(" \n")
 
 
+@pytest.mark.parametrize(
+    ("inside", "problem"),
+    [("\n", "a line break"), (" ", "whitespace"), ("\t", "whitespace"),
+     ("\x00", "a control character"), ("\u00e9", "a non-ASCII character")],
+)  # fmt: skip
+def test_make_client_refuses_a_key_that_cannot_be_a_header(inside: str, problem: str) -> None:
+    broken = KEY[:12] + inside + KEY[12:]
+    with pytest.raises(errors.AuthProviderError) as caught:
+        provider.make_client(broken, base_url="http://x/v1")
+    assert caught.value.reason == "InvalidKey" and problem in str(caught.value)
+    assert KEY[:12] not in str(caught.value) and KEY[12:] not in str(caught.value)
+    with pytest.raises(errors.AuthProviderError, match="project"):
+        provider.make_client(KEY, project="proj" + inside + "x", base_url="http://x/v1")
+
+
+@pytest.fixture
+def http_log_levels() -> Iterator[None]:
+    loggers = [logging.getLogger(n) for n in provider.HTTP_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    yield
+    for lg, level in zip(loggers, levels, strict=True):
+        lg.setLevel(level)
+
+
+def test_verbose_operator_logs_keep_http_libraries_at_info(
+    fake: FakeOpenAI,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    http_log_levels: None,
+) -> None:
+    """With ``-v`` the root logger is at DEBUG; httpx/httpcore/openai debug records would show
+    the Authorization header (h11 names a header value it refuses)."""
+    import kopf
+
+    from kubetune.operator import __main__ as operator_main
+
+    monkeypatch.setattr(kopf, "run", lambda **_: None)
+    caplog.set_level(logging.DEBUG)
+    assert operator_main.main(["-v"]) == 0
+    for name in provider.HTTP_LOGGERS:
+        assert logging.getLogger(name).getEffectiveLevel() >= logging.INFO, name
+
+    # A key the client would send as it is (make_client refuses it): nothing logs it.
+    broken = KEY[:12] + "\n" + KEY[12:]
+    raw = openai.OpenAI(api_key=broken, base_url=fake.base_url, max_retries=1)
+    with raw, pytest.raises(openai.APIConnectionError):
+        raw.files.list()
+    assert caplog.records, "the root logger records at DEBUG"
+    assert KEY[12:] not in caplog.text and KEY[:12] not in caplog.text
+
+
+def test_lasting_outages_back_off_up_to_a_cap() -> None:
+    def temporary(delay: float, backoff: bool = True) -> errors.TemporaryProviderError:
+        return errors.TemporaryProviderError(
+            "x", reason="ServerError", delay=delay, backoff=backoff
+        )
+
+    server = temporary(errors.DEFAULT_DELAY_SERVER)
+    delays = [errors.retry_delay(server, retry) for retry in range(8)]
+    assert delays[:4] == [15.0, 30.0, 60.0, 120.0]
+    assert delays[-1] == errors.MAX_BACKOFF_DELAY and delays == sorted(delays)
+    assert errors.retry_delay(temporary(3600.0), 5) == 3600.0, "a long Retry-After is kept"
+    assert errors.retry_delay(temporary(300.0, backoff=False), 9) == 300.0
+    assert errors.retry_delay(server, 10_000) == errors.MAX_BACKOFF_DELAY
+
+
+def test_classified_outages_back_off_and_waits_chosen_on_purpose_do_not(
+    fake: FakeOpenAI, client: openai.OpenAI
+) -> None:
+    fake.fail(503, count=3)
+    with pytest.raises(errors.TemporaryProviderError) as caught:
+        tick(client, make_spec(), ftj.FineTuneJobStatus())
+    assert caught.value.backoff and errors.retry_delay(caught.value, 3) > caught.value.delay
+    first = tick(client, make_spec(), ftj.FineTuneJobStatus())
+    assert first.status.remote is not None and first.status.remote.id
+    fake.fail(401, path=f"/v1/fine_tuning/jobs/{first.status.remote.id}")
+    with pytest.raises(errors.TemporaryProviderError) as waiting:
+        tick(client, make_spec(), first.status)
+    assert errors.retry_delay(waiting.value, 5) == errors.DELAY_WHILE_FOLLOWING
+
+
 def test_price_uses_the_longest_model_prefix() -> None:
     assert ostatus.price_per_million("gpt-4o-mini-2024-07-18", PRICES) == 3.0
     assert ostatus.price_per_million("gpt-4o-2024-08-06", PRICES) == 25.0
