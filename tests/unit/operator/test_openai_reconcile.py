@@ -419,3 +419,21 @@ def test_the_dataset_is_read_once_for_validation_and_once_for_the_upload(
         assert cluster.dataset_reads == 3
     run(fake, job, ftj.Phase.SUCCEEDED)
     assert cluster.dataset_reads == 3 and fake.jobs_created() == 1
+
+
+# ----------------------------------------------------------------------------- backoff
+
+
+def test_a_lasting_outage_is_retried_less_and_less_often(
+    cluster: Cluster, fake: FakeOpenAI
+) -> None:
+    job = Job(fake)
+    job.tick()
+    fake.fail(503, count=100, retry_after_ms="10")  # the server asks for no real wait
+    delays = []
+    for retry in range(4):  # kopf counts the failed attempts of the tick in `retry`
+        with pytest.raises(kopf.TemporaryError) as caught:
+            job.tick(retry=retry)
+        delays.append(caught.value.delay)
+    assert delays == [1.0, 2.0, 4.0, 8.0]
+    assert job.status.phase == ftj.Phase.VALIDATING and fake.jobs_created() == 0
