@@ -214,14 +214,16 @@ def _stop_group(proc: subprocess.Popen[Any], grace: float) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    try:
-        while time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        try:
             leader_done = proc.poll() is not None
             if leader_done and not group_alive(proc.pid):
                 return
             time.sleep(0.2)
-    except Interrupted:
-        pass  # a second Ctrl-C: stop waiting
+        except Interrupted as e:
+            if e.signum != signal.SIGHUP:
+                break  # a second Ctrl-C: stop waiting
+            # The terminal closed while we wait: nobody asked to hurry.
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()

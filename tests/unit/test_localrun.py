@@ -12,6 +12,9 @@ import io
 import json
 import os
 import signal
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -429,3 +432,26 @@ def localrun_args(manifest: Path, **overrides: Any) -> argparse.Namespace:
     for key, value in overrides.items():
         setattr(args, key, value)
     return args
+
+
+CHECKPOINTING_CHILD = (
+    "import signal, time\n"
+    "signal.signal(signal.SIGTERM, lambda *_: None)  # like the trainer: finish, then exit\n"
+    "print('ready', flush=True)\n"
+    "time.sleep(2)\n"
+)
+
+
+@pytest.mark.parametrize(("second", "killed"), [(signal.SIGHUP, False), (signal.SIGINT, True)])
+def test_only_a_second_ctrl_c_cuts_the_trainers_checkpoint_short(second: int, killed: bool) -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHECKPOINTING_CHILD], stdout=subprocess.PIPE, start_new_session=True
+    )
+    assert child.stdout is not None and child.stdout.readline() == b"ready\n"
+    child.stdout.close()
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), second))
+    with localproc.signals_raise():
+        timer.start()
+        localproc._stop_group(child, grace=30)
+    timer.join()
+    assert child.returncode == (-signal.SIGKILL if killed else 0)
