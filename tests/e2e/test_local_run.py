@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import queue
 import signal
 import subprocess
@@ -280,29 +281,27 @@ def test_changed_manifest_with_the_same_name_is_refused(
 def test_a_closed_terminal_stops_training_at_a_checkpoint_and_leaves_nothing_running(
     tmp_path: Path,
 ) -> None:
-    """The terminal closes mid-training: the shell sends SIGHUP, and the terminal is gone."""
+    """`kubetune run` on a terminal whose window is closed mid-training (SIGHUP, then EIO)."""
     run = tmp_path / ".kubetune" / "runs" / NAME
-    proc = subprocess.Popen(
-        [KUBETUNE, "run", str(EXAMPLE), "--local", "--no-serve", "--claim",
-         f"kubetune-examples={ROOT / 'examples'}"],
-        cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )  # fmt: skip
+    argv = [KUBETUNE, "run", str(EXAMPLE), "--local", "--no-serve",
+            "--claim", f"kubetune-examples={ROOT / 'examples'}"]  # fmt: skip
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: a session leader on the new terminal, as in a shell
+        os.chdir(tmp_path)
+        os.execve(KUBETUNE, argv, env())
+    shown = b""
+    deadline = time.monotonic() + TRAIN_TIMEOUT
     try:
-        deadline = time.monotonic() + TRAIN_TIMEOUT
-        # Its output stays unread in the pipe (a few lines): as on a terminal nobody answers.
-        while not ((run / "metrics.jsonl").exists() and read_metrics(run)):
-            assert proc.poll() is None, proc.communicate()[0]
-            assert time.monotonic() < deadline, "no training step in time"
-            time.sleep(0.5)
-        proc.send_signal(signal.SIGHUP)
-        assert proc.stdout is not None
-        proc.stdout.close()  # the terminal is gone: what it says next goes nowhere
-        proc.wait(timeout=300)
+        while b"step " not in shown:  # the progress bar: training is under way
+            assert time.monotonic() < deadline, shown.decode(errors="replace")
+            try:
+                shown += os.read(terminal, 4096)
+            except OSError:  # EIO: the child closed its side, it ended before training
+                pytest.fail(shown.decode(errors="replace"))
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130
+        os.close(terminal)  # the window closes: the kernel hangs the terminal up
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 130
     assert complete_checkpoints(run), "no checkpoint written: the training is lost"
     assert not (run / "result.json").exists() and not (run / "endpoint.json").exists()
     left = subprocess.run(["pgrep", "-af", str(run)], capture_output=True, text=True, check=False)
