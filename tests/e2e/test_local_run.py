@@ -287,8 +287,11 @@ def test_a_closed_terminal_stops_training_at_a_checkpoint_and_leaves_nothing_run
             "--claim", f"kubetune-examples={ROOT / 'examples'}"]  # fmt: skip
     pid, terminal = pty.fork()
     if pid == 0:  # the child: a session leader on the new terminal, as in a shell
-        os.chdir(tmp_path)
-        os.execve(KUBETUNE, argv, env())
+        try:
+            os.chdir(tmp_path)
+            os.execve(KUBETUNE, argv, env())
+        finally:
+            os._exit(127)  # never back into pytest
     shown = b""
     deadline = time.monotonic() + TRAIN_TIMEOUT
     try:
