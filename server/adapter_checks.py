@@ -19,7 +19,13 @@ Exception tree (all carry the adapter's name and path in their message)::
     ├── AdapterNotLora              a PEFT type other than LoRA, or a field vLLM needs is missing
     ├── AdapterUnsupported          a LoRA variant vLLM refuses (DoRA, bias, modules_to_save, ...)
     ├── AdapterRankTooHigh          rank above the server's limit (or vLLM's maximum)
-    └── AdapterBaseModelMismatch    trained on another base model
+    ├── AdapterBaseModelMismatch    trained on another base model
+    └── AdapterChatTemplateConflict its chat template differs from another adapter's
+
+Chat template: vLLM renders every prompt with one template, taken from ``--chat-template`` or
+the base model's tokenizer; it never looks in an adapter's folder. When the base model has no
+template, the trainer trains with its fallback and writes it next to the adapter
+(``chat_template.jinja``); :func:`chat_template` picks that file for ``--chat-template``.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kubetune.api.result import RESULT_FILE
 from kubetune.api.serveconfig import AdapterSource, ServeConfig
 from kubetune.server import vllm_args
 
@@ -47,6 +54,14 @@ no safetensors file."""
 
 REQUIRED_FIELDS = ("r", "lora_alpha", "target_modules")
 """Keys vLLM 0.32 requires in ``adapter_config.json`` (``PEFTHelper.from_dict``)."""
+
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+"""Where transformers' ``save_pretrained`` writes a tokenizer's chat template: the trainer
+writes its fallback template there, next to the adapter, when the base model has none."""
+
+BASE_TEMPLATE_FILES = (CHAT_TEMPLATE_FILE, "chat_template.json")
+"""Files that give a model folder a chat template (tokenizer's, processor's) besides
+``tokenizer_config.json``'s ``chat_template`` key."""
 
 MAX_SAFETENSORS_HEADER = 100_000_000
 """The largest header the safetensors library reads; a longer one is not safetensors."""
@@ -97,6 +112,10 @@ class AdapterBaseModelMismatch(AdapterRefused):
     pass
 
 
+class AdapterChatTemplateConflict(AdapterRefused):
+    pass
+
+
 @dataclass(frozen=True)
 class AdapterInfo:
     """What the launcher learned from an adapter folder."""
@@ -107,6 +126,9 @@ class AdapterInfo:
     """The largest LoRA rank in the adapter (``r`` and any ``rank_pattern`` entry)."""
     base_model: str | None
     """``base_model_name_or_path`` from ``adapter_config.json``, if recorded."""
+    chat_template: str | None = None
+    """The chat template file the adapter was trained with, when the trainer wrote one next to
+    it (its fallback, for a base model without a template); None otherwise."""
 
 
 # ------------------------------------------------------------------------------ reading
@@ -268,8 +290,27 @@ def read_adapter(adapter: AdapterSource) -> AdapterInfo:
             )
     base = raw.get("base_model_name_or_path")
     return AdapterInfo(
-        name=adapter.name, path=adapter.path, rank=rank, base_model=str(base) if base else None
+        name=adapter.name,
+        path=adapter.path,
+        rank=rank,
+        base_model=str(base) if base else None,
+        chat_template=trained_template(folder),
     )
+
+
+def trained_template(folder: Path) -> str | None:
+    """The adapter's ``chat_template.jinja``, unless its ``result.json`` says training used the
+    base model's own template (then the file, if any, is a copy of what vLLM has already)."""
+    path = folder / CHAT_TEMPLATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        result = json.loads((folder / RESULT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        result = None
+    if isinstance(result, dict) and result.get("chatTemplate") == "model":
+        return None
+    return str(path)
 
 
 # ------------------------------------------------------------------------------ checking
@@ -353,6 +394,70 @@ def check_adapters(
         check_adapter(info, config)
         infos.append(info)
     return infos
+
+
+def has_chat_template(model: str) -> bool:
+    """Whether the base model is a folder here with a chat template of its own.
+
+    A hub id is taken to have none: an adapter carries the trainer's template only when the
+    trainer found none in that very model.
+    """
+    folder = Path(model)
+    if not folder.is_dir():
+        return False
+    if any((folder / name).is_file() for name in BASE_TEMPLATE_FILES):
+        return True
+    try:
+        tokenizer = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(tokenizer, dict) and bool(tokenizer.get("chat_template"))
+
+
+def _template_text(info: AdapterInfo) -> str:
+    assert info.chat_template is not None
+    try:
+        return Path(info.chat_template).read_text(encoding="utf-8")
+    except (OSError, ValueError) as e:
+        raise AdapterChatTemplateConflict(
+            AdapterSource(name=info.name, path=info.path),
+            f"its chat template {info.chat_template} is not readable: {e}",
+        ) from e
+
+
+def chat_template(config: ServeConfig, infos: Sequence[AdapterInfo]) -> str | None:
+    """The file vLLM should render prompts with (``--chat-template``), or None for the base
+    model's own template.
+
+    ``chatTemplate`` in the config wins. Otherwise, when an adapter carries the template it was
+    trained with and the base model has none, that file; adapters that carry different ones
+    are refused, since one server renders every prompt with one template.
+    """
+    if config.chat_template is not None:
+        return config.chat_template
+    carried = [i for i in infos if i.chat_template is not None]
+    if not carried:
+        return None
+    first, text = carried[0], _template_text(carried[0])
+    for other in carried[1:]:
+        if _template_text(other) != text:
+            raise AdapterChatTemplateConflict(
+                AdapterSource(name=other.name, path=other.path),
+                f"it was trained with the chat template {other.chat_template}, adapter "
+                f"`{first.name}` with a different one ({first.chat_template}); vLLM renders "
+                "every prompt with one template: serve them from separate servers, or set "
+                "`chatTemplate`",
+            )
+    if has_chat_template(config.model):
+        log.warning(
+            "adapter %s carries the chat template it was trained with (%s), but the base model "
+            "%s has a template of its own now; serving with the base model's",
+            first.name,
+            first.chat_template,
+            config.model,
+        )
+        return None
+    return first.chat_template
 
 
 def ranks(infos: Sequence[AdapterInfo]) -> list[int]:

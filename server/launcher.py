@@ -67,13 +67,16 @@ def prepare(
     """Checks the adapters and builds vLLM's argv and environment; raises LaunchRefused."""
     try:
         infos = adapter_checks.check_adapters(config)
+        template = adapter_checks.chat_template(config, infos)
     except adapter_checks.AdapterRefused as e:
         raise LaunchRefused(str(e)) from e
     try:
         env = vllm_args.vllm_env(config, environ)
     except ValueError as e:
         raise LaunchRefused(str(e)) from e
-    argv = vllm_args.vllm_argv(config, adapter_ranks=adapter_checks.ranks(infos), python=python)
+    argv = vllm_args.vllm_argv(
+        config, adapter_ranks=adapter_checks.ranks(infos), chat_template=template, python=python
+    )
     return argv, env
 
 

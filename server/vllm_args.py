@@ -69,12 +69,15 @@ def vllm_argv(
     config: ServeConfig,
     *,
     adapter_ranks: Sequence[int] = (),
+    chat_template: str | None = None,
     python: str = "python",
 ) -> list[str]:
     """The full command that starts vLLM's OpenAI-compatible server for ``config``.
 
     ``adapter_ranks`` are the ranks read from each adapter's ``adapter_config.json`` (already
-    checked against :func:`rank_limit`); ``python`` is the interpreter that has the engine.
+    checked against :func:`rank_limit`); ``chat_template`` is the template file prompts are
+    rendered with (``adapter_checks.chat_template``), None for the base model's own;
+    ``python`` is the interpreter that has the engine.
     """
     argv = [
         python,
@@ -95,6 +98,8 @@ def vllm_argv(
         argv += ["--revision", config.revision]
     if config.max_model_len is not None:
         argv += ["--max-model-len", str(config.max_model_len)]
+    if chat_template is not None:
+        argv += ["--chat-template", chat_template]
     if config.tensor_parallel_size > 1:
         argv += ["--tensor-parallel-size", str(config.tensor_parallel_size)]
     if config.lora_enabled:

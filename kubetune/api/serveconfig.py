@@ -73,6 +73,15 @@ class ServeConfig(ApiModel):
     )
     host: str = Field(default="0.0.0.0", max_length=253, description="Address to listen on.")
     port: int = Field(default=8000, ge=1, le=65535, description="Port to listen on.")
+    chat_template: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=4096,
+        description="Jinja chat template file every prompt is rendered with (vLLM "
+        "`--chat-template`). Default: the template an adapter was trained with, when the "
+        "trainer wrote one next to it (`chat_template.jinja`: the base model has none); else "
+        "the base model's own.",
+    )
     max_model_len: int | None = Field(
         default=None, ge=16, le=1048576, description="vLLM `--max-model-len` (prompt + output)."
     )
