@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,6 +128,18 @@ def serving_wanted(
     return objects
 
 
+SERVING_RECHECK_SECONDS = 300.0
+"""How often the serving objects the Deployment does not stand for (the serve config and
+endpoint ConfigMaps, the Service) are read back while nothing changed, so one deleted by hand
+comes back: three GETs per job every five minutes instead of a watch of every Service."""
+
+_checked: dict[tuple[str, str], float] = {}
+"""(FineTuneJob uid, applied hash) → when its serving objects were last seen whole (monotonic
+seconds). In memory only: an operator (re)start reads them back once."""
+
+_clock = time.monotonic
+
+
 def ensure_serving(
     wanted: list[dict[str, Any]],
     owner: manifests.Owner,
@@ -136,11 +149,21 @@ def ensure_serving(
     ``spec.serve`` changed.
 
     The common case, nothing changed, costs no request: the watched Deployment carries the
-    hash of what was applied.
+    hash of what was applied. The objects besides it are not watched; every
+    :data:`SERVING_RECHECK_SECONDS` they are read back, and any that is gone is applied again.
     """
     meta = (deployment or {}).get("metadata") or {}
     applied = (meta.get("annotations") or {}).get(APPLIED_HASH)
-    if applied == wanted[-1]["metadata"]["annotations"][APPLIED_HASH]:
+    digest = wanted[-1]["metadata"]["annotations"][APPLIED_HASH]
+    if applied == digest:
+        key = (owner.uid, digest)
+        if _clock() - _checked.get(key, -SERVING_RECHECK_SECONDS) < SERVING_RECHECK_SECONDS:
+            return
+        for obj in wanted[:-1]:
+            if kube.get(obj["apiVersion"], obj["kind"], owner.namespace, obj["metadata"]["name"]):
+                continue
+            kube.apply(obj)
+        _checked[key] = _clock()
         return
     if deployment is not None and _queue(deployment) != _queue(wanted[-1]):
         # Kueue refuses to change the queue of a Deployment whose replicas run: the server is
@@ -148,6 +171,8 @@ def ensure_serving(
         kube.delete("apps/v1", "Deployment", owner.namespace, meta["name"], uid=meta["uid"])
     for obj in wanted:
         kube.apply(obj)
+    # Just applied: nothing to read back before the next recheck.
+    _checked[(owner.uid, digest)] = _clock()
 
 
 def _queue(deployment: dict[str, Any]) -> str | None:
@@ -162,6 +187,8 @@ def remove_serving(owner: manifests.Owner) -> None:
     kube.delete("apps/v1", "Deployment", owner.namespace, name)
     kube.delete("v1", "Service", owner.namespace, name)
     kube.delete("v1", "ConfigMap", owner.namespace, serving_manifests.config_name(owner))
+    for key in [k for k in _checked if k[0] == owner.uid]:
+        del _checked[key]
 
 
 def serving_queue_wait(namespace: str, held: list[dict[str, Any]]) -> str:

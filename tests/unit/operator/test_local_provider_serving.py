@@ -114,3 +114,69 @@ def test_a_job_found_without_a_start_time_gets_the_jobs_creation_time(
         spec({"id": "Qwen/Qwen2.5-0.5B-Instruct"}), running(), local_provider.Children(job=job)
     )
     assert again.start_time == "2026-11-28T04:00:01Z"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_deleted_endpoint_or_service_is_applied_again_at_the_next_recheck(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake = FakeKube(monkeypatch)
+    clock = Clock()
+    monkeypatch.setattr(local_provider, "_clock", clock)
+    monkeypatch.setattr(local_provider, "_checked", {})
+    s = spec({"id": "Qwen/Qwen2.5-0.5B-Instruct"})
+    wanted = local_provider.serving_wanted(s, OWNER, SETTINGS)
+    existing = {(o["kind"], o["metadata"]["name"]): o for o in wanted}
+    gets: list[tuple[str, str]] = []
+
+    def get(api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        gets.append((kind, name))
+        return existing.get((kind, name))
+
+    monkeypatch.setattr(kube, "get", get)
+    deployment = wanted[-1]
+
+    # The operator just (re)started: everything is read back once; all there, nothing applied.
+    local_provider.ensure_serving(wanted, OWNER, deployment)
+    assert sorted(gets) == [
+        ("ConfigMap", "daoyan-endpoint"),
+        ("ConfigMap", "daoyan-server-config"),
+        ("Service", "daoyan-server"),
+    ]
+    assert fake.applied == []
+
+    # Someone deletes the endpoint ConfigMap and the Service: ticks before the recheck cost
+    # nothing; the recheck applies exactly those two again.
+    del existing[("ConfigMap", "daoyan-endpoint")]
+    del existing[("Service", "daoyan-server")]
+    gets.clear()
+    clock.now += local_provider.SERVING_RECHECK_SECONDS - 1
+    local_provider.ensure_serving(wanted, OWNER, deployment)
+    assert gets == [] and fake.applied == []
+    clock.now += 1
+    local_provider.ensure_serving(wanted, OWNER, deployment)
+    assert sorted((o["kind"], o["metadata"]["name"]) for o in fake.applied) == [
+        ("ConfigMap", "daoyan-endpoint"),
+        ("Service", "daoyan-server"),
+    ]
+    assert len(gets) == 3
+
+
+def test_objects_just_applied_are_not_read_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeKube(monkeypatch)
+    monkeypatch.setattr(local_provider, "_clock", Clock())
+    monkeypatch.setattr(local_provider, "_checked", {})
+    monkeypatch.setattr(kube, "get", lambda *a: pytest.fail(f"unexpected GET {a}"))
+    s = spec({"id": "Qwen/Qwen2.5-0.5B-Instruct"})
+    wanted = local_provider.serving_wanted(s, OWNER, SETTINGS)
+    local_provider.ensure_serving(wanted, OWNER, None)
+    assert len(fake.applied) == 4
+    local_provider.ensure_serving(wanted, OWNER, fake.applied[-1])
+    assert len(fake.applied) == 4
