@@ -18,8 +18,9 @@ modules with a 500, which only its message tells apart from a server failure.
 Exception tree (every HTTP or transport failure is mapped here, in :meth:`AdapterClient._call`)::
 
     AdapterError                    base: the change did not happen
-    ├── ServerUnavailable           connection failed, timed out, or a 5xx (other than a
-    │                               failed adapter load): retry later
+    ├── ServerUnavailable           connection failed, timed out, a 5xx (other than a
+    │                               failed adapter load), or /v1/models answered with
+    │                               something other than a model list: retry later
     ├── AdapterNotReady             the adapter's files are still being written: retry later
     └── AdapterRequestRefused       the server (4xx) or our checks said no: do not retry as is
         ├── AdapterInvalid          the adapter can never load (our checks, or vLLM's 500 saying
@@ -27,6 +28,8 @@ Exception tree (every HTTP or transport failure is mapped here, in :meth:`Adapte
         ├── RuntimeUpdatesDisabled  the endpoints do not exist (runtime updating is off)
         └── Unauthorized            401: missing or wrong API key
     AdapterNotConfirmed             (an AdapterError) the server said yes, /v1/models disagrees
+                                    (not listed, listed from another path, or under
+                                    another parent than the served base model)
 """
 
 from __future__ import annotations
@@ -102,6 +105,18 @@ class ServedModel:
         return self.parent is not None
 
 
+def _served_model(entry: Any) -> ServedModel:
+    """One ``/v1/models`` entry; raises KeyError or TypeError when it is not one."""
+    if not isinstance(entry, dict):
+        raise TypeError(f"an entry is a {type(entry).__name__}, not an object")
+    root, parent = entry.get("root"), entry.get("parent")
+    return ServedModel(
+        id=str(entry["id"]),
+        root=None if root is None else str(root),
+        parent=None if parent is None else str(parent),
+    )
+
+
 def _failed_load(response: httpx.Response) -> bool:
     """Whether a 500 is vLLM's answer that it could not load the adapter."""
     try:
@@ -172,12 +187,24 @@ class AdapterClient:
     # -------------------------------------------------------------------------- reading
 
     def models(self) -> list[ServedModel]:
-        """Everything the server serves now: the base model(s) and the adapters."""
-        body = self._call("GET", "/v1/models", what="list served models").json()
-        return [
-            ServedModel(id=str(m["id"]), root=m.get("root"), parent=m.get("parent"))
-            for m in body.get("data", [])
-        ]
+        """Everything the server serves now: the base model(s) and the adapters.
+
+        Raises ServerUnavailable when the answer is not an OpenAI model list (a proxy's error
+        page, another server on that address).
+        """
+        response = self._call("GET", "/v1/models", what="list served models")
+        try:
+            body: Any = response.json()
+            entries = body["data"]
+            if not isinstance(entries, list):
+                raise TypeError(f"`data` is a {type(entries).__name__}")
+            return [_served_model(m) for m in entries]
+        except (ValueError, KeyError, TypeError) as e:
+            shown = response.text.strip()[:200]
+            raise ServerUnavailable(
+                f"cannot list served models: {self._http.base_url}/v1/models did not answer "
+                f"with an OpenAI model list ({type(e).__name__}: {e}): {shown!r}"
+            ) from e
 
     def adapters(self) -> dict[str, ServedModel]:
         """The adapters served now, by name."""
@@ -208,11 +235,26 @@ class AdapterClient:
         self._call(
             "POST", "/v1/load_lora_adapter", json=payload, what=f"load adapter `{name}` from {path}"
         )
-        served = self.adapters().get(name)
+        models = self.models()
+        served = next((m for m in models if m.id == name and m.is_adapter), None)
         if served is None:
             raise AdapterNotConfirmed(
                 f"the server accepted adapter `{name}` from {path}, but /v1/models does not "
                 "list it; it is not served"
+            )
+        if served.root != path:
+            raise AdapterNotConfirmed(
+                f"the server accepted adapter `{name}` from {path}, but /v1/models lists it "
+                f"from {served.root}; the new adapter is not served"
+            )
+        bases = {m.id for m in models if not m.is_adapter}
+        if self._config is not None:
+            bases &= {self._config.base_name}
+        if served.parent not in bases:
+            want = " or ".join(f"`{b}`" for b in sorted(bases)) or "no base model it lists"
+            raise AdapterNotConfirmed(
+                f"the server lists adapter `{name}` with the parent `{served.parent}`, not the "
+                f"served base model ({want})"
             )
         log.info("adapter %s loaded from %s", name, path)
         return served

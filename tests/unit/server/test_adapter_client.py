@@ -7,6 +7,7 @@ run the same client against the real server.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ class FakeVllm:
         self.runtime_updates = runtime_updates
         self.api_key = api_key
         self.lie_on_load = False  # answer 200 but do not load
+        self.parent = "tiny"  # the parent /v1/models gives the adapters
+        self.models_body: httpx.Response | None = None  # /v1/models answers this instead
         self.fail_with: int | None = None
         self.load_error: str | None = None  # why the engine cannot load an adapter
         self.requests: list[tuple[str, str]] = []
@@ -42,8 +45,10 @@ class FakeVllm:
         if self.fail_with:
             return httpx.Response(self.fail_with, text="engine dead")
         if path == "/v1/models":
+            if self.models_body is not None:
+                return self.models_body
             data = [{"id": "tiny", "root": "/models/tiny", "parent": None}]
-            data += [{"id": n, "root": p, "parent": "tiny"} for n, p in self.loras.items()]
+            data += [{"id": n, "root": p, "parent": self.parent} for n, p in self.loras.items()]
             return httpx.Response(200, json={"object": "list", "data": data})
         if not self.runtime_updates or path not in (
             "/v1/load_lora_adapter",
@@ -234,3 +239,52 @@ def test_an_adapter_still_being_written_is_not_ready_yet(make_adapter: MakeAdapt
         assert ("POST", "/v1/load_lora_adapter") not in fake.requests
         make_adapter()  # the trainer finishes
         assert c.load("second", str(folder)).root == str(folder)
+
+
+def test_a_replacement_the_server_did_not_take_is_not_confirmed() -> None:
+    fake = FakeVllm()
+    fake.lie_on_load = True  # 200, but the old adapter stays
+    with client(fake) as c, pytest.raises(adapters.AdapterNotConfirmed) as err:
+        c.load("daoyan", "/out/adapter-v2", replace=True)
+    assert "from /out/adapter-v2, but /v1/models lists it from /out/adapter;" in str(err.value)
+    fake.lie_on_load = False
+    with client(fake) as c:
+        assert c.load("daoyan", "/out/adapter-v2", replace=True).root == "/out/adapter-v2"
+
+
+@pytest.mark.parametrize(
+    ("parent", "config", "message"),
+    [
+        ("other", None, "with the parent `other`, not the served base model (`tiny`)"),
+        ("tiny", {"model": "/models/tiny", "servedModelName": "tiny2"}, "no base model it lists"),
+    ],
+)
+def test_an_adapter_under_another_parent_is_not_confirmed(
+    parent: str, config: dict[str, Any] | None, message: str
+) -> None:
+    fake = FakeVllm()
+    fake.parent = parent
+    kw = {"config": ServeConfig.model_validate(config)} if config else {}
+    refused = pytest.raises(adapters.AdapterNotConfirmed, match=re.escape(message))
+    with client(fake, **kw) as c, refused:
+        c.load("second", "/out/second")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        httpx.Response(200, text="<html>502 Bad Gateway</html>"),
+        httpx.Response(200, json={"object": "list"}),
+        httpx.Response(200, json={"data": {"id": "tiny"}}),
+        httpx.Response(200, json={"data": [{"root": "/models/tiny"}]}),
+        httpx.Response(200, json=["tiny"]),
+    ],
+)
+def test_a_models_answer_that_is_not_a_model_list_is_a_server_error(body: httpx.Response) -> None:
+    fake = FakeVllm()
+    fake.models_body = body
+    with client(fake) as c:
+        with pytest.raises(adapters.ServerUnavailable, match="did not answer with an OpenAI"):
+            c.models()
+        with pytest.raises(adapters.ServerUnavailable):
+            c.load("second", "/out/second")
