@@ -318,11 +318,14 @@ def deployment(
             "template": {
                 "metadata": {
                     "labels": {**_labels(owner), **queued},
-                    # A changed config rolls the pods (a ConfigMap edit alone would not).
+                    # `resources.podAnnotations` (a service mesh, the autoscaler), as on the
+                    # trainer's pods; a changed config rolls the pods (a ConfigMap edit alone
+                    # would not), and that hash is ours whatever the spec says.
                     "annotations": {
+                        **res.pod_annotations,
                         manifests.CONFIG_HASH_ANNOTATION: hashlib.sha256(
                             config_text.encode()
-                        ).hexdigest()[:16]
+                        ).hexdigest()[:16],
                     },
                 },
                 "spec": pod_spec,

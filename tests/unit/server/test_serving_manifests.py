@@ -261,3 +261,21 @@ def test_a_long_folder_name_is_cut_to_a_served_name() -> None:
     model = {"pvc": {"claimName": "models", "path": "m" * 300}}
     config = served_config(objects(model=model))
     assert config.served_model_name == "m" * sm.MAX_FOLDER_NAME
+
+
+def test_pod_annotations_reach_the_server_pods_and_the_config_hash_stays_ours() -> None:
+    annotations = {
+        "sidecar.istio.io/inject": "false",
+        "cluster-autoscaler.kubernetes.io/safe-to-evict": "false",
+        manifests.CONFIG_HASH_ANNOTATION: "from-the-spec",
+    }
+    objs = objects({"resources": {"gpus": 1, "podAnnotations": annotations}})
+    got = objs["Deployment"]["spec"]["template"]["metadata"]["annotations"]
+    assert got["sidecar.istio.io/inject"] == "false"
+    assert got["cluster-autoscaler.kubernetes.io/safe-to-evict"] == "false"
+    assert got[manifests.CONFIG_HASH_ANNOTATION] != "from-the-spec"
+    plain = objects({"resources": {"gpus": 1}})["Deployment"]["spec"]["template"]["metadata"]
+    assert (
+        got[manifests.CONFIG_HASH_ANNOTATION]
+        == plain["annotations"][manifests.CONFIG_HASH_ANNOTATION]
+    )
