@@ -17,7 +17,8 @@ every object); ``serve`` is ``spec.serve``; ``base_model`` is ``spec.model``;
 ``adapter_claim``/``adapter_subpath`` locate the job's output folder (the trainer's
 ``/kubetune/output``), which the server mounts read-only at the same path; the trainer writes
 the adapter files straight into it. ``lora_rank`` (``spec.lora.r``) becomes the server's rank
-cap, so an adapter of a higher rank than the job asked for is refused.
+cap (``maxLoraRank``), which the launcher rounds up to a rank vLLM supports (1, 8, 16, 32, ...):
+an adapter above that rounded rank is refused (``r: 10`` accepts an adapter of rank up to 16).
 
 The pod mounts the base model exactly where the trainer did (``/kubetune/model`` for a PVC
 model; hub ids go through the shared HF_HOME cache), so the ``base_model_name_or_path`` the

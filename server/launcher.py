@@ -101,7 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = ServeConfig.load(args.config)
     except yaml.YAMLError as e:
         return refuse(f"cannot read serve config {args.config}: {yaml_problem(e)}")
-    except (OSError, ValueError, ValidationError) as e:
+    except ValidationError as e:
+        return refuse(f"invalid serve config {args.config}: {validation_problem(e)}")
+    except (OSError, ValueError) as e:
         return refuse(f"cannot read serve config {args.config}: {e}")
     try:
         if not args.dry_run:
@@ -120,6 +122,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execvpe(command[0], command, env)
+
+
+def validation_problem(e: ValidationError) -> str:
+    """pydantic's errors on one line, each with its field, without the values given (an
+    `extraArgs` entry may hold a secret, and the line goes into the pod's status)."""
+    return "; ".join(
+        f"`{'.'.join(str(part) for part in err['loc']) or 'config'}`: {err['msg']}"
+        for err in e.errors(include_input=False, include_url=False)
+    )
 
 
 def yaml_problem(e: yaml.YAMLError) -> str:

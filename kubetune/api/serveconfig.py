@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from kubetune.api.types import ApiModel
 
@@ -24,6 +24,35 @@ ServedName = Annotated[
     str, Field(pattern=r"^[A-Za-z0-9][-._A-Za-z0-9/:@]*$", min_length=1, max_length=256)
 ]
 """A name clients send as ``model``: no spaces, no ``=`` or ``,`` (vLLM's CLI splits on them)."""
+
+OWNED_FLAGS: dict[str, str] = {
+    "--api-key": "use `apiKeyEnv`; a key on the command line is visible to anyone who runs `ps`",
+    "--max-lora-rank": "use `maxLoraRank`, the cap the launcher checks every adapter against",
+    "--lora-modules": "list them under `adapters`, which the launcher checks before vLLM starts",
+    "--model": "use `model`, which the adapters' base model is checked against",
+    "--served-model-name": "use `servedModelName`",
+    "--chat-template": "use `chatTemplate`",
+    "--config": "set the serve config's own fields (a vLLM config file could set any of the "
+    "flags the launcher owns)",
+}
+"""vLLM flags the serve config owns: set through ``extraArgs`` they would override (the last
+one wins) what the launcher checked or kept off the command line."""
+
+
+def owned_flag(arg: str) -> tuple[str, str] | None:
+    """The owned flag ``arg`` sets, and what to use instead; None for any other argument.
+
+    vLLM's parser reads ``_`` as ``-`` and accepts a unique prefix of a flag (argparse's
+    abbreviations), so ``--api_key=x`` and ``--api-k x`` set ``--api-key`` too.
+    """
+    if not arg.startswith("--") or arg == "--":
+        return None
+    name = "--" + arg[2:].split("=", 1)[0].replace("_", "-")
+    for flag, instead in OWNED_FLAGS.items():
+        if flag.startswith(name) and len(name) > len("--"):
+            return flag, instead
+    return None
+
 
 EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=128)]
 
@@ -128,8 +157,23 @@ class ServeConfig(ApiModel):
     extra_args: list[str] = Field(
         default_factory=list,
         max_length=128,
-        description="More vLLM command-line arguments, appended as given.",
+        description="More vLLM command-line arguments, appended as given. Flags that would undo "
+        "the launcher's checks or put the API key on the command line (`--api-key`, "
+        "`--max-lora-rank`, `--lora-modules`, `--model`, `--served-model-name`, "
+        "`--chat-template`, `--config`) are refused: set the field named in the error instead.",
     )
+
+    @field_validator("extra_args")
+    @classmethod
+    def _no_owned_flags(cls, args: list[str]) -> list[str]:
+        for arg in args:
+            owner = owned_flag(arg)
+            if owner is not None:
+                flag, instead = owner
+                given = arg.split("=", 1)[0]
+                shown = f"`{flag}`" if given == flag else f"`{flag}` (as `{given}`)"
+                raise ValueError(f"`extraArgs` must not set {shown}: {instead}")
+        return args
 
     @model_validator(mode="after")
     def _consistent(self) -> ServeConfig:

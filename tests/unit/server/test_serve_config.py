@@ -59,3 +59,38 @@ def test_bad_configs_are_refused_naming_the_field(over: dict[str, Any], message:
 
 def test_runtime_updating_turns_lora_on_without_adapters() -> None:
     assert ServeConfig.model_validate({**MINIMAL, "runtimeLoraUpdating": True}).lora_enabled
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--api-key", "sk-secret"], "`--api-key`"),
+        (["--api_key=sk-secret"], "`--api-key` (as `--api_key`)"),
+        (["--api-k", "sk-secret"], "`--api-key` (as `--api-k`)"),
+        (["--enforce-eager", "--max-lora-rank", "512"], "`--max-lora-rank`"),
+        (["--max_lora_rank=512"], "`--max-lora-rank` (as `--max_lora_rank`)"),
+        (["--lora-modules", "x=/elsewhere"], "`--lora-modules`"),
+        (["--model", "/other"], "`--model`"),
+        (["--served-model-name", "x"], "`--served-model-name`"),
+        (["--chat-template=/t.jinja"], "`--chat-template`"),
+        (["--config", "vllm.yaml"], "`--config`"),
+    ],
+)
+def test_extra_args_may_not_set_what_the_launcher_owns(args: list[str], flag: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        ServeConfig.model_validate({"model": "/m", "extraArgs": args})
+    assert f"`extraArgs` must not set {flag}:" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--gpu-memory-utilization", "0.85"],
+        ["--max-loras", "4", "--max-cpu-loras=8"],
+        ["--chat-template-content-format", "openai"],
+        ["--model-impl", "transformers", "--api-server-count", "2"],
+        ["--enforce-eager", "-tp", "2"],
+    ],
+)
+def test_other_extra_args_pass(args: list[str]) -> None:
+    assert ServeConfig.model_validate({"model": "/m", "extraArgs": args}).extra_args == args

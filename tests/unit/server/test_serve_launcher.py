@@ -160,3 +160,14 @@ def test_a_yaml_syntax_error_is_a_one_line_refusal_naming_file_line_and_column(
     assert line.startswith(f"kubetune.server: refusing to start: cannot read serve config {bad}")
     assert f"invalid YAML at {where}" in line
     assert term.read_text() == line + "\n"
+
+
+def test_a_refused_extra_arg_is_named_and_its_value_never_shown(
+    tmp_path: Path, make_adapter: MakeAdapter, execvpe: Exec, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = write_config(tmp_path, make_adapter(), extraArgs=["--api-key", "sk-do-not-show"])
+    assert launcher.main(["--config", str(cfg)]) == launcher.EXIT_REFUSED
+    err = capsys.readouterr().err
+    assert f"invalid serve config {cfg}: `extraArgs`: Value error, `extraArgs` must not set " in err
+    assert "`--api-key`: use `apiKeyEnv`" in err
+    assert "sk-do-not-show" not in err and execvpe.calls == []

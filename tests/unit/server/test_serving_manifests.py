@@ -12,6 +12,7 @@ from kubetune.api.serveconfig import ServeConfig
 from kubetune.operator import manifests
 from kubetune.operator import serving_manifests as sm
 from kubetune.operator.settings import OperatorSettings
+from kubetune.server import adapter_checks, vllm_args
 
 OWNER = manifests.Owner(name="daoyan", namespace="team-a", uid="0123456789abcdef")
 SETTINGS = OperatorSettings(model_cache_claim="hf-cache")
@@ -279,3 +280,19 @@ def test_pod_annotations_reach_the_server_pods_and_the_config_hash_stays_ours() 
         got[manifests.CONFIG_HASH_ANNOTATION]
         == plain["annotations"][manifests.CONFIG_HASH_ANNOTATION]
     )
+
+
+def test_the_jobs_rank_caps_the_server_at_that_rank_rounded_up_to_one_vllm_supports() -> None:
+    out = sm.serving_objects(
+        owner=OWNER, serve=ftj.ServeSpec(engine="vllm-cpu"), base_model=ftj.ModelRef(id="m/x"),
+        adapter_claim="c", adapter_subpath="s", lora_rank=10, settings=SETTINGS,
+    )  # fmt: skip
+    config = served_config({o["kind"]: o for o in out})
+    assert config.max_lora_rank == 10 and vllm_args.rank_limit(config) == 16
+
+    def info(rank: int) -> adapter_checks.AdapterInfo:
+        return adapter_checks.AdapterInfo("daoyan", sm.ADAPTER_PATH, rank, "m/x")
+
+    adapter_checks.check_adapter(info(16), config)
+    with pytest.raises(adapter_checks.AdapterRankTooHigh, match="accepts at most 16"):
+        adapter_checks.check_adapter(info(17), config)
