@@ -126,13 +126,18 @@ def get(api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any
 
 
 def list_objects(
-    api_version: str, kind: str, namespace: str, label_selector: str
+    api_version: str,
+    kind: str,
+    namespace: str,
+    label_selector: str = "",
+    field_selector: str = "",
 ) -> list[dict[str, Any]]:
     res = _call(
         f"list {kind} in {namespace}",
         _resource(api_version, kind).get,
         namespace=namespace,
-        label_selector=label_selector,
+        label_selector=label_selector or None,
+        field_selector=field_selector or None,
     )
     return [dict(item) for item in res.to_dict().get("items", [])]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,8 @@ from kubetune.operator import kube, kueue, manifests, serving_manifests
 from kubetune.operator import status as st
 from kubetune.operator.settings import OperatorSettings
 from kubetune.progress import CONFIGMAP_KEY, RESULT_KEY, ProgressRecord
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -280,6 +283,25 @@ def serve(
         new.message = f"training finished; waiting for vLLM: {why}"
 
 
+def pod_creation_refusal(job: dict[str, Any] | None) -> str | None:
+    """Why the Job controller cannot create the trainer pod, from the Job's Events; None when
+    it says nothing (or the operator may not list Events: an older chart's RBAC)."""
+    meta = (job or {}).get("metadata") or {}
+    if not meta.get("uid"):
+        return None
+    try:
+        events = kube.list_objects(
+            "v1",
+            "Event",
+            str(meta.get("namespace")),
+            field_selector=f"involvedObject.uid={meta['uid']},reason=FailedCreate",
+        )
+    except kube.PermanentKubeError as exc:
+        log.info("cannot read the Events of Job %s: %s", meta.get("name"), exc)
+        return None
+    return st.creation_refusal(events)
+
+
 def reconcile(
     spec: ftj.FineTuneJobSpec,
     owner: manifests.Owner,
@@ -320,6 +342,10 @@ def reconcile(
             seen = st.Observation(ftj.Phase.QUEUED, st.SUSPENDED_BEFORE_START, "Suspended")
         else:
             seen = st.observe_trainer(job, children.pods, workload)
+        if seen.reason == "JobCreated" and st.age_seconds(job) >= st.CREATION_PATIENCE_SECONDS:
+            refused = pod_creation_refusal(job)
+            if refused:
+                seen = st.pod_creation_refused(refused)
         if no_kueue and not spec.suspend and seen.reason == "Suspended":
             seen = st.Observation(ftj.Phase.QUEUED, no_kueue, "KueueNotInstalled")
         if seen.phase != ftj.Phase.PENDING:
@@ -334,7 +360,7 @@ def reconcile(
             generation,
         )
         if seen.phase in (ftj.Phase.SUCCEEDED, ftj.Phase.FAILED):
-            new.completion_time = st.now()
+            new.completion_time = st.finished_at(job) if job else st.now()
 
     if ftj.Phase(new.phase) == ftj.Phase.SUCCEEDED:
         assert spec.model is not None

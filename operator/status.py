@@ -136,6 +136,53 @@ def observe_trainer(
     return Observation(Phase.QUEUED, "waiting for the trainer pod", "JobCreated")
 
 
+CREATION_PATIENCE_SECONDS = 10
+"""How old a trainer Job without pods must be before the operator asks its Events why."""
+
+
+def age_seconds(obj: dict[str, Any] | None, at: datetime | None = None) -> float:
+    """Seconds since ``obj`` was created (0 when it says nothing)."""
+    created = ((obj or {}).get("metadata") or {}).get("creationTimestamp")
+    if not created:
+        return 0.0
+    when = datetime.fromisoformat(str(created).replace("Z", "+00:00"))
+    return ((at or datetime.now(UTC)) - when).total_seconds()
+
+
+def creation_refusal(events: list[dict[str, Any]]) -> str | None:
+    """The newest ``FailedCreate`` message among a Job's Events: what the API server said
+    when the Job controller tried to create its pod (a full ResourceQuota, a Pod Security or
+    admission policy, a missing PriorityClass or ServiceAccount)."""
+    failed = [e for e in events if e.get("reason") == "FailedCreate" and e.get("message")]
+    if not failed:
+        return None
+
+    def when(event: dict[str, Any]) -> str:
+        meta = event.get("metadata") or {}
+        return str(
+            event.get("lastTimestamp") or event.get("eventTime") or meta.get("creationTimestamp")
+        )
+
+    return str(max(failed, key=when)["message"])
+
+
+def pod_creation_refused(message: str) -> Observation:
+    return Observation(
+        Phase.QUEUED, f"the trainer pod cannot be created: {message}", "PodCreationRefused"
+    )
+
+
+def finished_at(job: dict[str, Any]) -> str:
+    """When the Job finished, by its own status (the time the operator saw it otherwise)."""
+    done = (job.get("status") or {}).get("completionTime")
+    if done:
+        return str(done)
+    for cond in (job.get("status") or {}).get("conditions") or []:
+        if cond.get("type") in ("Complete", "Failed") and cond.get("status") == "True":
+            return str(cond.get("lastTransitionTime") or now())
+    return now()
+
+
 def deployment_ready(deploy: dict[str, Any] | None) -> tuple[bool, str]:
     if deploy is None:
         return False, "serving Deployment not created yet"

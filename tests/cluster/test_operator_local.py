@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -150,6 +151,34 @@ def test_gpu_exhaustion_queues_with_the_schedulers_reason(
     assert queued["status"]["phase"] == "Queued"
     cluster.kubectl("delete", "ftj", "big-a", "big-b", "-n", team, "--wait=false")
     ftj.wait_phase(cluster, team, "waiting", "Running", "Succeeded", timeout=90)
+
+
+def test_a_trainer_pod_the_api_server_refuses_is_named_in_status(
+    cluster: Cluster, operator: OperatorProcess, team: str
+) -> None:
+    """A ResourceQuota that allows no pod: the Job controller's FailedCreate Event says why, and
+    status says it too (not "waiting for the trainer pod" forever)."""
+    quota = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "no-pods"},
+        "spec": {"hard": {"pods": "0"}},
+    }
+    cluster.apply(quota, namespace=team)
+    cluster.apply(ftj.local_job("refused", serve=False), namespace=team)
+
+    def refused() -> dict[str, Any] | None:
+        status = ftj.get_ftj(cluster, team, "refused").get("status") or {}
+        return status if "exceeded quota: no-pods" in (status.get("message") or "") else None
+
+    status = wait_until(refused, timeout=60, description="the quota's refusal in status")
+    assert status["phase"] == "Queued"
+    assert status["message"].startswith("the trainer pod cannot be created: ")
+    ready = {c["type"]: c for c in status["conditions"]}["Ready"]
+    assert (ready["status"], ready["reason"]) == ("False", "PodCreationRefused")
+    # Room again: the Job controller's next try creates the pod and the job runs on.
+    cluster.kubectl("delete", "resourcequota", "no-pods", "-n", team)
+    ftj.wait_phase(cluster, team, "refused", "Running", "Succeeded", timeout=120)
 
 
 def test_failure_reports_oomkilled_and_the_last_line(

@@ -46,6 +46,8 @@ class FakeKube:
         self.created: list[dict[str, Any]] = []
         monkeypatch.setattr(kube, "apply", self.apply)
         monkeypatch.setattr(kube, "create_or_adopt", self.create)
+        # The Events of a trainer Job without pods (none here: nothing was refused).
+        monkeypatch.setattr(kube, "list_objects", lambda *a, **kw: [])
 
     def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
         self.applied.append(obj)
