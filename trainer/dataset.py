@@ -28,14 +28,17 @@ MAX_REPORTED_ERRORS = 50
 class DataError(ValueError):
     """The training or validation file is malformed; the message lists every problem found."""
 
-    def __init__(self, path: Path, errors: list[str]) -> None:
+    def __init__(self, path: Path, errors: list[str], total: int | None = None) -> None:
+        """``total``: how many errors there are, when ``errors`` lists only some (the report
+        keeps at most 1,000 of each kind)."""
         self.path = path
         self.errors = errors
+        total = max(total or 0, len(errors))
         shown = errors[:MAX_REPORTED_ERRORS]
-        more = len(errors) - len(shown)
-        lines = [f"{path}: {len(errors)} error(s) in the data", *shown]
+        more = total - len(shown)
+        lines = [f"{path}: {total:,} error(s) in the data", *shown]
         if more:
-            lines.append(f"... and {more} more")
+            lines.append(f"... and {more:,} more")
         super().__init__("\n".join(lines))
 
 
@@ -87,7 +90,7 @@ def validate(path: Path) -> None:
     for warning in getattr(report, "warnings", []):
         log.warning("%s: %s", path, _describe(warning))
     if not report.ok:
-        raise DataError(path, [_describe(e) for e in report.errors])
+        raise DataError(path, [_describe(e) for e in report.errors], report.n_errors)
 
 
 def _field(obj: Any, name: str, default: Any = None) -> Any:

@@ -81,6 +81,16 @@ def test_every_bad_line_is_reported_with_its_number(tmp_path: Path) -> None:
     assert codes == list(BAD_LINES)
 
 
+def test_the_error_total_counts_past_the_reports_listing_cap(tmp_path: Path) -> None:
+    path = tmp_path / "train.jsonl"
+    path.write_text("not json\n" * 5000)
+    with pytest.raises(dataset.DataError) as info:
+        dataset.validate(path)
+    text = str(info.value)
+    assert "5,000 error(s) in the data" in text
+    assert f"... and {5000 - dataset.MAX_REPORTED_ERRORS:,} more" in text
+
+
 def test_good_lines_become_conversations_with_weights(tmp_path: Path) -> None:
     path = tmp_path / "train.jsonl"
     rows = [
