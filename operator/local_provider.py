@@ -44,12 +44,17 @@ def endpoint_url(owner: manifests.Owner) -> str:
 def ensure_trainer(
     spec: ftj.FineTuneJobSpec, owner: manifests.Owner, settings: OperatorSettings
 ) -> dict[str, Any]:
-    """Creates (or adopts) RBAC, ConfigMaps and the trainer Job, in dependency order."""
+    """Creates (or adopts) RBAC, ConfigMaps and the trainer Job, in dependency order.
+
+    The config ConfigMap is applied, not adopted: one left by a tick whose Job creation failed
+    may hold a config from a spec edited since (the spec is editable until the Job exists), and
+    the Job must start from the config its hash annotation names.
+    """
     config = manifests.trainer_config(spec, owner)
     for obj in manifests.trainer_rbac(owner):
         kube.create_or_adopt(obj)
     kube.create_or_adopt(manifests.progress_configmap(owner))
-    kube.create_or_adopt(manifests.trainer_configmap(config, owner))
+    kube.apply(manifests.trainer_configmap(config, owner))
     return kube.create_or_adopt(manifests.trainer_job(spec, owner, settings, config))
 
 

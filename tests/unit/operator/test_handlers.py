@@ -69,6 +69,7 @@ class Recorder:
         monkeypatch.setattr(
             kube, "create_or_adopt", lambda obj: self.calls.append(("create", obj)) or obj
         )
+        monkeypatch.setattr(kube, "apply", lambda obj: self.calls.append(("apply", obj)) or obj)
         monkeypatch.setattr(
             kopf, "warn", lambda body, reason, message: self.warnings.append(message)
         )

@@ -114,3 +114,26 @@ def test_completion_time_is_the_jobs_own() -> None:
         ],
     )
     assert reconcile(failed).completion_time == "2026-11-28T04:10:00Z"
+
+
+def test_the_trainer_config_is_applied_so_a_stale_one_from_a_failed_tick_is_replaced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The config ConfigMap of a tick whose Job creation failed may predate a spec edit: it is
+    applied (its content made the current config's), the rest is created or adopted."""
+    calls: list[tuple[str, str, str]] = []
+    monkeypatch.setattr(
+        kube,
+        "create_or_adopt",
+        lambda o: calls.append(("create", o["kind"], o["metadata"]["name"])) or o,
+    )
+    monkeypatch.setattr(
+        kube, "apply", lambda o: calls.append(("apply", o["kind"], o["metadata"]["name"])) or o
+    )
+    local_provider.ensure_trainer(SPEC, OWNER, OperatorSettings())
+    config = manifests.trainer_configmap(manifests.trainer_config(SPEC, OWNER), OWNER)
+    assert ("apply", "ConfigMap", config["metadata"]["name"]) in calls
+    assert [c for c in calls if c[0] == "apply"] == [
+        ("apply", "ConfigMap", config["metadata"]["name"])
+    ]
+    assert calls[-1] == ("create", "Job", "daoyan-trainer")

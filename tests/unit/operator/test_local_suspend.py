@@ -47,6 +47,11 @@ class Recorder:
         monkeypatch.setattr(kube, "patch_merge", lambda *a: self.calls.append(("patch", *a)))
         monkeypatch.setattr(kueue, "find", self.find)
         monkeypatch.setattr(kube, "create_or_adopt", self.create)
+        monkeypatch.setattr(kube, "apply", self.apply)
+
+    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        self.calls.append(("apply", obj["kind"], obj["metadata"]["name"]))
+        return obj
 
     def find(self, namespace: str, job_uid: str) -> kueue.Workload | None:
         self.calls.append(("find", namespace, job_uid))
