@@ -83,10 +83,19 @@ def local_volume(cluster: Cluster, namespace: str, claim: str, folder: Path) -> 
 
 def helm(cluster: Cluster, *args: str) -> None:
     proc = subprocess.run(
-        [str(cluster.helm_bin), *args, "--timeout", "3m"],
-        env=cluster.env(), capture_output=True, text=True, timeout=240, check=False,
+        [str(cluster.helm_bin), *args, "--timeout", "5m"],
+        env=cluster.env(), capture_output=True, text=True, timeout=360, check=False,
     )  # fmt: skip
-    assert proc.returncode == 0, f"helm {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
+    if proc.returncode != 0:
+        # What the pods and the node said: a helm timeout alone names no cause.
+        pods = cluster.kubectl("get", "pods", "-A", "-o", "wide", check=False).stdout
+        events = cluster.kubectl(
+            "get", "events", "-A", "--sort-by=.lastTimestamp", check=False
+        ).stdout.splitlines()[-40:]
+        raise AssertionError(
+            f"helm {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}\n--- pods ---\n{pods}"
+            "--- events (newest 40) ---\n" + "\n".join(events)
+        )
 
 
 def logs(cluster: Cluster, namespace: str, target: str) -> str:
