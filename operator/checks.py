@@ -231,6 +231,7 @@ def estimate(
             total_tokens=oa.billed_tokens_per_epoch,
             billed_tokens=oa.billed_tokens,
             cost_usd=oa.cost_usd,
+            tokens_exact=oa.exact,
         )
     hp = spec.hyperparameters
     local = data.estimate_local(
@@ -246,4 +247,5 @@ def estimate(
         total_tokens=local.tokens // max(local.n_epochs, 1),
         total_steps=local.steps,
         gpu_hours=local.gpu_hours,
+        tokens_exact=local.exact,
     )

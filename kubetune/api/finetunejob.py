@@ -578,6 +578,11 @@ class Estimate(ApiModel):
     cost_usd: float | None = Field(default=None, description="Estimated cost in US dollars.")
     total_steps: int | None = Field(default=None, description="Estimated optimizer steps.")
     gpu_hours: float | None = Field(default=None, description="Estimated GPU hours (local).")
+    tokens_exact: bool | None = Field(
+        default=None,
+        description="Whether the token counts are exact (tiktoken, or the model's tokenizer and "
+        "chat template); false: the labelled approximation of about 4 characters per token.",
+    )
 
 
 class RemoteJob(ApiModel):

