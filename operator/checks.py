@@ -32,6 +32,7 @@ from kubetune import data
 from kubetune.api import finetunejob as ftj
 from kubetune.data import tokens
 from kubetune.operator import dataset_url, kube
+from kubetune.operator import status as st
 from kubetune.operator.settings import OperatorSettings
 
 MAX_DATASET_BYTES = 512 * 1024 * 1024
@@ -70,24 +71,11 @@ Created = str | datetime.datetime | None
 """The job's ``metadata.creationTimestamp`` (RFC 3339 text as the API server writes it)."""
 
 
-def _age(created: Created) -> datetime.timedelta | None:
-    if created is None:
-        return None
-    when = (
-        created
-        if isinstance(created, datetime.datetime)
-        else datetime.datetime.fromisoformat(created.replace("Z", "+00:00"))
-    )
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.UTC)
-    return datetime.datetime.now(datetime.UTC) - when
-
-
 def _configmap_text(ref: ftj.ConfigMapKeyRef, namespace: str, field: str, created: Created) -> str:
     cm = kube.get("v1", "ConfigMap", namespace, ref.name)
     if cm is None:
         missing = f"{field}.configMap: ConfigMap {ref.name!r} not found in namespace {namespace!r}"
-        age = _age(created)
+        age = st.age(created)
         minutes = int(CONFIGMAP_GRACE.total_seconds() // 60)
         if age is not None and age >= CONFIGMAP_GRACE:
             raise InvalidJob(f"{missing} (waited {minutes} minutes from the job's creation)")

@@ -347,7 +347,8 @@ def reconcile(
             seen = st.Observation(ftj.Phase.QUEUED, st.SUSPENDED_BEFORE_START, "Suspended")
         else:
             seen = st.observe_trainer(job, children.pods, workload)
-        if seen.reason == "JobCreated" and st.age_seconds(job) >= st.CREATION_PATIENCE_SECONDS:
+        age = st.age(((job or {}).get("metadata") or {}).get("creationTimestamp"))
+        if seen.reason == "JobCreated" and age is not None and age >= st.CREATION_PATIENCE:
             refused = pod_creation_refusal(job)
             if refused:
                 seen = st.pod_creation_refused(refused)

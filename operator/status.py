@@ -7,7 +7,7 @@ functions decide ``phase``, ``message`` and conditions. No I/O, no kopf.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from kubetune.api.finetunejob import Condition, Phase
@@ -136,17 +136,23 @@ def observe_trainer(
     return Observation(Phase.QUEUED, "waiting for the trainer pod", "JobCreated")
 
 
-CREATION_PATIENCE_SECONDS = 10
+CREATION_PATIENCE = timedelta(seconds=10)
 """How old a trainer Job without pods must be before the operator asks its Events why."""
 
 
-def age_seconds(obj: dict[str, Any] | None, at: datetime | None = None) -> float:
-    """Seconds since ``obj`` was created (0 when it says nothing)."""
-    created = ((obj or {}).get("metadata") or {}).get("creationTimestamp")
+def age(created: str | datetime | None) -> timedelta | None:
+    """Time since ``created``, an object's ``metadata.creationTimestamp`` (RFC 3339 text as the
+    API server writes it); None when it is unknown."""
     if not created:
-        return 0.0
-    when = datetime.fromisoformat(str(created).replace("Z", "+00:00"))
-    return ((at or datetime.now(UTC)) - when).total_seconds()
+        return None
+    when = (
+        created
+        if isinstance(created, datetime)
+        else datetime.fromisoformat(created.replace("Z", "+00:00"))
+    )
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return datetime.now(UTC) - when
 
 
 def creation_refusal(events: list[dict[str, Any]]) -> str | None:
