@@ -21,6 +21,7 @@ from kubetune.operator import kube, kueue, manifests, serving_manifests
 from kubetune.operator import status as st
 from kubetune.operator.settings import OperatorSettings
 from kubetune.progress import CONFIGMAP_KEY, RESULT_KEY, ProgressRecord
+from kubetune.server import launcher
 
 log = logging.getLogger(__name__)
 
@@ -219,10 +220,7 @@ def serving_queue_wait(namespace: str, held: list[dict[str, Any]]) -> str:
 def config_problem(exc: ValueError) -> str:
     """A serve config's validation error on one line, each problem with its field."""
     if isinstance(exc, ValidationError):
-        return "; ".join(
-            f"`{'.'.join(str(part) for part in err['loc']) or 'serve config'}`: {err['msg']}"
-            for err in exc.errors()
-        )
+        return launcher.validation_problem(exc, "serve config")
     return str(exc)
 
 

@@ -124,11 +124,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.execvpe(command[0], command, env)
 
 
-def validation_problem(e: ValidationError) -> str:
-    """pydantic's errors on one line, each with its field, without the values given (an
-    `extraArgs` entry may hold a secret, and the line goes into the pod's status)."""
+def validation_problem(e: ValidationError, whole: str = "config") -> str:
+    """pydantic's errors on one line, each with its field (``whole`` for the model itself),
+    without the values given (an `extraArgs` entry may hold a secret, and the line goes into
+    the pod's status)."""
     return "; ".join(
-        f"`{'.'.join(str(part) for part in err['loc']) or 'config'}`: {err['msg']}"
+        f"`{'.'.join(str(part) for part in err['loc']) or whole}`: {err['msg']}"
         for err in e.errors(include_input=False, include_url=False)
     )
 
