@@ -20,10 +20,11 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
+import io
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 import httpx
 from pydantic import ValidationError
@@ -104,25 +105,33 @@ def _url_errors(field: str, url: str) -> Iterator[None]:
         raise kube.TemporaryKubeError(f"{field}.url: {type(exc).__name__}", delay=30) from None
 
 
-def fetch_dataset(
+@contextlib.contextmanager
+def open_dataset(
     src: ftj.DatasetSource,
     namespace: str,
     field: str,
     transport: httpx.BaseTransport | None = None,
     *,
     created: Created = None,
-) -> bytes | None:
-    """The dataset's bytes, or None for a PVC source (the trainer checks those).
+) -> Iterator[IO[bytes] | None]:
+    """The dataset as a binary file at its start, or None for a PVC source (the trainer checks
+    those). The one reader of datasets in the operator: validation and the OpenAI upload.
 
-    ``created`` (the job's creation time) bounds the wait for a missing ConfigMap (see the
-    module doc).
+    A ConfigMap's text (at most 1 MiB) is held in memory. A URL's body is streamed to a
+    temporary file under ``/tmp`` (an emptyDir in the chart), removed when the block ends
+    whatever happens, so memory does not grow with the dataset. ``created`` (the job's
+    creation time) bounds the wait for a missing ConfigMap (see the module doc).
     """
     if src.config_map is not None:
-        return _configmap_text(src.config_map, namespace, field, created).encode("utf-8")
-    if src.url is not None:
-        with _url_errors(field, src.url):
-            return dataset_url.fetch(src.url, MAX_DATASET_BYTES, transport)
-    return None
+        yield io.BytesIO(_configmap_text(src.config_map, namespace, field, created).encode())
+    elif src.url is not None:
+        with tempfile.TemporaryFile(prefix="kubetune-dataset-", suffix=".jsonl") as f:
+            with _url_errors(field, src.url):
+                dataset_url.download(src.url, f, MAX_DATASET_BYTES, transport)
+            f.seek(0)
+            yield f
+    else:
+        yield None
 
 
 def describe_problems(report: data.Report, field: str) -> str:
@@ -166,35 +175,20 @@ def check_dataset(
 ) -> DatasetCheck | None:
     """Validates one dataset with the shared validator; raises InvalidJob on errors.
 
-    None for a PVC source. A URL's body goes to a temporary file, validated as a stream and
-    deleted afterwards, so memory does not depend on its size.
+    None for a PVC source. The dataset is read as a stream (:func:`open_dataset`), so memory
+    does not depend on its size.
     """
     provider: data.Provider = "openai" if spec.provider == ftj.Provider.OPENAI else "local"
     counter = token_counter(spec)
     method: data.Method = (
         "dpo" if spec.openai is not None and spec.openai.method == "dpo" else "supervised"
     )
-    if src.config_map is not None:
-        # through fetch_dataset, the one reader of inline datasets (a ConfigMap is at most 1 MiB)
-        text = (
-            fetch_dataset(src, namespace, field)
-            if created is None
-            else fetch_dataset(src, namespace, field, created=created)
-        ) or b""
-        report = data.validate_text(
-            text, provider=provider, counter=counter, method=method, source=field
+    with open_dataset(src, namespace, field, transport, created=created) as f:
+        if f is None:
+            return None
+        report = data.validate_lines(
+            f, provider=provider, counter=counter, method=method, source=field
         )
-    elif src.url is not None:
-        # /tmp is an emptyDir in the chart; the file goes when the block ends, whatever happens
-        with tempfile.NamedTemporaryFile(prefix="kubetune-dataset-", suffix=".jsonl") as f:
-            with _url_errors(field, src.url):
-                dataset_url.download(src.url, f, MAX_DATASET_BYTES, transport)
-            f.flush()
-            report = data.validate_file(
-                f.name, provider=provider, counter=counter, method=method, source=field
-            )
-    else:
-        return None
     if not report.ok:
         raise InvalidJob(describe_problems(report, field))
     return DatasetCheck(report=report)

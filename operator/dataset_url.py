@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import socket
-import tempfile
 import urllib.request
 from typing import IO
 
@@ -132,12 +131,3 @@ def download(
             finally:
                 response.close()
     raise httpx.TooManyRedirects(f"more than {MAX_REDIRECTS} redirects from {url}")
-
-
-def fetch(url: str, max_bytes: int, transport: httpx.BaseTransport | None = None) -> bytes:
-    """The body of ``url`` as bytes (see :func:`download`); it passes through a temporary file,
-    so the peak is the body once, not the chunks and their join."""
-    with tempfile.TemporaryFile(prefix="kubetune-dataset-") as f:
-        download(url, f, max_bytes, transport)
-        f.seek(0)
-        return f.read()

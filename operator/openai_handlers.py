@@ -51,9 +51,9 @@ import base64
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urlsplit
 
 import openai
@@ -256,12 +256,15 @@ SERVING = "ServingReady"
 # ----------------------------------------------------------------------------- reconcile
 
 
-def _reader(src: ftj.DatasetSource, namespace: str, field: str) -> Callable[[], bytes]:
-    def read() -> bytes:
-        data = checks.fetch_dataset(src, namespace, field)
-        if data is None:  # a PVC source; the spec validator refuses it for this provider
-            raise checks.InvalidJob(f"{field}.pvc cannot be used with provider `openai`")
-        return data
+def _reader(
+    src: ftj.DatasetSource, namespace: str, field: str
+) -> Callable[[], AbstractContextManager[IO[bytes]]]:
+    @contextmanager
+    def read() -> Iterator[IO[bytes]]:
+        with checks.open_dataset(src, namespace, field) as f:
+            if f is None:  # a PVC source; the spec validator refuses it for this provider
+                raise checks.InvalidJob(f"{field}.pvc cannot be used with provider `openai`")
+            yield f
 
     return read
 

@@ -49,11 +49,14 @@ or raised (see that module).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import httpx
 import openai
@@ -92,13 +95,17 @@ MAX_INLINE_RETRY_AFTER = 20.0
 """A server asking for a longer wait is not waited for inside the call (openai-python would
 sleep up to 2 minutes in a kopf worker thread): the error goes to kopf with that delay."""
 
+CHUNK_BYTES = 1 << 20
+"""Read size when hashing a dataset."""
+
 EVENT_PAGE_SIZE = 100
 MAX_EVENT_PAGES = 10
 """Events are read newest first; older ones past 1,000 are not needed for the status."""
 
 
-Dataset = bytes | Callable[[], bytes]
-"""The JSONL bytes, or a function that reads them (called only when an upload is needed)."""
+Dataset = bytes | Callable[[], AbstractContextManager[IO[bytes]]]
+"""The JSONL bytes, or a function that opens them as a binary file (called only when an upload
+is needed). A file is hashed and uploaded as a stream: memory does not grow with its size."""
 
 
 @dataclass(frozen=True)
@@ -201,13 +208,28 @@ def make_client(
 # ----------------------------------------------------------------------------- helpers
 
 
-def _read(data: Dataset) -> bytes:
-    return data() if callable(data) else data
+@contextlib.contextmanager
+def _opened(data: Dataset) -> Iterator[IO[bytes]]:
+    if isinstance(data, bytes):
+        yield io.BytesIO(data)
+    else:
+        with data() as f:
+            yield f
 
 
-def file_name(uid: str, role: str, data: bytes) -> str:
-    """Deterministic upload name: the FineTuneJob, the role and the content decide it."""
-    return f"{FILE_PREFIX}{uid}-{role}-{hashlib.sha256(data).hexdigest()[:16]}.jsonl"
+def _sha256(f: IO[bytes]) -> tuple[str, int]:
+    """The hex digest and size of ``f`` from where it is; leaves it there again."""
+    start, digest, size = f.tell(), hashlib.sha256(), 0
+    while chunk := f.read(CHUNK_BYTES):
+        digest.update(chunk)
+        size += len(chunk)
+    f.seek(start)
+    return digest.hexdigest(), size
+
+
+def file_name(uid: str, role: str, sha256: str) -> str:
+    """Deterministic upload name: the FineTuneJob, the role and the content's digest decide it."""
+    return f"{FILE_PREFIX}{uid}-{role}-{sha256[:16]}.jsonl"
 
 
 def _openai_spec(spec: ftj.FineTuneJobSpec) -> ftj.OpenAISpec:
@@ -271,11 +293,11 @@ def _ensure_files(
     sent once (client retries off): OpenAI has no idempotency key for files, so a retry after a
     lost answer would store the file twice; the next tick finds the first one by its name.
     """
-    wanted: list[tuple[str, bytes]] = []
+    wanted: list[tuple[str, Dataset]] = []
     if remote.training_file is None:
-        wanted.append(("training", _read(training)))
+        wanted.append(("training", training))
     if validation is not None and remote.validation_file is None:
-        wanted.append(("validation", _read(validation)))
+        wanted.append(("validation", validation))
     if not wanted:
         return {}
     existing: dict[str, FileObject] = {}
@@ -284,15 +306,18 @@ def _ensure_files(
             existing.setdefault(f.filename, f)
     seen: dict[str, FileObject] = {}
     once = client.with_options(max_retries=0)
-    for role, data in wanted:
-        name = file_name(uid, role, data)
-        found = existing.get(name)
-        if found is None:
-            with errors.translated(f"uploading the {role} file", _secrets(client)):
-                found = once.files.create(
-                    file=(name, data, "application/jsonl"), purpose="fine-tune"
-                )
-            log.info("uploaded %s file %s (%d bytes) for uid %s", role, found.id, len(data), uid)
+    for role, dataset in wanted:
+        with _opened(dataset) as body:
+            digest, size = _sha256(body)
+            name = file_name(uid, role, digest)
+            found = existing.get(name)
+            if found is None:
+                with errors.translated(f"uploading the {role} file", _secrets(client)):
+                    # a file object goes out in chunks (httpx's multipart), never whole
+                    found = once.files.create(
+                        file=(name, body, "application/jsonl"), purpose="fine-tune"
+                    )
+                log.info("uploaded %s file %s (%d bytes) for uid %s", role, found.id, size, uid)
         seen[found.id] = found
         if role == "training":
             remote.training_file = found.id

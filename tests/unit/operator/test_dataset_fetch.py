@@ -3,7 +3,10 @@ and errors that name the field (a missing file fails the job; a server error is 
 
 from __future__ import annotations
 
+import io
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
@@ -24,7 +27,8 @@ def serve(request: httpx.Request) -> httpx.Response:
 
 def fetch(url: str, answer: Callable[[httpx.Request], httpx.Response] = serve) -> bytes | None:
     src = ftj.DatasetSource(url=url)
-    return checks.fetch_dataset(src, "team-a", "spec.dataset", httpx.MockTransport(answer))
+    with checks.open_dataset(src, "team-a", "spec.dataset", httpx.MockTransport(answer)) as f:
+        return None if f is None else f.read()
 
 
 @pytest.mark.parametrize(
@@ -63,3 +67,18 @@ def test_a_server_error_or_a_name_that_does_not_resolve_is_retried() -> None:
         fetch("http://93.184.216.34/train.jsonl", lambda _: httpx.Response(503))
     with pytest.raises(kube.TemporaryKubeError, match=r"spec\.dataset\.url: ConnectError"):
         fetch("http://no-such-host.invalid/train.jsonl")
+
+
+def test_a_fetched_body_is_a_temporary_file_that_is_gone_after_the_block() -> None:
+    src = ftj.DatasetSource(url="http://93.184.216.34/train.jsonl")
+    with checks.open_dataset(src, "team-a", "spec.dataset", httpx.MockTransport(serve)) as f:
+        assert f is not None and not isinstance(f, io.BytesIO)
+        path = Path(f"/proc/self/fd/{f.fileno()}").readlink()
+        assert str(path).startswith(tempfile.gettempdir()) and f.read() == LINES
+    assert f.closed and not path.exists()
+
+
+def test_a_pvc_source_is_not_read_here() -> None:
+    src = ftj.DatasetSource(pvc=ftj.PVCPath(claim_name="data", path="train.jsonl"))
+    with checks.open_dataset(src, "team-a", "spec.dataset") as f:
+        assert f is None

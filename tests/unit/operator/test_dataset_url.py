@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import io
 import ssl
 import subprocess
 import threading
@@ -47,6 +48,12 @@ def resolver(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Resolver]:
     return install
 
 
+def fetch(url: str, max_bytes: int, transport: httpx.BaseTransport) -> bytes:
+    body = io.BytesIO()
+    dataset_url.download(url, body, max_bytes, transport)
+    return body.getvalue()
+
+
 def recording(
     answer: Callable[[httpx.Request], httpx.Response] | None = None,
 ) -> tuple[httpx.MockTransport, list[httpx.Request]]:
@@ -64,7 +71,7 @@ def test_the_request_goes_to_the_checked_address_with_the_name_in_host_and_sni(
 ) -> None:
     r = resolver(PUBLIC, LATER)
     transport, seen = recording()
-    assert dataset_url.fetch("https://data.example:8443/train.jsonl", 1024, transport) == BODY
+    assert fetch("https://data.example:8443/train.jsonl", 1024, transport) == BODY
     assert r.asked == 1
     (request,) = seen
     assert request.url.host == PUBLIC and request.url.port == 8443
@@ -85,7 +92,7 @@ def test_each_redirect_is_resolved_checked_and_pinned_on_its_own(
 
     transport, seen = recording(moved)
     with pytest.raises(dataset_url.Refused, match=r"data\.example resolves to 127\.0\.0\.1"):
-        dataset_url.fetch("http://data.example/moved", 1024, transport)
+        fetch("http://data.example/moved", 1024, transport)
     assert [r.url.path for r in seen] == ["/moved"]
 
 
@@ -100,7 +107,7 @@ def test_a_relative_redirect_keeps_the_name_not_the_pinned_address(
         return httpx.Response(200, content=BODY)
 
     transport, seen = recording(moved)
-    assert dataset_url.fetch("http://data.example/moved", 1024, transport) == BODY
+    assert fetch("http://data.example/moved", 1024, transport) == BODY
     assert [(r.headers["Host"], r.url.path) for r in seen] == [
         ("data.example", "/moved"),
         ("data.example", "/train.jsonl"),
@@ -111,21 +118,21 @@ def test_a_redirect_loop_stops(resolver: Callable[..., Resolver]) -> None:
     resolver(PUBLIC)
     transport, seen = recording(lambda _: httpx.Response(302, headers={"Location": "/again"}))
     with pytest.raises(httpx.TooManyRedirects):
-        dataset_url.fetch("http://data.example/again", 1024, transport)
+        fetch("http://data.example/again", 1024, transport)
     assert len(seen) == dataset_url.MAX_REDIRECTS + 1
 
 
 def test_a_name_with_any_internal_address_is_refused(resolver: Callable[..., Resolver]) -> None:
     resolver(f"{PUBLIC},169.254.169.254")
     with pytest.raises(dataset_url.Refused, match=r"169\.254\.169\.254"):
-        dataset_url.fetch("http://data.example/train.jsonl", 1024, recording()[0])
+        fetch("http://data.example/train.jsonl", 1024, recording()[0])
 
 
 @pytest.mark.parametrize("url", ["ftp://data.example/train.jsonl", "file:///etc/passwd"])
 def test_only_http_and_https_are_fetched(url: str, resolver: Callable[..., Resolver]) -> None:
     resolver(PUBLIC)
     with pytest.raises(dataset_url.Refused, match="http or https only"):
-        dataset_url.fetch(url, 1024, recording()[0])
+        fetch(url, 1024, recording()[0])
 
 
 def unresolvable(host: str, port: int) -> list[str]:
@@ -138,18 +145,18 @@ def test_through_a_proxy_the_name_is_still_checked_but_the_proxy_connects(
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
     resolver(PUBLIC)
     transport, seen = recording()
-    assert dataset_url.fetch("https://data.example/train.jsonl", 1024, transport) == BODY
+    assert fetch("https://data.example/train.jsonl", 1024, transport) == BODY
     assert seen[0].url.host == "data.example"
     resolver(LATER)
     with pytest.raises(dataset_url.Refused):
-        dataset_url.fetch("https://data.example/train.jsonl", 1024, transport)
+        fetch("https://data.example/train.jsonl", 1024, transport)
     # A name that only the proxy can resolve is left to it.
     monkeypatch.setattr(dataset_url, "resolve", unresolvable)
-    assert dataset_url.fetch("https://data.example/train.jsonl", 1024, transport) == BODY
+    assert fetch("https://data.example/train.jsonl", 1024, transport) == BODY
     # A name the proxy is bypassed for is pinned again.
     monkeypatch.setenv("NO_PROXY", "data.example")
     resolver(PUBLIC)
-    assert dataset_url.fetch("https://data.example/train.jsonl", 1024, transport) == BODY
+    assert fetch("https://data.example/train.jsonl", 1024, transport) == BODY
     assert seen[-1].url.host == PUBLIC
 
 
@@ -158,13 +165,13 @@ def test_without_a_proxy_a_name_that_does_not_resolve_is_a_connection_error(
 ) -> None:
     monkeypatch.setattr(dataset_url, "resolve", unresolvable)
     with pytest.raises(httpx.ConnectError, match=r"cannot resolve data\.example"):
-        dataset_url.fetch("https://data.example/train.jsonl", 1024, recording()[0])
+        fetch("https://data.example/train.jsonl", 1024, recording()[0])
 
 
 def test_a_body_over_the_limit_is_refused(resolver: Callable[..., Resolver]) -> None:
     resolver(PUBLIC)
     with pytest.raises(dataset_url.TooLarge):
-        dataset_url.fetch("http://data.example/big", len(BODY) - 1, recording()[0])
+        fetch("http://data.example/big", len(BODY) - 1, recording()[0])
 
 
 def test_download_writes_the_body_as_it_arrives(
@@ -236,7 +243,7 @@ def test_over_real_tls_the_pinned_connection_verifies_the_certificate_for_the_na
     # A second lookup would answer an address where nothing listens (TEST-NET-3).
     r = resolver("127.0.0.1", "203.0.113.7")
     url = f"https://dataset.test:{port}/train.jsonl"
-    assert dataset_url.fetch(url, 1024, trusting(cert)) == BODY
+    assert fetch(url, 1024, trusting(cert)) == BODY
     assert r.asked == 1
     assert hosts[-1] == f"dataset.test:{port}"
 
@@ -250,4 +257,4 @@ def test_over_real_tls_a_certificate_for_another_name_is_rejected(
     monkeypatch.setattr(dataset_url, "refused", lambda address: False)
     resolver("127.0.0.1")
     with pytest.raises(httpx.ConnectError, match="certificate verify failed"):
-        dataset_url.fetch(f"https://other.test:{port}/train.jsonl", 1024, trusting(cert))
+        fetch(f"https://other.test:{port}/train.jsonl", 1024, trusting(cert))

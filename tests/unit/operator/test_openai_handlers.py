@@ -1,13 +1,15 @@
 """The glue of OpenAI jobs (``openai_handlers``): whose key is sent where, and how often.
 
 The Kubernetes side is replaced by dicts (``kube.get`` returns the Secret a test sets up,
-``checks.fetch_dataset`` the dataset); the OpenAI side is the fake API, driven with the real
+``checks.open_dataset`` the dataset); the OpenAI side is the fake API, driven with the real
 ``openai`` client, so "nothing was sent" is checked on the fake's request log.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import io
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -80,7 +82,9 @@ def cluster(monkeypatch: pytest.MonkeyPatch) -> Kube:
     k.secrets["openai"] = secret(LABEL)
     monkeypatch.setattr(kube, "get", k.get)
     monkeypatch.setattr(kube, "create_or_adopt", lambda obj: k.created.append(obj) or obj)
-    monkeypatch.setattr(checks, "fetch_dataset", lambda src, ns, field: TRAINING)
+    monkeypatch.setattr(
+        checks, "open_dataset", lambda *_, **__: contextlib.nullcontext(io.BytesIO(TRAINING))
+    )
     return k
 
 

@@ -7,20 +7,23 @@ fake saw: how many paid jobs exist, which were cancelled, which files remain.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import time
 import traceback
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 import openai
 import pytest
 import yaml
 
-from fakes.openai_finetune import FakeOpenAI, Timing
+from fakes.openai_finetune import FakeOpenAI, Timing, run_subprocess
 from kubetune.api import finetunejob as ftj
 from kubetune.operator import manifests
 from kubetune.operator import openai_errors as errors
@@ -278,11 +281,41 @@ def test_datasets_are_not_read_once_files_are_recorded(
 ) -> None:
     status = tick(client, make_spec(), ftj.FineTuneJobStatus()).status
 
-    def must_not_read() -> bytes:
+    def must_not_read() -> contextlib.AbstractContextManager[IO[bytes]]:
         raise AssertionError("dataset read after the upload was recorded")
 
     res = tick(client, make_spec(), status, training=must_not_read)
     assert res.status.remote == status.remote
+
+
+def test_a_large_dataset_file_is_hashed_and_uploaded_in_chunks_never_whole(
+    tmp_path: Path,
+) -> None:
+    """The operator's memory limit (512Mi) is OpenAI's file size limit: a dataset must not be
+    held in memory to be named or sent. The fake runs in its own process, so what tracemalloc
+    sees is the client's side only."""
+    block = chat_jsonl(200) + b"\n"
+    path = tmp_path / "train.jsonl"
+    with path.open("wb") as f:
+        for _ in range(24 * 2**20 // len(block) + 1):
+            f.write(block)
+    size = path.stat().st_size
+    with run_subprocess(api_keys=(KEY,), timing=Timing(2, 2, 10, processing_s=0)) as admin:
+        with provider.make_client(KEY, base_url=admin.base_url) as c:
+            c.files.create(file=("warm-up.jsonl", TRAINING), purpose="fine-tune")  # imports
+            tracemalloc.start()
+            try:
+                res = tick(
+                    c, make_spec(), ftj.FineTuneJobStatus(), training=lambda: path.open("rb")
+                )
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+        (uploaded,) = admin.files_for(OWNER.uid)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert res.status.remote is not None and res.status.remote.training_file == uploaded["id"]
+    assert uploaded["bytes"] == size and uploaded["filename"].endswith(f"-{digest[:16]}.jsonl")
+    assert peak < size / 8, f"peak {peak / 2**20:.1f} MiB for a {size / 2**20:.1f} MiB upload"
 
 
 # ----------------------------------------------------------------------------- errors

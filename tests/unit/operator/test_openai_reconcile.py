@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime
+import io
 import json
 import logging
 import threading
@@ -75,9 +76,12 @@ class Cluster:
         self.configmaps[name] = obj
         return obj
 
-    def fetch_dataset(self, src: Any, namespace: str, field: str) -> bytes:
+    @contextlib.contextmanager
+    def open_dataset(
+        self, src: Any, namespace: str, field: str, *_: Any, **__: Any
+    ) -> Iterator[io.BytesIO]:
         self.dataset_reads += 1
-        return TRAINING
+        yield io.BytesIO(TRAINING)
 
     def event(self, body: Any, *, type: str, reason: str, message: str) -> None:
         self.events.append((type, reason, message))
@@ -97,7 +101,7 @@ def cluster(monkeypatch: pytest.MonkeyPatch, fake: FakeOpenAI) -> Cluster:
     c = Cluster()
     monkeypatch.setattr(kube, "get", c.get)
     monkeypatch.setattr(kube, "create_or_adopt", c.create_or_adopt)
-    monkeypatch.setattr(checks, "fetch_dataset", c.fetch_dataset)
+    monkeypatch.setattr(checks, "open_dataset", c.open_dataset)
     monkeypatch.setattr(kopf, "event", c.event)
     monkeypatch.setattr(kopf, "warn", c.warn)
     settings = OperatorSettings(
