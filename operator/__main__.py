@@ -33,14 +33,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from kubetune.operator import (
         handlers,  # noqa: F401  (registers the handlers)
-        openai_provider,
+        openai_client,
     )
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    openai_provider.quiet_http_logs()  # their DEBUG records carry the API key's header
+    openai_client.quiet_http_logs()  # their DEBUG records carry the API key's header
     kopf.run(
         standalone=True,
         clusterwide=args.all_namespaces or not args.namespace,

@@ -37,7 +37,7 @@ own terminal status (succeeded, failed, cancelled) ends a FineTuneJob that has o
 
 A temporary error's ``delay`` is the server's ``retry-after-ms`` or ``Retry-After`` (seconds
 or an HTTP date) when it sent one, else a default per kind. The client itself already retried
-short waits (see ``openai_provider.make_client``); what reaches here is what is left over.
+short waits (see ``openai_client.make_client``); what reaches here is what is left over.
 The handler grows the delay of an outage that lasts (:func:`retry_delay`): doubled per
 consecutive failure of the same tick, up to :data:`MAX_BACKOFF_DELAY`.
 

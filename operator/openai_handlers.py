@@ -60,7 +60,7 @@ import openai
 
 from kubetune import data
 from kubetune.api import finetunejob as ftj
-from kubetune.operator import checks, kube, manifests
+from kubetune.operator import checks, kube, manifests, openai_client
 from kubetune.operator import openai_errors as errors
 from kubetune.operator import openai_provider as provider
 from kubetune.operator import status as st
@@ -135,7 +135,7 @@ def credentials(
             text = base64.b64decode(values[key]).decode("utf-8").strip()
         except UnicodeDecodeError:
             text = "\ufffd"
-        problem = provider.header_problem(text)
+        problem = openai_client.header_problem(text)
         if problem is not None:
             raise errors.AuthProviderError(
                 f"the value of key {key!r} in {where} (spec.openai.apiKeySecretRef) contains "
@@ -156,7 +156,7 @@ def client_for(spec: ftj.OpenAISpec, namespace: str, settings: OperatorSettings)
     base_url = allowed_base_url(spec, settings.openai_allowed_base_urls)
     ref = spec.api_key_secret_ref
     creds = credentials(kube.get("v1", "Secret", namespace, ref.name), ref, namespace)
-    return provider.make_client(
+    return openai_client.make_client(
         creds.api_key,
         organization=creds.organization,
         project=creds.project,

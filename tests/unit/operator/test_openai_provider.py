@@ -25,7 +25,7 @@ import yaml
 
 from fakes.openai_finetune import FakeOpenAI, Timing, run_subprocess
 from kubetune.api import finetunejob as ftj
-from kubetune.operator import manifests
+from kubetune.operator import manifests, openai_client
 from kubetune.operator import openai_errors as errors
 from kubetune.operator import openai_provider as provider
 from kubetune.operator import openai_status as ostatus
@@ -73,7 +73,7 @@ def fake() -> Iterator[FakeOpenAI]:
 
 
 def client_for(fake: FakeOpenAI, key: str = KEY) -> openai.OpenAI:
-    return provider.make_client(key, base_url=fake.base_url, timeout=httpx.Timeout(5.0))
+    return openai_client.make_client(key, base_url=fake.base_url, timeout=httpx.Timeout(5.0))
 
 
 @pytest.fixture
@@ -301,7 +301,7 @@ def test_a_large_dataset_file_is_hashed_and_uploaded_in_chunks_never_whole(
             f.write(block)
     size = path.stat().st_size
     with run_subprocess(api_keys=(KEY,), timing=Timing(2, 2, 10, processing_s=0)) as admin:
-        with provider.make_client(KEY, base_url=admin.base_url) as c:
+        with openai_client.make_client(KEY, base_url=admin.base_url) as c:
             c.files.create(file=("warm-up.jsonl", TRAINING), purpose="fine-tune")  # imports
             tracemalloc.start()
             try:
@@ -354,11 +354,11 @@ def test_retries_exhausted_become_a_temporary_error_with_the_servers_delay(
     with pytest.raises(errors.TemporaryProviderError) as caught:
         tick(client, make_spec(), ftj.FineTuneJobStatus())
     assert caught.value.reason == "ServerError" and caught.value.delay == 1.0
-    assert len(fake.requests) == 1 + 1 + provider.MAX_RETRIES
+    assert len(fake.requests) == 1 + 1 + openai_client.MAX_RETRIES
 
 
 def test_unreachable_api_is_temporary() -> None:
-    unreachable = provider.make_client(KEY, base_url="http://127.0.0.1:9/v1", max_retries=0)
+    unreachable = openai_client.make_client(KEY, base_url="http://127.0.0.1:9/v1", max_retries=0)
     with unreachable as c, pytest.raises(errors.TemporaryProviderError) as caught:
         tick(c, make_spec(), ftj.FineTuneJobStatus())
     assert caught.value.reason == "ConnectionError"
@@ -733,64 +733,6 @@ def test_redact_removes_secrets_keys_and_bearer_tokens() -> None:
 def test_retry_after(headers: dict[str, str], expected: float | None) -> None:
     now = 1445412480.0  # 07:28:00 that day
     assert errors.retry_after(httpx.Headers(headers), now=now) == expected
-
-
-def test_make_client_strips_the_key_and_refuses_an_empty_one() -> None:
-    with provider.make_client(KEY + "\n", base_url="http://x/v1") as c:
-        assert c.api_key == KEY
-    with pytest.raises(errors.AuthProviderError):
-        provider.make_client(" \n")
-
-
-@pytest.mark.parametrize(
-    ("inside", "problem"),
-    [("\n", "a line break"), (" ", "whitespace"), ("\t", "whitespace"),
-     ("\x00", "a control character"), ("\u00e9", "a non-ASCII character")],
-)  # fmt: skip
-def test_make_client_refuses_a_key_that_cannot_be_a_header(inside: str, problem: str) -> None:
-    broken = KEY[:12] + inside + KEY[12:]
-    with pytest.raises(errors.AuthProviderError) as caught:
-        provider.make_client(broken, base_url="http://x/v1")
-    assert caught.value.reason == "InvalidKey" and problem in str(caught.value)
-    assert KEY[:12] not in str(caught.value) and KEY[12:] not in str(caught.value)
-    with pytest.raises(errors.AuthProviderError, match="project"):
-        provider.make_client(KEY, project="proj" + inside + "x", base_url="http://x/v1")
-
-
-@pytest.fixture
-def http_log_levels() -> Iterator[None]:
-    loggers = [logging.getLogger(n) for n in provider.HTTP_LOGGERS]
-    levels = [lg.level for lg in loggers]
-    yield
-    for lg, level in zip(loggers, levels, strict=True):
-        lg.setLevel(level)
-
-
-def test_verbose_operator_logs_keep_http_libraries_at_info(
-    fake: FakeOpenAI,
-    caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
-    http_log_levels: None,
-) -> None:
-    """With ``-v`` the root logger is at DEBUG; httpx/httpcore/openai debug records would show
-    the Authorization header (h11 names a header value it refuses)."""
-    import kopf
-
-    from kubetune.operator import __main__ as operator_main
-
-    monkeypatch.setattr(kopf, "run", lambda **_: None)
-    caplog.set_level(logging.DEBUG)
-    assert operator_main.main(["-v"]) == 0
-    for name in provider.HTTP_LOGGERS:
-        assert logging.getLogger(name).getEffectiveLevel() >= logging.INFO, name
-
-    # A key the client would send as it is (make_client refuses it): nothing logs it.
-    broken = KEY[:12] + "\n" + KEY[12:]
-    raw = openai.OpenAI(api_key=broken, base_url=fake.base_url, max_retries=1)
-    with raw, pytest.raises(openai.APIConnectionError):
-        raw.files.list()
-    assert caplog.records, "the root logger records at DEBUG"
-    assert KEY[12:] not in caplog.text and KEY[:12] not in caplog.text
 
 
 def test_lasting_outages_back_off_up_to_a_cap() -> None:
