@@ -139,6 +139,11 @@ resolvConf: /etc/resolv.conf
 # Evict only when the disk is really full: the defaults (10% and 15% free) trip on a big disk
 # that docker's copies of the images share.
 evictionHard: {memory.available: 256Mi, nodefs.available: 1Gi, imagefs.available: 1Gi}
+# No image garbage collection before the disk is full: with the default (85% used) a machine
+# holding docker's copies of the images deleted the imported pause image, which no registry can
+# give back, and every pod sandbox failed after it ("failed to get sandbox image").
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
 serializeImagePulls: false
 EOF
 start_daemon kubelet "$BIN/kubelet" --config "$RUN/kubelet.yaml" --kubeconfig "$RUN/kubelet.kubeconfig" \
