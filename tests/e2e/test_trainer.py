@@ -165,6 +165,16 @@ def finish(proc: subprocess.Popen[bytes], log: Path) -> int:
         pytest.fail(f"trainer did not finish:\n{log.read_text()[-3000:]}")
 
 
+def wait_for_step(proc: subprocess.Popen[bytes], out: Path, log: Path, step: int) -> None:
+    """Until the run has logged ``step`` (its record is written before that step's
+    validation pass and checkpoint)."""
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while not any(r.step >= step for r in metrics(out)):
+        assert proc.poll() is None, f"trainer ended early:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, "trainer made no progress"
+        time.sleep(0.02)
+
+
 def adapter_weights(out: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
@@ -183,12 +193,8 @@ def test_sigterm_checkpoints_and_the_restart_ends_like_an_uninterrupted_run(
     config = write_config(tmp_path, demo_model, "preempted")
     out, log = tmp_path / "preempted", tmp_path / "preempted.log"
     proc = start(config, log)
-    deadline = time.monotonic() + RUN_TIMEOUT
     # Past the first periodic checkpoint (step 20), well before the end (162 steps).
-    while not any(r.step >= 25 for r in metrics(out)):
-        assert proc.poll() is None, f"trainer ended early:\n{log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, "trainer made no progress"
-        time.sleep(0.05)
+    wait_for_step(proc, out, log, 25)
     proc.send_signal(signal.SIGTERM)
     assert finish(proc, log) == PREEMPTED, log.read_text()[-3000:]
     assert not (out / "result.json").exists()
@@ -262,11 +268,7 @@ def test_sigterm_stops_both_workers_at_one_checkpoint_and_the_restart_resumes(
     )
     out, log = tmp_path / "ddp", tmp_path / "ddp.log"
     proc = start(config, log)
-    deadline = time.monotonic() + RUN_TIMEOUT
-    while not any(r.step >= 25 for r in metrics(out)):
-        assert proc.poll() is None, f"trainer ended early:\n{log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, "trainer made no progress"
-        time.sleep(0.05)
+    wait_for_step(proc, out, log, 25)
     proc.send_signal(signal.SIGTERM)  # what the kubelet sends the pod's main process
     assert finish(proc, log) == PREEMPTED, log.read_text()[-3000:]
     stopped_at = metrics(out)[-1].step
@@ -278,6 +280,36 @@ def test_sigterm_stops_both_workers_at_one_checkpoint_and_the_restart_resumes(
     assert result.steps == result.total_steps == 180
     assert result.attempts == 2
     assert [r.step for r in metrics(out) if r.step > stopped_at] == list(range(stopped_at + 1, 181))
+
+
+def test_sigterm_during_a_validation_pass_stops_it_on_both_workers(
+    demo_model: Path, tmp_path: Path
+) -> None:
+    """Each evaluation batch ends with a collective vote on SIGTERM: both workers leave the
+    pass at the same batch, or the checkpoint's collectives would hang."""
+    valid = tmp_path / "valid.jsonl"  # long enough that a pass takes seconds: 1,620 examples
+    valid.write_text((DATASET.read_text("utf-8").rstrip("\n") + "\n") * 30, "utf-8")
+    config = write_config(
+        tmp_path, demo_model, "ddp-valid", gpus=2, validation={"path": str(valid)},
+        hyperparameters={"epochs": 2, "batchSize": 6, "checkpointEverySteps": 5},
+    )  # fmt: skip
+    out, log = tmp_path / "ddp-valid", tmp_path / "ddp-valid.log"
+    proc = start(config, log)
+    # Step 5's record is written just before its validation pass starts.
+    wait_for_step(proc, out, log, 5)
+    proc.send_signal(signal.SIGTERM)
+    assert finish(proc, log) == PREEMPTED, log.read_text()[-3000:]
+    text = log.read_text()
+    assert text.count("SIGTERM: validation pass at step 5 stopped") == 2, text[-3000:]
+    assert (out / "checkpoints" / "checkpoint-5" / "kubetune-complete.json").exists()
+    records = metrics(out)
+    assert [r.step for r in records] == [1, 2, 3, 4, 5]
+    assert all(r.valid_loss is None for r in records)
+
+    assert finish(start(config, log), log) == 0, log.read_text()[-3000:]
+    result = TrainingResult.load(out)
+    assert result.steps == result.total_steps == 18 and result.attempts == 2
+    assert result.final_valid_loss is not None
 
 
 def test_a_job_the_workers_refuse_exits_2(demo_model: Path, tmp_path: Path) -> None:
