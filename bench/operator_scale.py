@@ -3,7 +3,7 @@
 Applies N FineTuneJobs in one `kubectl apply` (N = 100 and 500 by default), then measures:
 - latency from the apply to each trainer Job appearing (seen through a watch, p50/p99),
 - the time until every FineTuneJob is Succeeded (kwok pods run for --run-seconds),
-- the operator process's peak RSS (VmHWM).
+- the operator process's peak RSS (VmHWM) and CPU time.
 Writes bench/results/operator_scale.json. Needs the cluster binaries (`make k8s-bin`); starts
 its own kwok cluster unless KUBETUNE_TEST_KUBECONFIG names one.
 
@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +68,21 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def run_once(c: kcluster.Cluster, n: int, run_seconds: float, interval: float) -> dict[str, Any]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+Setup = Callable[[kcluster.Cluster, str], dict[str, Any]]
+"""Prepares the namespace before the operator starts; what it returns joins the run's record."""
+
+
+def run_once(
+    c: kcluster.Cluster, n: int, run_seconds: float, interval: float, setup: Setup | None = None
+) -> dict[str, Any]:
     ns = c.create_namespace(f"bench-{n}-")
+    prepared = setup(c, ns) if setup is not None else {}
     ftj.output_volume(c, ns)
     ftj.dataset_configmap(c, ns, ftj.dataset_text())
     toleration = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
@@ -108,6 +123,7 @@ def run_once(c: kcluster.Cluster, n: int, run_seconds: float, interval: float) -
             time.sleep(2)
         stop.set()
         rss = peak_rss_mib(op.proc.pid) if op.proc else float("nan")
+        cpu = cpu_seconds(op.proc.pid) if op.proc else float("nan")
     # Each FineTuneJob from its own creation to its trainer Job: kubectl applies them one by
     # one, which for 500 takes minutes on this machine and is not the operator's doing.
     latencies = [
@@ -124,6 +140,8 @@ def run_once(c: kcluster.Cluster, n: int, run_seconds: float, interval: float) -
         "ftj_created_to_job_p99_s": round(percentile(latencies, 0.99), 2) if latencies else None,
         "all_succeeded_s": None if done_at is None else round(done_at, 1),
         "operator_peak_rss_mib": round(rss, 1),
+        "operator_cpu_s": round(cpu, 1),
+        **prepared,
     }
 
 

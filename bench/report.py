@@ -100,6 +100,28 @@ def operator_scale(doc: Doc) -> list[str]:
     ]
 
 
+def operator_foreign(doc: Doc) -> list[str]:
+    none, crowded = doc["runs"]
+    keys = ["operator_peak_rss_mib", "operator_cpu_s", "all_succeeded_s"]
+    rows = [
+        ["none", *(none[k] for k in keys)],
+        [
+            f"{crowded['foreign_configmaps']:,} ConfigMaps of {crowded['foreign_configmap_kib']} "
+            f"KiB + {crowded['foreign_pods']} Pods",
+            *(crowded[k] for k in keys),
+        ],
+        ["ratio", *(f"{doc['ratios_foreign_over_none'][k]}×" for k in keys)],
+    ]
+    header = ["foreign objects in the namespace", "operator peak RSS (MiB)"]
+    header += ["operator CPU (s)", f"{none['n']} jobs all Succeeded (s)"]
+    return [
+        "Other teams' objects (`bench/operator_foreign.py`): the operator's watches select "
+        f"kubetune's own objects on the API server; {doc['machine']}.",
+        "",
+        *table(header, rows),
+    ]
+
+
 def serve(doc: Doc) -> list[str]:
     latency = doc["latency"]
     row = [
@@ -141,6 +163,7 @@ def validate(doc: Doc) -> list[str]:
 RENDERERS: dict[str, Callable[[Doc], list[str]]] = {
     "trainer_throughput": trainer_throughput,
     "operator_scale": operator_scale,
+    "operator_foreign": operator_foreign,
     "serve": serve,
     "validate": validate,
 }
