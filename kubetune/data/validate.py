@@ -35,7 +35,12 @@ MIN_EXAMPLES: dict[str, int] = {"openai": 10, "local": 1}
 """Fewest examples each provider accepts (OpenAI refuses fewer than 10)."""
 
 COUNT_BATCH = 256
-"""Examples handed to the token counter at once (fast tokenizers batch in native code)."""
+"""Examples handed to the token counter at once (fast tokenizers batch in native code), or
+fewer: a batch also ends once its lines hold :data:`COUNT_BATCH_BYTES`."""
+
+COUNT_BATCH_BYTES = 4 << 20
+"""Bytes of JSONL lines queued for counting at once: 256 long examples (OpenAI allows 64k
+tokens each) would otherwise hold a few hundred MB of parsed messages at a time."""
 
 PROGRESS_EVERY = 1 << 16
 """Lines between two progress callbacks."""
@@ -83,6 +88,7 @@ class _Validator:
         self.format: schema.Format | None = None
         self.seen = DigestTable()
         self.batch: list[schema.Example] = []
+        self.batch_bytes = 0
         self.stats = StatsAccumulator(self.limit) if counter else None
         self.notes: list[str] = []
         self.unreadable = False
@@ -155,7 +161,8 @@ class _Validator:
                 self.duplicate(lineno, first)
             if counting:
                 self.batch.append(schema.to_example(value, lineno))
-                if len(self.batch) >= COUNT_BATCH:
+                self.batch_bytes += len(raw)
+                if len(self.batch) >= COUNT_BATCH or self.batch_bytes >= COUNT_BATCH_BYTES:
                     self.flush()
         self.n_lines = lineno
 
@@ -195,17 +202,19 @@ class _Validator:
         for p in problems:
             self.add(p)
         if value is not None and not any(p.is_error for p in problems):
-            self.accept(value, lineno)
+            self.accept(value, lineno, len(raw))
 
-    def accept(self, value: schema.FastLine, lineno: int) -> None:
-        """A line without errors: count it, check it against earlier ones, queue its tokens."""
+    def accept(self, value: schema.FastLine, lineno: int, size: int) -> None:
+        """A line without errors (``size`` bytes): count it, check it against earlier ones,
+        queue its tokens."""
         self.n_valid += 1
         first = self.seen.add(schema.digest(value), lineno)
         if first:
             self.duplicate(lineno, first)
         if self.counter is not None:
             self.batch.append(schema.to_example(value, lineno))
-            if len(self.batch) >= COUNT_BATCH:
+            self.batch_bytes += size
+            if len(self.batch) >= COUNT_BATCH or self.batch_bytes >= COUNT_BATCH_BYTES:
                 self.flush()
 
     def duplicate(self, line: int, first: int) -> None:
@@ -246,6 +255,7 @@ class _Validator:
                     )
                 )
         self.batch.clear()
+        self.batch_bytes = 0
 
     # -- the end -------------------------------------------------------------------------------
 

@@ -57,6 +57,40 @@ def test_duplicate_table_bound_is_what_the_docs_say() -> None:
     assert MAX_ENTRIES == 2_097_152 and BYTES_AT_CEILING == 48 << 20
 
 
+class BatchRecorder:
+    """A stand-in tokenizer (a token per character) that records each batch it is handed."""
+
+    name, exact, limit = "chars", True, None
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def count(self, examples: list[data.Example]) -> list[data.TokenCount]:
+        sizes = [sum(len(m.content or "") for m in ex.messages) for ex in examples]
+        self.batches.append(sizes)
+        return [data.TokenCount(n, n // 2) for n in sizes]
+
+
+@pytest.mark.parametrize("chat_format", [True, False], ids=["chat", "prompt-completion"])
+def test_long_examples_are_counted_in_batches_bounded_by_bytes(
+    tmp_path: Path, chat_format: bool
+) -> None:
+    """256 examples of 200 KB would hold 50 MB of messages (and their token ids) at once."""
+    long = "道" * 70_000  # 210 KB as UTF-8
+    lines = [  # chat lines take the validator's fast path, prompt/completion its other one
+        chat(("user", f"q{i}"), ("assistant", long)) if chat_format
+        else {"prompt": f"q{i}", "completion": long}
+        for i in range(60)
+    ]  # fmt: skip
+    counter = BatchRecorder()
+    report = data.validate_file(write_jsonl(tmp_path / "long.jsonl", lines), counter=counter)
+    assert report.ok and report.n_valid == 60
+    assert sum(len(b) for b in counter.batches) == 60
+    per_line = 3 * len(long)
+    assert len(counter.batches) >= 60 * per_line // validate.COUNT_BATCH_BYTES
+    assert max(len(b) for b in counter.batches) <= validate.COUNT_BATCH_BYTES // per_line + 1
+
+
 def test_text_lines_and_file_give_the_same_report(tmp_path: Path) -> None:
     lines = [json.dumps(clean_example(i)) for i in range(11)] + ["not json", ""]
     text = "\n".join(lines) + "\n"
