@@ -1,4 +1,5 @@
-"""kopf handlers for FineTuneJob: thin glue between watch events, the providers and status.
+"""kopf handlers for FineTuneJob and ModelServer: thin glue between watch events, the
+providers and status.
 
 One timer per FineTuneJob reconciles it level-triggered: parse the spec, validate the dataset
 (once, before anything is created), hand over to the provider, write the status it returns and
@@ -16,19 +17,24 @@ from collections.abc import Callable
 from typing import Any
 
 import kopf
+from pydantic import ValidationError
 
 from kubetune.api import finetunejob as ftj
+from kubetune.api import modelserver as ms
+from kubetune.api.types import ApiModel
 from kubetune.operator import (
     checks,
     kube,
     local_provider,
     manifests,
+    model_server,
     openai_errors,
     openai_handlers,
 )
 from kubetune.operator import status as st
 from kubetune.operator.openai_status import Event
 from kubetune.operator.settings import OperatorSettings
+from kubetune.server import launcher
 
 SETTINGS = OperatorSettings.from_env()
 MANAGED = {manifests.LABEL_MANAGED_BY: "kubetune"}
@@ -96,6 +102,41 @@ def server_pods(namespace: str | None, labels: Any, body: Any, **_: Any) -> dict
     return {_owner_key(namespace, labels): copy.deepcopy(dict(body))}
 
 
+def _server_key(namespace: str | None, labels: Any) -> Key:
+    return (namespace or "", str(labels.get(manifests.LABEL_MODELSERVER, "")))
+
+
+@kopf.index("apps", "v1", "deployments", labels=_component("modelserver"))
+def model_server_deployments(
+    namespace: str | None, labels: Any, body: Any, **_: Any
+) -> dict[Key, Any]:
+    return {_server_key(namespace, labels): copy.deepcopy(dict(body))}
+
+
+@kopf.index("v1", "pods", labels=_component("modelserver"))
+def model_server_pods(namespace: str | None, labels: Any, body: Any, **_: Any) -> dict[Key, Any]:
+    return {_server_key(namespace, labels): copy.deepcopy(dict(body))}
+
+
+@kopf.index(ftj.GROUP, ftj.VERSION, ms.PLURAL)
+def model_servers(namespace: str | None, name: str, body: Any, **_: Any) -> dict[Key, Any]:
+    return {(namespace or "", name): copy.deepcopy(dict(body))}
+
+
+def _names_a_server(spec: kopf.Spec, **_: Any) -> bool:
+    return bool((spec.get("serve") or {}).get("server"))
+
+
+@kopf.index(ftj.GROUP, ftj.VERSION, ftj.PLURAL, when=_names_a_server)
+def served_jobs(
+    namespace: str | None, spec: kopf.Spec, body: Any, **_: Any
+) -> dict[Key, model_server.Member]:
+    """FineTuneJobs by the ModelServer they name (a filter, so a job that stops naming one
+    leaves the index)."""
+    server = str(spec["serve"]["server"])
+    return {(namespace or "", server): model_server.member(copy.deepcopy(dict(body)))}
+
+
 def _owned(items: Any, uid: str | None) -> list[dict[str, Any]]:
     """The objects whose owner references name ``uid``.
 
@@ -115,9 +156,10 @@ def _one(index: kopf.Index[Key, Any], key: Key, uid: str | None) -> dict[str, An
 
 
 def _children(
-    indices: dict[str, kopf.Index[Key, Any]], key: Key, uid: str
+    indices: dict[str, kopf.Index[Key, Any]], key: Key, uid: str, server: str | None = None
 ) -> local_provider.Children:
     job = _one(indices["trainer_jobs"], key, uid)
+    servers = list(indices["model_servers"].get((key[0], server), [])) if server else []
     return local_provider.Children(
         job=job,
         pods=_owned(
@@ -128,13 +170,14 @@ def _children(
         # Owned by a ReplicaSet, not the job: a job deleted and made again under the same name
         # may show the old one's pods here until they are gone (they only explain a wait).
         server_pods=list(indices["server_pods"].get(key, [])),
+        model_server=servers[-1] if servers else None,
     )
 
 
 # ----------------------------------------------------------------------------- status
 
 
-def _status_patch(old: dict[str, Any], new: ftj.FineTuneJobStatus) -> dict[str, Any]:
+def _status_patch(old: dict[str, Any], new: ApiModel) -> dict[str, Any]:
     """A merge patch from the stored status to ``new``; removed fields become null."""
     wire = new.to_wire()
     patch: dict[str, Any] = {k: v for k, v in wire.items() if old.get(k) != v}
@@ -261,7 +304,7 @@ def reconcile(
                 parsed, owner, new, SETTINGS, generation, stopping=_stopping(stopped, meta)
             )
         else:
-            children = _children(indices, key, uid)
+            children = _children(indices, key, uid, parsed.serve.server)
             new = local_provider.reconcile(parsed, owner, new, children, SETTINGS, generation)
     except (
         checks.InvalidJob,
@@ -301,6 +344,53 @@ def _write(
     if new.phase != old.phase:
         kind = "Warning" if new.phase == ftj.Phase.FAILED else "Normal"
         kopf.event(body, type=kind, reason=str(new.phase), message=new.message or str(new.phase))
+
+
+@kopf.timer(ftj.GROUP, ftj.VERSION, ms.PLURAL, interval=SETTINGS.reconcile_interval, idle=None)
+def reconcile_model_server(
+    spec: kopf.Spec,
+    status: kopf.Status,
+    name: str,
+    namespace: str | None,
+    uid: str,
+    meta: kopf.Meta,
+    patch: kopf.Patch,
+    **kwargs: Any,
+) -> None:
+    """One timer per ModelServer: its adapters are those of the jobs that name it (index)."""
+    indices: dict[str, kopf.Index[Key, Any]] = kwargs
+    namespace = namespace or "default"
+    stored = {k: v for k, v in dict(status).items() if k != "kopf"}
+    old = ms.ModelServerStatus.model_validate(stored)
+    generation = meta.get("generation")
+    owner = manifests.Owner(name=name, namespace=namespace, uid=uid, kind=ms.KIND)
+    key = (namespace, name)
+    try:
+        parsed = ms.ModelServerSpec.model_validate(dict(spec))
+    except ValidationError as exc:
+        problem = launcher.validation_problem(exc, "spec")
+        new = old.model_copy(deep=True)
+        new.conditions = st.set_condition(
+            old.conditions, "Ready", False, "Invalid", problem, generation
+        )
+        patch.status.update(_status_patch(stored, new))
+        return
+    try:
+        new = model_server.reconcile(
+            parsed,
+            owner,
+            indices["served_jobs"].get(key, []),
+            _one(indices["model_server_deployments"], key, uid),
+            list(indices["model_server_pods"].get(key, [])),
+            old,
+            SETTINGS,
+            generation,
+        )
+    except kube.TemporaryKubeError as exc:
+        raise kopf.TemporaryError(str(exc), delay=exc.delay) from None
+    changes = _status_patch(stored, new)
+    if changes:
+        patch.status.update(changes)
 
 
 def _drops_output(spec: kopf.Spec, **_: Any) -> bool:

@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from kubetune.api import finetunejob as ftj
+from kubetune.api import modelserver as ms
 from kubetune.operator import kube, kueue, manifests, serving_manifests
 from kubetune.operator import status as st
 from kubetune.operator.settings import OperatorSettings
@@ -35,6 +36,8 @@ class Children:
     progress: dict[str, Any] | None = None
     deployment: dict[str, Any] | None = None
     server_pods: list[dict[str, Any]] = field(default_factory=list)
+    model_server: dict[str, Any] | None = None
+    """The ModelServer that ``spec.serve.server`` names, when it exists."""
 
 
 def endpoint_url(owner: manifests.Owner) -> str:
@@ -131,10 +134,21 @@ def serving_wanted(
         queue=spec.serving_queue,
     )
     objects.append(manifests.endpoint_configmap(owner, endpoint_url(owner), owner.name))
-    objects.sort(key=lambda obj: obj["kind"] == "Deployment")
+    return stamped(objects)
+
+
+def stamped(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The objects, the Deployment last, stamped with the hash of them all."""
+    objects = sorted(objects, key=lambda obj: obj["kind"] == "Deployment")
     digest = hashlib.sha256(json.dumps(objects, sort_keys=True).encode()).hexdigest()[:16]
     objects[-1]["metadata"].setdefault("annotations", {})[APPLIED_HASH] = digest
     return objects
+
+
+def applied_hash(deployment: dict[str, Any] | None) -> str | None:
+    """The hash of the objects last applied, from the Deployment that carries it."""
+    meta = (deployment or {}).get("metadata") or {}
+    return (meta.get("annotations") or {}).get(APPLIED_HASH)
 
 
 SERVING_RECHECK_SECONDS = 300.0
@@ -162,7 +176,7 @@ def ensure_serving(
     :data:`SERVING_RECHECK_SECONDS` they are read back, and any that is gone is applied again.
     """
     meta = (deployment or {}).get("metadata") or {}
-    applied = (meta.get("annotations") or {}).get(APPLIED_HASH)
+    applied = applied_hash(deployment)
     digest = wanted[-1]["metadata"]["annotations"][APPLIED_HASH]
     if applied == digest:
         key = (owner.uid, digest)
@@ -191,8 +205,13 @@ def _queue(deployment: dict[str, Any]) -> str | None:
 
 def remove_serving(owner: manifests.Owner) -> None:
     """`spec.serve.enabled` turned off after success: take the endpoint and server away."""
-    name = serving_manifests.server_name(owner)
     kube.delete("v1", "ConfigMap", owner.namespace, manifests.endpoint_name(owner))
+    remove_server(owner)
+
+
+def remove_server(owner: manifests.Owner) -> None:
+    """The job's own server objects (not its endpoint ConfigMap)."""
+    name = serving_manifests.server_name(owner)
     kube.delete("apps/v1", "Deployment", owner.namespace, name)
     kube.delete("v1", "Service", owner.namespace, name)
     kube.delete("v1", "ConfigMap", owner.namespace, serving_manifests.config_name(owner))
@@ -247,6 +266,9 @@ def serve(
             new.conditions = [c for c in new.conditions if c.type != "ServingReady"]
             new.message = "training finished; serving is off"
         return
+    if spec.serve.server is not None:
+        serve_shared(spec.serve.server, owner, new, children, generation)
+        return
     try:
         wanted = serving_wanted(spec, owner, settings)
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
@@ -284,6 +306,56 @@ def serve(
         new.message = f"training finished; {why}"
     else:
         new.message = f"training finished; waiting for vLLM: {why}"
+
+
+def model_server_url(server: str, namespace: str) -> str:
+    owner = manifests.Owner(name=server, namespace=namespace, uid="", kind=ms.KIND)
+    return endpoint_url(owner)
+
+
+def serve_shared(
+    server: str,
+    owner: manifests.Owner,
+    new: ftj.FineTuneJobStatus,
+    children: Children,
+    generation: int | None,
+) -> None:
+    """``spec.serve.server``: the ModelServer serves the adapter (it picks the job up from its
+    own index); the job takes down a server of its own, points its endpoint at the
+    ModelServer, and reports in ServingReady what the ModelServer's status says of it."""
+    if children.deployment is not None:
+        remove_server(owner)
+    url = model_server_url(server, owner.namespace)
+    if new.endpoint is None or new.endpoint.base_url != url:
+        kube.apply(manifests.endpoint_configmap(owner, url, owner.name))
+    new.fine_tuned_model = owner.name
+    new.endpoint = ftj.EndpointStatus(
+        base_url=url, model=owner.name, config_map=manifests.endpoint_name(owner)
+    )
+    ready, reason, why = shared_serving_state(server, owner, children.model_server)
+    new.conditions = st.set_condition(
+        new.conditions, "ServingReady", ready, reason, why, generation
+    )
+    new.message = "serving" if ready else f"training finished; {why}"
+
+
+def shared_serving_state(
+    server: str, owner: manifests.Owner, body: dict[str, Any] | None
+) -> tuple[bool, str, str]:
+    """(ready, reason, message) of the job's ServingReady from its ModelServer's status."""
+    if body is None:
+        return False, "ModelServerNotFound", f"no ModelServer {server} in {owner.namespace}"
+    status = ms.ModelServerStatus.model_validate(body.get("status") or {})
+    refused = {r.name: r.message for r in status.refused}
+    if owner.name in refused:
+        return False, "AdapterRefused", f"ModelServer {server} refuses it: {refused[owner.name]}"
+    ready = next((c for c in status.conditions if c.type == "Ready"), None)
+    if owner.name not in status.adapters:
+        return False, "ModelServerPending", f"ModelServer {server} has not added the adapter yet"
+    if ready is None or ready.status != "True":
+        why = ready.message if ready is not None else "no status yet"
+        return False, "ModelServerNotReady", f"ModelServer {server} is not ready: {why}"
+    return True, "ModelServerReady", f"served by ModelServer {server}: {ready.message}"
 
 
 def pod_creation_refusal(job: dict[str, Any] | None) -> str | None:

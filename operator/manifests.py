@@ -25,6 +25,7 @@ from kubetune.api.jobconfig import (
 from kubetune.operator.settings import OperatorSettings
 
 LABEL_JOB = "kubetune.io/finetunejob"
+LABEL_MODELSERVER = "kubetune.io/modelserver"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
@@ -45,16 +46,22 @@ GRACE_ENV = "KUBETUNE_TERMINATION_GRACE_SECONDS"
 
 @dataclass(frozen=True)
 class Owner:
-    """The FineTuneJob that owns the children (from its metadata)."""
+    """The FineTuneJob (or ModelServer) that owns the children (from its metadata)."""
 
     name: str
     namespace: str
     uid: str
+    kind: str = ftj.KIND
+
+    @property
+    def label(self) -> str:
+        """The label that ties a child to its owner by name."""
+        return LABEL_JOB if self.kind == ftj.KIND else LABEL_MODELSERVER
 
     def reference(self) -> dict[str, Any]:
         return {
             "apiVersion": ftj.API_VERSION,
-            "kind": ftj.KIND,
+            "kind": self.kind,
             "name": self.name,
             "uid": self.uid,
             "controller": True,
@@ -66,7 +73,7 @@ class Owner:
             "name": name,
             "namespace": self.namespace,
             "labels": {
-                LABEL_JOB: self.name,
+                self.label: self.name,
                 LABEL_COMPONENT: component,
                 LABEL_MANAGED_BY: "kubetune",
                 **extra_labels,

@@ -30,6 +30,11 @@ template carry ``kueue.x-k8s.io/queue-name``, so Kueue's pod integration holds e
 (a scheduling gate) until the queue's quota admits it, and adds the admitting flavor's node
 labels, as it does for the trainer Job.
 
+A ModelServer gets the same three objects from ``model_server_objects(...)``: one vLLM for
+its base model with many adapters, each job's output folder mounted read-only (a ``subPath``)
+at ``/kubetune/adapters/<job>``, its labels ``kubetune.io/modelserver`` and component
+``modelserver`` (so a FineTuneJob's server index never picks it up).
+
 Nothing here talks to Kubernetes or imports kopf; ``tests/unit/server/test_serving_manifests``
 checks the output.
 """
@@ -38,9 +43,11 @@ from __future__ import annotations
 
 import hashlib
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from kubetune.api import finetunejob as ftj
+from kubetune.api import modelserver as ms
 from kubetune.api.serveconfig import AdapterSource, ServeConfig
 from kubetune.api.types import quantity_value
 from kubetune.operator import manifests
@@ -49,6 +56,9 @@ from kubetune.operator.settings import OperatorSettings
 SERVER_PORT = 8000
 CPU_KV_CACHE_DEFAULT_GIB = 4
 COMPONENT = "server"
+SHARED_COMPONENT = "modelserver"
+ADAPTERS_DIR = "/kubetune/adapters"
+"""Where a ModelServer's pods find each job's adapter: ``<ADAPTERS_DIR>/<job name>``."""
 CONFIG_FILE = "serve.yaml"
 CONFIG_PATH = f"{manifests.CONFIG_DIR}/{CONFIG_FILE}"
 ADAPTER_PATH = manifests.OUTPUT_DIR
@@ -70,9 +80,22 @@ def config_name(owner: manifests.Owner) -> str:
     return f"{owner.name}-{COMPONENT}-config"
 
 
+def component(owner: manifests.Owner) -> str:
+    return COMPONENT if owner.kind == ftj.KIND else SHARED_COMPONENT
+
+
 def selector_labels(owner: manifests.Owner) -> dict[str, str]:
-    """Labels that pick this job's server pods (stable: a Deployment's selector is immutable)."""
-    return {manifests.LABEL_JOB: owner.name, manifests.LABEL_COMPONENT: COMPONENT}
+    """Labels that pick the owner's server pods (stable: a Deployment's selector is immutable)."""
+    return {owner.label: owner.name, manifests.LABEL_COMPONENT: component(owner)}
+
+
+@dataclass(frozen=True)
+class AdapterMount:
+    """A job's output folder (``subpath`` of ``claim``), mounted read-only at ``path``."""
+
+    claim: str
+    subpath: str
+    path: str
 
 
 def _labels(owner: manifests.Owner) -> dict[str, str]:
@@ -112,14 +135,15 @@ MAX_FOLDER_NAME = 200
 """A PVC folder name is cut to this many characters (served names may have 256)."""
 
 
-def base_served_name(base_model: ftj.ModelRef, adapter_name: str) -> str:
+def base_served_name(base_model: ftj.ModelRef, *adapter_names: str) -> str:
     """What clients send for the untuned base: the hub id, or the model folder's name.
 
     Always a valid served name (:data:`~kubetune.api.serveconfig.ServedName`) that differs
-    from ``adapter_name``: a folder name has each run of characters a served name cannot hold
-    (spaces, ``=``, ``,``, ...) replaced by ``-`` and leading ``-._`` dropped (``Llama 3 8B``
-    is served as ``Llama-3-8B``); a folder name with nothing left is replaced by the claim's
-    name; a name equal to ``adapter_name`` gets :data:`BASE_NAME_SUFFIX`.
+    from every one of ``adapter_names``: a folder name has each run of characters a served name
+    cannot hold (spaces, ``=``, ``,``, ...) replaced by ``-`` and leading ``-._`` dropped
+    (``Llama 3 8B`` is served as ``Llama-3-8B``); a folder name with nothing left is replaced
+    by the claim's name; a name equal to an adapter's gets :data:`BASE_NAME_SUFFIX` (again,
+    until it differs).
     """
     if base_model.id is not None:
         name = base_model.id
@@ -128,13 +152,15 @@ def base_served_name(base_model: ftj.ModelRef, adapter_name: str) -> str:
         folder = base_model.pvc.path.rstrip("/").rsplit("/", 1)[-1]
         name = re.sub(r"[^-._A-Za-z0-9]+", "-", folder).lstrip("-._")[:MAX_FOLDER_NAME]
         name = name or base_model.pvc.claim_name
-    return name + BASE_NAME_SUFFIX if name == adapter_name else name
+    while name in adapter_names:
+        name += BASE_NAME_SUFFIX
+    return name
 
 
 def serve_config(
     *,
     owner: manifests.Owner,
-    serve: ftj.ServeSpec,
+    serve: ftj.ServerSettings,
     base_model: ftj.ModelRef,
     lora_rank: int,
     runtime_lora_updating: bool = False,
@@ -157,6 +183,27 @@ def serve_config(
     )
 
 
+def shared_serve_config(
+    *, spec: ms.ModelServerSpec, adapters: list[AdapterMount], names: list[str]
+) -> ServeConfig:
+    """A ModelServer's launcher config: its base model and each job's adapter, by job name."""
+    cpu = spec.engine == "vllm-cpu"
+    return ServeConfig(
+        model=base_model_path(spec.model),
+        revision=spec.model.revision,
+        served_model_name=base_served_name(spec.model, *names),
+        adapters=[AdapterSource(name=n, path=a.path) for n, a in zip(names, adapters, strict=True)],
+        engine=spec.engine,
+        host="0.0.0.0",
+        port=SERVER_PORT,
+        max_model_len=spec.max_model_length,
+        tensor_parallel_size=1 if cpu else max(1, spec.resources.gpus),
+        max_lora_rank=spec.max_lora_rank,
+        max_loras=spec.max_loras,
+        api_key_env=API_KEY_ENV if spec.api_key_secret_ref else None,
+    )
+
+
 def config_configmap(config: ServeConfig, owner: manifests.Owner) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
@@ -169,12 +216,12 @@ def config_configmap(config: ServeConfig, owner: manifests.Owner) -> dict[str, A
 # ------------------------------------------------------------------------------ pod
 
 
-def server_image(serve: ftj.ServeSpec, settings: OperatorSettings) -> str:
+def server_image(serve: ftj.ServerSettings, settings: OperatorSettings) -> str:
     """Each engine is a different vLLM build, hence a different image."""
     return settings.server_cpu_image if serve.engine == "vllm-cpu" else settings.server_image
 
 
-def engine_resources(serve: ftj.ServeSpec) -> ftj.Resources:
+def engine_resources(serve: ftj.ServerSettings) -> ftj.Resources:
     """``serve.resources``, less the GPUs when the engine is ``vllm-cpu`` (it cannot use them)."""
     if serve.engine == "vllm-cpu":
         return serve.resources.model_copy(update={"gpus": 0})
@@ -200,7 +247,7 @@ def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
     }
 
 
-def _env(serve: ftj.ServeSpec, res: ftj.Resources) -> list[dict[str, Any]]:
+def _env(serve: ftj.ServerSettings, res: ftj.Resources) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": "HF_HOME", "value": f"{manifests.CACHE_DIR}/huggingface"},
         # vLLM's torch.compile cache: on the cache volume, a restarted pod skips recompiling.
@@ -228,34 +275,38 @@ def _env(serve: ftj.ServeSpec, res: ftj.Resources) -> list[dict[str, Any]]:
 def deployment(
     *,
     owner: manifests.Owner,
-    serve: ftj.ServeSpec,
+    serve: ftj.ServerSettings,
     base_model: ftj.ModelRef,
-    adapter_claim: str,
-    adapter_subpath: str,
+    adapters: list[AdapterMount],
     config: ServeConfig,
     settings: OperatorSettings,
     queue: str | None = None,
 ) -> dict[str, Any]:
-    """vLLM behind the launcher: probes, GPUs, /dev/shm, cache, read-only adapter, non-root."""
+    """vLLM behind the launcher: probes, GPUs, /dev/shm, cache, read-only adapters, non-root."""
     res = manifests.effective_resources(engine_resources(serve), settings, "server")
+    claims = list(dict.fromkeys(a.claim for a in adapters))
+    volume = {c: "adapter" if i == 0 else f"adapter-{i}" for i, c in enumerate(claims)}
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": config_name(owner)}},
-        {
-            "name": "adapter",
-            "persistentVolumeClaim": {"claimName": adapter_claim, "readOnly": True},
-        },
+        *(
+            {"name": volume[c], "persistentVolumeClaim": {"claimName": c, "readOnly": True}}
+            for c in claims
+        ),
         manifests.cache_volume(settings),
         manifests.shm_volume(res),
         {"name": "tmp", "emptyDir": {}},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "config", "mountPath": manifests.CONFIG_DIR, "readOnly": True},
-        {
-            "name": "adapter",
-            "mountPath": manifests.OUTPUT_DIR,
-            "subPath": adapter_subpath,
-            "readOnly": True,
-        },
+        *(
+            {
+                "name": volume[a.claim],
+                "mountPath": a.path,
+                "subPath": a.subpath,
+                "readOnly": True,
+            }
+            for a in adapters
+        ),
         {"name": "cache", "mountPath": manifests.CACHE_DIR},
         {"name": "shm", "mountPath": "/dev/shm"},
         {"name": "tmp", "mountPath": "/tmp"},
@@ -353,7 +404,7 @@ def service(owner: manifests.Owner) -> dict[str, Any]:
 def serving_objects(
     *,
     owner: manifests.Owner,
-    serve: ftj.ServeSpec,
+    serve: ftj.ServerSettings,
     base_model: ftj.ModelRef,
     adapter_claim: str,
     adapter_subpath: str,
@@ -376,11 +427,36 @@ def serving_objects(
             owner=owner,
             serve=serve,
             base_model=base_model,
-            adapter_claim=adapter_claim,
-            adapter_subpath=adapter_subpath,
+            adapters=[AdapterMount(adapter_claim, adapter_subpath, ADAPTER_PATH)],
             config=config,
             settings=settings,
             queue=queue,
+        ),
+        service(owner),
+    ]
+
+
+def model_server_objects(
+    *,
+    owner: manifests.Owner,
+    spec: ms.ModelServerSpec,
+    adapters: dict[str, AdapterMount],
+    settings: OperatorSettings,
+) -> list[dict[str, Any]]:
+    """A ModelServer's ConfigMap, Deployment and Service; ``adapters`` by job name."""
+    names = sorted(adapters)
+    mounts = [adapters[n] for n in names]
+    config = shared_serve_config(spec=spec, adapters=mounts, names=names)
+    return [
+        config_configmap(config, owner),
+        deployment(
+            owner=owner,
+            serve=spec,
+            base_model=spec.model,
+            adapters=mounts,
+            config=config,
+            settings=settings,
+            queue=spec.queue,
         ),
         service(owner),
     ]

@@ -263,8 +263,9 @@ SERVE_GPUS_MESSAGE = (
 )
 
 
-class ServeSpec(ApiModel):
-    enabled: bool = Field(default=True, description="Serve the result behind vLLM on success.")
+class ServerSettings(ApiModel):
+    """What a vLLM server runs as: a job's own server (`spec.serve`) or a ModelServer."""
+
     replicas: int = Field(default=1, ge=0, le=64, description="vLLM server replicas.")
     engine: Literal["vllm", "vllm-cpu"] = Field(
         default="vllm", description="`vllm` on GPUs; `vllm-cpu` for CPU-only pools and tests."
@@ -279,15 +280,32 @@ class ServeSpec(ApiModel):
     queue: DNSName | None = Field(
         default=None,
         description=(
-            "Kueue LocalQueue of the server's pods (default: `spec.queue`); each replica is "
-            "admitted against its quota, as the trainer is. Needs Kueue's `pod` and "
-            "`deployment` integrations. Changing it replaces the server's Deployment."
+            "Kueue LocalQueue of the server's pods (for a job's own server, default: "
+            "`spec.queue`); each replica is admitted against its quota, as the trainer is. "
+            "Needs Kueue's `pod` and `deployment` integrations. Changing it replaces the "
+            "server's Deployment."
+        ),
+    )
+
+    @property
+    def needs_gpus(self) -> bool:
+        return self.engine == "vllm" and self.resources.gpus < 1
+
+
+class ServeSpec(ServerSettings):
+    enabled: bool = Field(default=True, description="Serve the result behind vLLM on success.")
+    server: DNSName | None = Field(
+        default=None,
+        description=(
+            "Serve the adapter on this ModelServer (same namespace), one vLLM with the adapters "
+            "of every job that names it, instead of a server of the job's own; the fields "
+            "above are then the ModelServer's to set and are ignored here."
         ),
     )
 
     @model_validator(mode="after")
     def _gpu_engine_has_gpus(self) -> ServeSpec:
-        if self.enabled and self.engine == "vllm" and self.resources.gpus < 1:
+        if self.enabled and self.server is None and self.needs_gpus:
             raise ValueError(SERVE_GPUS_MESSAGE)
         return self
 
@@ -456,8 +474,8 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
     ],
     "ServeSpec": [
         {
-            "rule": "!self.enabled || self.engine != 'vllm' || !has(self.resources) "
-            "|| self.resources.gpus >= 1",
+            "rule": "!self.enabled || has(self.server) || self.engine != 'vllm' "
+            "|| !has(self.resources) || self.resources.gpus >= 1",
             "message": SERVE_GPUS_MESSAGE,
         }
     ],

@@ -33,10 +33,13 @@ CHAT_LINE = {
 
 
 def install_crd(cluster: Cluster) -> None:
-    cluster.kubectl("apply", "--server-side", "-f", "-", input=crd.render())
-    cluster.kubectl(
-        "wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s"
-    )
+    """Both CRDs: FineTuneJob and ModelServer (the operator watches both)."""
+    text = "\n---\n".join(crd.render(r) for r in crd.RESOURCES)
+    cluster.kubectl("apply", "--server-side", "-f", "-", input=text)
+    for r in crd.RESOURCES:
+        cluster.kubectl(
+            "wait", "--for=condition=Established", f"crd/{r.plural}.kubetune.io", "--timeout=60s"
+        )
 
 
 def dataset_text(n: int = 12) -> str:

@@ -5,16 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from kubetune.api import crd, reference
+from kubetune.api import modelserver as ms
 
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def test_committed_crds_match_the_model() -> None:
-    expected = crd.render()
-    for target in crd.TARGETS:
+@pytest.mark.parametrize("resource", crd.RESOURCES, ids=lambda r: r.kind)
+def test_committed_crds_match_the_model(resource: crd.Resource) -> None:
+    expected = crd.render(resource)
+    for target in resource.targets:
         actual = (ROOT / target).read_text(encoding="utf-8")
         assert actual == expected, f"{target} drifted from kubetune/api; run `make crds`"
 
@@ -41,8 +44,9 @@ def _walk(node: Any, path: str = "") -> list[str]:
     return bad
 
 
-def test_schema_is_structural() -> None:
-    schema = crd.crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+@pytest.mark.parametrize("resource", crd.RESOURCES, ids=lambda r: r.kind)
+def test_schema_is_structural(resource: crd.Resource) -> None:
+    schema = crd.crd(resource)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     assert _walk(schema["properties"]["spec"], "spec") == []
     assert _walk(schema["properties"]["status"], "status") == []
 
@@ -65,3 +69,16 @@ def test_committed_api_reference_matches_the_model() -> None:
     actual = (ROOT / reference.TARGET).read_text(encoding="utf-8")
     assert actual == reference.render(), "docs/api-reference.md drifted; run `make crds`"
     assert "| `spec.lora.r` | integer | LoRA rank. Default: `16`. |" in actual
+    assert "# `kubetune.io/v1alpha1` `ModelServer` (short name `ms`)" in actual
+    assert "| `spec.maxLoras` | integer |" in actual
+
+
+def test_model_server_crd_names_and_columns() -> None:
+    out = crd.crd(crd.MODELSERVER)
+    assert out["metadata"]["name"] == "modelservers.kubetune.io"
+    assert out["spec"]["names"]["shortNames"] == ["ms"]
+    cols = [c["name"] for c in out["spec"]["versions"][0]["additionalPrinterColumns"]]
+    assert cols == ["Model", "Ready", "Adapters", "Endpoint", "Age"]
+    spec = out["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert spec["required"] == ["model"]
+    assert [r["message"] for r in spec["x-kubernetes-validations"]] == [ms.GPUS_MESSAGE]

@@ -1,0 +1,182 @@
+"""Reconciles one ModelServer: the adapters it serves, its server objects, its status.
+
+Its members are the FineTuneJobs of its namespace that name it in ``spec.serve.server`` (read
+from the operator's index of FineTuneJobs, no GETs). ``plan`` decides, purely, which members'
+adapters go into the server: each ``provider: local`` job that succeeded with serving on,
+trained on the server's base model, with a rank the server accepts. The others that could
+never be served are refused, with the reason; the job shows it in its ServingReady condition.
+A job still training is neither: its adapter is added when it succeeds.
+
+Changing the adapter set changes the serve config, which rolls the server's pods (each new
+pod loads every adapter at start). ``status.adapters`` lists the adapters of the config that
+was applied; the ``Ready`` condition is True only once every replica runs that config, so a
+job whose name is in ``adapters`` of a Ready server is served.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from kubetune.api import finetunejob as ftj
+from kubetune.api import modelserver as ms
+from kubetune.operator import kube, local_provider, manifests, serving_manifests
+from kubetune.operator import status as st
+from kubetune.operator.settings import OperatorSettings
+from kubetune.server import vllm_args
+
+
+@dataclass(frozen=True)
+class Member:
+    """What the ModelServer needs to know of one FineTuneJob that names it."""
+
+    name: str
+    uid: str
+    spec: ftj.FineTuneJobSpec | None
+    """None when the stored spec does not parse (the job itself reports why)."""
+    phase: str
+    rank: int | None
+    """The adapter's rank, from the job's status once the trainer reported it."""
+
+
+def member(body: dict[str, Any]) -> Member:
+    meta = body.get("metadata") or {}
+    status = body.get("status") or {}
+    try:
+        spec: ftj.FineTuneJobSpec | None = ftj.FineTuneJobSpec.model_validate(body.get("spec"))
+    except ValidationError:
+        spec = None
+    return Member(
+        name=str(meta.get("name", "")),
+        uid=str(meta.get("uid", "")),
+        spec=spec,
+        phase=str(status.get("phase") or ftj.Phase.PENDING),
+        rank=(status.get("adapter") or {}).get("rank"),
+    )
+
+
+def same_model(a: ftj.ModelRef, b: ftj.ModelRef) -> bool:
+    """Whether two references name the same weights (a trailing `/` on a folder aside)."""
+    claim = (a.pvc.claim_name if a.pvc else None, b.pvc.claim_name if b.pvc else None)
+    return (
+        claim[0] == claim[1]
+        and a.revision == b.revision
+        and serving_manifests.base_model_path(a) == serving_manifests.base_model_path(b)
+    )
+
+
+@dataclass(frozen=True)
+class Plan:
+    adapters: dict[str, serving_manifests.AdapterMount]
+    refused: list[ms.RefusedAdapter]
+
+
+def plan(
+    spec: ms.ModelServerSpec,
+    namespace: str,
+    members: Iterable[Member],
+    settings: OperatorSettings,
+) -> Plan:
+    """Which members' adapters the server serves, and which it refuses (and why)."""
+    adapters: dict[str, serving_manifests.AdapterMount] = {}
+    refused: list[ms.RefusedAdapter] = []
+    limit = vllm_args.round_lora_rank(spec.max_lora_rank)
+    for m in sorted(members, key=lambda m: m.name):
+        job = m.spec
+        if job is None or not job.serve.enabled:
+            continue
+        why: str | None = None
+        if job.provider != ftj.Provider.LOCAL or job.model is None:
+            why = "provider `openai` models are served by OpenAI, not by a ModelServer"
+        elif not same_model(job.model, spec.model):
+            why = (
+                f"trained on {job.model.display}; this server serves {spec.model.display} "
+                "(an adapter works only on the base model it was trained on)"
+            )
+        elif (rank := m.rank or job.lora.r) > limit:
+            why = (
+                f"adapter rank {rank} is above the server's `maxLoraRank` "
+                f"{spec.max_lora_rank} (vLLM rounds it to {limit})"
+            )
+        if why is not None:
+            refused.append(ms.RefusedAdapter(name=m.name, message=why))
+            continue
+        if m.phase != ftj.Phase.SUCCEEDED:
+            continue
+        owner = manifests.Owner(name=m.name, namespace=namespace, uid=m.uid)
+        adapters[m.name] = serving_manifests.AdapterMount(
+            claim=manifests.output_claim(job, settings),
+            subpath=manifests.output_subpath(job, owner),
+            path=f"{serving_manifests.ADAPTERS_DIR}/{m.name}",
+        )
+    return Plan(adapters=adapters, refused=refused)
+
+
+def rolled_out(deploy: dict[str, Any] | None) -> tuple[bool, str]:
+    """Whether every replica runs the Deployment's current template (and no older one)."""
+    if deploy is None:
+        return False, "serving Deployment not created yet"
+    want = (deploy.get("spec") or {}).get("replicas", 1)
+    status = deploy.get("status") or {}
+    generation = (deploy.get("metadata") or {}).get("generation")
+    current = status.get("observedGeneration") == generation
+    updated = status.get("updatedReplicas") or 0
+    ready = status.get("readyReplicas") or 0
+    total = status.get("replicas") or 0
+    done = current and updated >= want and ready >= want and total == want
+    if done:
+        return True, f"{ready}/{want} replicas ready"
+    return False, f"{ready}/{want} replicas ready, {updated}/{want} with the current adapters"
+
+
+def reconcile(
+    spec: ms.ModelServerSpec,
+    owner: manifests.Owner,
+    members: Iterable[Member],
+    deployment: dict[str, Any] | None,
+    pods: list[dict[str, Any]],
+    old: ms.ModelServerStatus,
+    settings: OperatorSettings,
+    generation: int | None,
+) -> ms.ModelServerStatus:
+    """Applies the server for the current members; returns the new status.
+
+    Raises kube.TemporaryKubeError to be retried; a refusal by the API server (a name taken,
+    a quota, a policy) is the Ready condition's ``ServingRefused``.
+    """
+    new = old.model_copy(deep=True)
+    new.observed_generation = generation
+    chosen = plan(spec, owner.namespace, members, settings)
+    new.refused = chosen.refused
+    objects = serving_manifests.model_server_objects(
+        owner=owner, spec=spec, adapters=chosen.adapters, settings=settings
+    )
+    served = serving_manifests.base_served_name(spec.model, *chosen.adapters)
+    new.model = f"{spec.model.display} (served as {served})"
+    wanted = local_provider.stamped(objects)
+    digest = wanted[-1]["metadata"]["annotations"][local_provider.APPLIED_HASH]
+    try:
+        local_provider.ensure_serving(wanted, owner, deployment)
+    except kube.PermanentKubeError as exc:
+        new.conditions = st.set_condition(
+            new.conditions, "Ready", False, "ServingRefused", str(exc), generation
+        )
+        return new
+    new.adapters = sorted(chosen.adapters)
+    new.base_url = local_provider.endpoint_url(owner)
+    state = st.serving_state(deployment, pods)
+    done, counted = rolled_out(deployment)
+    if local_provider.applied_hash(deployment) != digest:
+        # Just applied: the Deployment in the index predates it.
+        state = st.ServingState(False, "RollingOut", "the new adapter set is being applied")
+    elif state.reason == "ScaledToZero":
+        state = st.ServingState(False, state.reason, "serving is scaled to zero (`replicas: 0`)")
+    elif state.ready and not done:
+        state = st.ServingState(False, "RollingOut", counted)
+    new.conditions = st.set_condition(
+        new.conditions, "Ready", state.ready, state.reason, state.message, generation
+    )
+    return new

@@ -1,0 +1,200 @@
+"""A ModelServer serves the adapters of several FineTuneJobs from one vLLM, on the real control
+plane: the real API server validates it, the real Deployment controller rolls its pods (kwok
+runs them), the real garbage collector takes its objects away."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+
+from support import ftj
+from support.cluster import Cluster, wait_until
+from support.operator import OperatorProcess
+
+pytestmark = pytest.mark.cluster
+
+MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
+
+
+def model_server(name: str, **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": {"id": MODEL},
+        "engine": "vllm-cpu",
+        "resources": {"gpus": 0},
+        "maxLoraRank": 16,
+    }
+    body.update(spec)
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "ModelServer",
+        "metadata": {"name": name},
+        "spec": body,
+    }
+
+
+def shared_job(name: str, server: str = "shared", **spec: Any) -> dict[str, Any]:
+    job = ftj.local_job(name, run_seconds=1, **spec)
+    job["spec"]["serve"] = {"server": server}
+    return job
+
+
+def server_status(cluster: Cluster, ns: str, name: str = "shared") -> dict[str, Any]:
+    obj = cluster.get("modelserver", name, "-n", ns)
+    assert obj is not None, f"ModelServer {ns}/{name} is gone"
+    return dict(obj.get("status") or {})
+
+
+def wait_server(
+    cluster: Cluster, ns: str, adapters: list[str], name: str = "shared", timeout: float = 90
+) -> dict[str, Any]:
+    """The ModelServer's status once it is Ready with exactly ``adapters``."""
+
+    def ready() -> dict[str, Any] | None:
+        status = server_status(cluster, ns, name)
+        conds = {c["type"]: c for c in status.get("conditions") or []}
+        done = conds.get("Ready", {}).get("status") == "True"
+        return status if done and status.get("adapters", []) == adapters else None
+
+    try:
+        return wait_until(ready, timeout=timeout, description=f"{name} Ready with {adapters}")
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}; status: {server_status(cluster, ns, name)}") from None
+
+
+def served_config(cluster: Cluster, ns: str) -> dict[str, Any]:
+    cm = cluster.get("configmap", "shared-server-config", "-n", ns)
+    return dict(yaml.safe_load(cm["data"]["serve.yaml"]))
+
+
+def finish(cluster: Cluster, ns: str, name: str) -> None:
+    ftj.wait_phase(cluster, ns, name, "Running", "Succeeded", timeout=60)
+    ftj.SimulatedTrainer(cluster, ns, name).finish(trained_tokens=100, rank=8)
+    ftj.wait_phase(cluster, ns, name, "Succeeded", timeout=60)
+
+
+def test_jobs_share_one_server_and_leave_it_when_deleted(
+    cluster: Cluster, operator: OperatorProcess, team: str
+) -> None:
+    cluster.apply(model_server("shared"), namespace=team)
+    empty = wait_server(cluster, team, [])
+    assert empty["baseURL"] == f"http://shared-server.{team}.svc:8000/v1"
+    assert empty["model"] == f"{MODEL} (served as {MODEL})"
+
+    cluster.apply(
+        shared_job("alpha"),
+        shared_job("beta"),
+        shared_job("other-base", model={"id": "meta-llama/Llama-3.2-1B"}),
+        shared_job("too-wide", lora={"r": 64}),
+        namespace=team,
+    )
+    for name in ("alpha", "beta"):
+        finish(cluster, team, name)
+    status = wait_server(cluster, team, ["alpha", "beta"])
+    refused = {r["name"]: r["message"] for r in status["refused"]}
+    assert set(refused) == {"other-base", "too-wide"}
+    assert "trained on meta-llama/Llama-3.2-1B" in refused["other-base"]
+    assert "adapter rank 64 is above the server's `maxLoraRank` 16" in refused["too-wide"]
+
+    # One server, both adapters, each job's own output folder mounted read-only.
+    config = served_config(cluster, team)
+    assert config["model"] == MODEL and config["maxLoraRank"] == 16
+    assert {a["name"]: a["path"] for a in config["adapters"]} == {
+        "alpha": "/kubetune/adapters/alpha",
+        "beta": "/kubetune/adapters/beta",
+    }
+    deploy = cluster.get("deployment", "shared-server", "-n", team)
+    assert deploy["metadata"]["ownerReferences"][0]["kind"] == "ModelServer"
+    mounts = {
+        m["mountPath"]: m
+        for m in deploy["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    }
+    for name in ("alpha", "beta"):
+        job = ftj.get_ftj(cluster, team, name)
+        path = job["status"]["adapter"]["path"].removeprefix("pvc://kubetune-output/")
+        mount = mounts[f"/kubetune/adapters/{name}"]
+        assert mount["subPath"].strip("/") == path.strip("/") and mount["readOnly"] is True
+
+    # The jobs: no server of their own, an endpoint at the shared one, ServingReady from it.
+    for name in ("alpha", "beta"):
+        st = ftj.wait_serving_ready(cluster, team, name)
+        assert ftj.serving_condition(st)["reason"] == "ModelServerReady"
+        assert cluster.get("deployment", f"{name}-server", "-n", team) is None
+        endpoint = cluster.get("configmap", f"{name}-endpoint", "-n", team)
+        assert endpoint["data"] == {
+            "OPENAI_BASE_URL": f"http://shared-server.{team}.svc:8000/v1",
+            "OPENAI_MODEL": name,
+        }
+
+    def refused_condition(name: str) -> dict[str, Any] | None:
+        cond = ftj.serving_condition(ftj.get_ftj(cluster, team, name).get("status") or {})
+        return cond if cond.get("reason") == "AdapterRefused" else None
+
+    finish(cluster, team, "other-base")
+    cond = wait_until(lambda: refused_condition("other-base"), timeout=30, description="refused")
+    assert cond["status"] == "False" and "this server serves" in cond["message"]
+
+    # A deleted job's adapter leaves the server; the other stays served.
+    cluster.kubectl("delete", "finetunejob", "alpha", "-n", team)
+    wait_server(cluster, team, ["beta"])
+    assert [a["name"] for a in served_config(cluster, team)["adapters"]] == ["beta"]
+
+    # Without its ModelServer, a job says so; the garbage collector takes the server away.
+    cluster.kubectl("delete", "modelserver", "shared", "-n", team)
+
+    def not_found() -> dict[str, Any] | None:
+        cond = ftj.serving_condition(ftj.get_ftj(cluster, team, "beta").get("status") or {})
+        return cond if cond.get("reason") == "ModelServerNotFound" else None
+
+    wait_until(not_found, timeout=30, description="beta: ModelServerNotFound")
+    wait_until(
+        lambda: cluster.get("deployment", "shared-server", "-n", team) is None,
+        timeout=60,
+        description="the shared server's Deployment collected",
+    )
+
+
+def test_a_job_moves_from_its_own_server_to_a_model_server(
+    cluster: Cluster, operator: OperatorProcess, team: str
+) -> None:
+    cluster.apply(ftj.local_job("mover", run_seconds=1), namespace=team)
+    finish(cluster, team, "mover")
+    ftj.wait_serving_ready(cluster, team, "mover")
+    assert cluster.get("deployment", "mover-server", "-n", team) is not None
+
+    cluster.apply(model_server("shared"), namespace=team)
+    cluster.kubectl(
+        "patch", "finetunejob", "mover", "-n", team, "--type=merge",
+        "-p", '{"spec": {"serve": {"server": "shared"}}}',
+    )  # fmt: skip
+    wait_server(cluster, team, ["mover"])
+    wait_until(
+        lambda: cluster.get("deployment", "mover-server", "-n", team) is None,
+        timeout=30,
+        description="the job's own server removed",
+    )
+
+    def endpoint_moved() -> dict[str, Any] | None:
+        cm = cluster.get("configmap", "mover-endpoint", "-n", team) or {}
+        url = (cm.get("data") or {}).get("OPENAI_BASE_URL", "")
+        return cm if url.startswith("http://shared-server.") else None
+
+    wait_until(endpoint_moved, timeout=30, description="the endpoint at the ModelServer")
+    st = ftj.wait_serving_ready(cluster, team, "mover")
+    assert ftj.serving_condition(st)["reason"] == "ModelServerReady"
+
+
+def test_api_server_rejects_an_invalid_model_server(cluster: Cluster, namespace: str) -> None:
+    ftj.install_crd(cluster)
+    bad = [
+        (model_server("gpuless", engine="vllm"), "`engine: vllm` needs `resources.gpus` >= 1"),
+        (model_server("Bad.Name"), "metadata.name must start with a letter"),
+        (model_server("two-models", model={"id": MODEL, "pvc": {"claimName": "m"}}), "exactly one"),
+        (model_server("rank", maxLoraRank=1024), "maxLoraRank"),
+    ]
+    for obj, expected in bad:
+        obj["metadata"]["namespace"] = namespace
+        proc = cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(obj), check=False)
+        assert proc.returncode != 0, obj["metadata"]["name"]
+        assert expected in proc.stderr, proc.stderr

@@ -1,0 +1,352 @@
+"""A ModelServer: which jobs' adapters it serves (``plan``), the objects it runs, its status,
+and what a job that names it reports."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+
+from kubetune.api import finetunejob as ftj
+from kubetune.api import modelserver as ms
+from kubetune.api.serveconfig import ServeConfig
+from kubetune.operator import kube, local_provider, manifests, model_server
+from kubetune.operator import serving_manifests as sm
+from kubetune.operator.settings import OperatorSettings
+from kubetune.server import vllm_args
+
+NS = "team-a"
+OWNER = manifests.Owner(name="qwen", namespace=NS, uid="feedface00000000", kind=ms.KIND)
+SETTINGS = OperatorSettings(model_cache_claim="hf-cache")
+QWEN = {"id": "Qwen/Qwen2.5-0.5B-Instruct"}
+
+
+def server_spec(**spec: Any) -> ms.ModelServerSpec:
+    body: dict[str, Any] = {"model": QWEN, "engine": "vllm-cpu", "resources": {"gpus": 0}}
+    return ms.ModelServerSpec.model_validate({**body, **spec})
+
+
+def job_body(
+    name: str,
+    phase: str = "Succeeded",
+    rank: int | None = None,
+    **spec: Any,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": QWEN,
+        "dataset": {"configMap": {"name": "data", "key": "train.jsonl"}},
+        "serve": {"server": "qwen"},
+    }
+    body.update(spec)
+    status: dict[str, Any] = {"phase": phase}
+    if rank is not None:
+        status["adapter"] = {"path": "pvc://x/y", "rank": rank, "baseModel": "m"}
+    return {"metadata": {"name": name, "uid": f"{name}-uid-0000"}, "spec": body, "status": status}
+
+
+def member(name: str, **kw: Any) -> model_server.Member:
+    return model_server.member(job_body(name, **kw))
+
+
+# ---------------------------------------------------------------------------------- plan
+
+
+def test_succeeded_jobs_on_the_same_base_are_served_each_from_its_own_folder() -> None:
+    plan = model_server.plan(server_spec(), NS, [member("beta"), member("alpha")], SETTINGS)
+    assert list(plan.adapters) == ["alpha", "beta"] and plan.refused == []
+    alpha = plan.adapters["alpha"]
+    assert alpha.claim == SETTINGS.output_claim
+    assert alpha.subpath == "team-a/alpha-alpha-ui"  # the job's own folder: name + uid prefix
+    assert alpha.path == "/kubetune/adapters/alpha"
+
+
+def test_a_job_still_training_waits_and_one_with_serving_off_is_left_out() -> None:
+    members = [
+        member("running", phase="Running"),
+        member("off", serve={"server": "qwen", "enabled": False}),
+        model_server.Member(name="broken", uid="u", spec=None, phase="Failed", rank=None),
+    ]
+    plan = model_server.plan(server_spec(), NS, members, SETTINGS)
+    assert plan.adapters == {} and plan.refused == []
+
+
+@pytest.mark.parametrize(
+    ("job", "expected"),
+    [
+        (
+            {"model": {"id": "meta-llama/Llama-3.2-1B"}},
+            "trained on meta-llama/Llama-3.2-1B; this server serves Qwen/Qwen2.5-0.5B-Instruct",
+        ),
+        (
+            {"model": {**QWEN, "revision": "main"}},
+            "trained on Qwen/Qwen2.5-0.5B-Instruct@main",
+        ),
+        (
+            {"lora": {"r": 64}},
+            "adapter rank 64 is above the server's `maxLoraRank` 16 (vLLM rounds it to 16)",
+        ),
+        (
+            {
+                "provider": "openai",
+                "model": None,
+                "openai": {
+                    "model": "gpt-4o-mini-2024-07-18",
+                    "apiKeySecretRef": {"name": "openai"},
+                },
+            },
+            "provider `openai` models are served by OpenAI",
+        ),
+    ],
+)
+def test_jobs_it_can_never_serve_are_refused_with_the_reason_even_before_they_finish(
+    job: dict[str, Any], expected: str
+) -> None:
+    body = job_body("x", phase="Running", **job)
+    if body["spec"]["model"] is None:
+        del body["spec"]["model"]
+    assert model_server.member(body).spec is not None
+    plan = model_server.plan(server_spec(), NS, [model_server.member(body)], SETTINGS)
+    assert plan.adapters == {}
+    assert [r.name for r in plan.refused] == ["x"]
+    assert expected in plan.refused[0].message
+
+
+def test_the_rank_the_trainer_reported_counts_and_is_rounded_as_vllm_rounds() -> None:
+    spec = server_spec(maxLoraRank=10)  # vLLM serves up to 16
+    ok = model_server.plan(spec, NS, [member("a", rank=16, lora={"r": 64})], SETTINGS)
+    assert list(ok.adapters) == ["a"]
+    too_big = model_server.plan(spec, NS, [member("b", rank=32)], SETTINGS)
+    assert "adapter rank 32" in too_big.refused[0].message
+
+
+def test_a_model_folder_with_a_trailing_slash_is_the_same_model() -> None:
+    spec = server_spec(model={"pvc": {"claimName": "models", "path": "demo-tiny/"}})
+    job = member("a", model={"pvc": {"claimName": "models", "path": "demo-tiny"}})
+    other_claim = member("b", model={"pvc": {"claimName": "other", "path": "demo-tiny"}})
+    plan = model_server.plan(spec, NS, [job, other_claim], SETTINGS)
+    assert list(plan.adapters) == ["a"] and [r.name for r in plan.refused] == ["b"]
+
+
+# ---------------------------------------------------------------------------------- objects
+
+
+def objects(adapters: dict[str, sm.AdapterMount], **spec: Any) -> dict[str, dict[str, Any]]:
+    out = sm.model_server_objects(
+        owner=OWNER, spec=server_spec(**spec), adapters=adapters, settings=SETTINGS
+    )
+    return {o["kind"]: o for o in out}
+
+
+MOUNTS = {
+    "beta": sm.AdapterMount("kubetune-output", "team-a/beta-1", "/kubetune/adapters/beta"),
+    "alpha": sm.AdapterMount("kubetune-output", "team-a/alpha-2", "/kubetune/adapters/alpha"),
+    "gamma": sm.AdapterMount("team-claim", "runs/team-a/gamma-3", "/kubetune/adapters/gamma"),
+}
+
+
+def test_one_server_mounts_every_adapter_read_only_and_each_claim_once() -> None:
+    objs = objects(MOUNTS)
+    pod = objs["Deployment"]["spec"]["template"]["spec"]
+    claims = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"]
+        for v in pod["volumes"]
+        if "persistentVolumeClaim" in v and v["name"].startswith("adapter")
+    }
+    assert claims == {"adapter": "kubetune-output", "adapter-1": "team-claim"}
+    mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["/kubetune/adapters/gamma"] == {
+        "name": "adapter-1",
+        "mountPath": "/kubetune/adapters/gamma",
+        "subPath": "runs/team-a/gamma-3",
+        "readOnly": True,
+    }
+    assert mounts["/kubetune/adapters/alpha"]["subPath"] == "team-a/alpha-2"
+
+
+def test_the_config_serves_the_base_and_every_adapter_by_job_name() -> None:
+    objs = objects(MOUNTS, maxLoras=8, maxLoraRank=32)
+    config = ServeConfig.model_validate(yaml.safe_load(objs["ConfigMap"]["data"]["serve.yaml"]))
+    assert [(a.name, a.path) for a in config.adapters] == [
+        ("alpha", "/kubetune/adapters/alpha"),
+        ("beta", "/kubetune/adapters/beta"),
+        ("gamma", "/kubetune/adapters/gamma"),
+    ]
+    assert config.model == "Qwen/Qwen2.5-0.5B-Instruct" and config.engine == "vllm-cpu"
+    argv = vllm_args.vllm_argv(config, adapter_ranks=[8, 8, 8])
+    assert argv[argv.index("--max-loras") + 1] == "8"
+    assert argv[argv.index("--max-lora-rank") + 1] == "32"
+    assert '"name":"alpha","path":"/kubetune/adapters/alpha"' in " ".join(argv)
+
+
+def test_its_objects_are_its_own_not_a_jobs() -> None:
+    objs = objects({})
+    for obj in objs.values():
+        assert obj["metadata"]["name"].startswith("qwen-server")
+        (ref,) = obj["metadata"]["ownerReferences"]
+        assert (ref["kind"], ref["name"], ref["controller"]) == ("ModelServer", "qwen", True)
+        labels = obj["metadata"]["labels"]
+        assert labels[manifests.LABEL_MODELSERVER] == "qwen"
+        assert labels[manifests.LABEL_COMPONENT] == "modelserver"
+        assert manifests.LABEL_JOB not in labels
+    selector = objs["Deployment"]["spec"]["selector"]["matchLabels"]
+    assert selector == objs["Service"]["spec"]["selector"]
+    assert selector == {
+        manifests.LABEL_MODELSERVER: "qwen",
+        manifests.LABEL_COMPONENT: "modelserver",
+    }
+
+
+def test_a_base_folder_named_like_a_job_is_served_under_another_name() -> None:
+    model = {"pvc": {"claimName": "models", "path": "alpha"}}
+    mount = {"alpha": MOUNTS["alpha"], "alpha-base": MOUNTS["beta"]}
+    config = yaml.safe_load(objects(mount, model=model)["ConfigMap"]["data"]["serve.yaml"])
+    assert config["servedModelName"] == "alpha-base-base"
+
+
+# ---------------------------------------------------------------------------------- reconcile
+
+
+class FakeKube:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.applied: list[dict[str, Any]] = []
+        monkeypatch.setattr(kube, "apply", self.apply)
+        monkeypatch.setattr(kube, "get", lambda *a: {"exists": True})
+        monkeypatch.setattr(local_provider, "_checked", {})
+
+    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        self.applied.append(obj)
+        return obj
+
+
+def rolled(deploy: dict[str, Any], replicas: int = 1, updated: int = 1) -> dict[str, Any]:
+    deploy = {**deploy, "metadata": {**deploy["metadata"], "generation": 2, "uid": "d"}}
+    deploy["status"] = {
+        "observedGeneration": 2,
+        "replicas": replicas,
+        "updatedReplicas": updated,
+        "readyReplicas": replicas,
+    }
+    return deploy
+
+
+def reconcile(
+    members: list[model_server.Member], deployment: dict[str, Any] | None
+) -> ms.ModelServerStatus:
+    return model_server.reconcile(
+        server_spec(), OWNER, members, deployment, [], ms.ModelServerStatus(), SETTINGS, 1
+    )
+
+
+def ready(status: ms.ModelServerStatus) -> tuple[str, str]:
+    (cond,) = [c for c in status.conditions if c.type == "Ready"]
+    return cond.status, cond.reason
+
+
+def test_a_new_adapter_set_is_applied_and_not_ready_until_every_replica_runs_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake = FakeKube(monkeypatch)
+    first = reconcile([member("alpha")], None)
+    assert [o["kind"] for o in fake.applied] == ["ConfigMap", "Service", "Deployment"]
+    assert first.adapters == ["alpha"] and ready(first) == ("False", "RollingOut")
+    assert first.base_url == f"http://qwen-server.{NS}.svc:8000/v1"
+
+    deploy = fake.applied[-1]
+    fake.applied.clear()
+    assert ready(reconcile([member("alpha")], rolled(deploy))) == ("True", "DeploymentReady")
+    assert fake.applied == []  # nothing changed: no request
+
+    # Replicas still running the old template are not the new adapter set.
+    half = reconcile([member("alpha")], rolled(deploy, replicas=2, updated=1))
+    assert ready(half) == ("False", "RollingOut")
+
+    second = reconcile([member("alpha"), member("beta")], rolled(deploy))
+    assert second.adapters == ["alpha", "beta"] and ready(second) == ("False", "RollingOut")
+    assert [o["kind"] for o in fake.applied] == ["ConfigMap", "Service", "Deployment"]
+
+
+def test_a_server_the_api_refuses_is_reported_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(obj: dict[str, Any]) -> dict[str, Any]:
+        raise kube.NameTaken("Deployment qwen-server belongs to FineTuneJob qwen")
+
+    monkeypatch.setattr(kube, "apply", refuse)
+    monkeypatch.setattr(local_provider, "_checked", {})
+    status = reconcile([member("alpha")], None)
+    assert ready(status) == ("False", "ServingRefused")
+    assert status.adapters == []
+
+
+# ---------------------------------------------------------------------------------- the job
+
+
+JOB = manifests.Owner(name="alpha", namespace=NS, uid="alpha-uid-0000")
+
+
+def server_body(**status: Any) -> dict[str, Any]:
+    return {"metadata": {"name": "qwen"}, "status": status}
+
+
+READY = {"type": "Ready", "status": "True", "reason": "DeploymentReady", "message": "1/1"}
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (None, (False, "ModelServerNotFound", "no ModelServer qwen in team-a")),
+        (
+            server_body(refused=[{"name": "alpha", "message": "trained on x"}]),
+            (False, "AdapterRefused", "ModelServer qwen refuses it: trained on x"),
+        ),
+        (
+            server_body(adapters=["beta"], conditions=[READY]),
+            (False, "ModelServerPending", "ModelServer qwen has not added the adapter yet"),
+        ),
+        (
+            server_body(
+                adapters=["alpha"],
+                conditions=[{**READY, "status": "False", "reason": "RollingOut", "message": "0/1"}],
+            ),
+            (False, "ModelServerNotReady", "ModelServer qwen is not ready: 0/1"),
+        ),
+        (
+            server_body(adapters=["alpha"], conditions=[READY]),
+            (True, "ModelServerReady", "served by ModelServer qwen: 1/1"),
+        ),
+    ],
+)
+def test_a_job_reports_what_its_model_server_says_of_it(
+    body: dict[str, Any] | None, expected: tuple[bool, str, str]
+) -> None:
+    assert local_provider.shared_serving_state("qwen", JOB, body) == expected
+
+
+def test_a_served_job_publishes_the_model_servers_endpoint_and_drops_its_own_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake = FakeKube(monkeypatch)
+    deleted: list[tuple[str, str]] = []
+    monkeypatch.setattr(
+        kube, "delete", lambda api, kind, ns, name, **kw: deleted.append((kind, name))
+    )
+    children = local_provider.Children(
+        deployment={"metadata": {"name": "alpha-server"}},
+        model_server=server_body(adapters=["alpha"], conditions=[READY]),
+    )
+    new = ftj.FineTuneJobStatus(phase=ftj.Phase.SUCCEEDED)
+    local_provider.serve_shared("qwen", JOB, new, children, 3)
+    assert ("Deployment", "alpha-server") in deleted and (
+        "ConfigMap",
+        "alpha-endpoint",
+    ) not in deleted
+    (endpoint,) = fake.applied
+    assert endpoint["data"] == {
+        "OPENAI_BASE_URL": f"http://qwen-server.{NS}.svc:8000/v1",
+        "OPENAI_MODEL": "alpha",
+    }
+    assert new.endpoint is not None and new.endpoint.base_url == endpoint["data"]["OPENAI_BASE_URL"]
+    assert new.message == "serving"
+
+    fake.applied.clear()
+    local_provider.serve_shared("qwen", JOB, new, local_provider.Children(), 3)
+    assert fake.applied == []  # the endpoint is published already
