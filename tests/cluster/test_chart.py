@@ -228,28 +228,27 @@ def test_api_server_accepts_every_rendered_object(
     assert kinds == expected
 
 
-EXAMPLE_JOBS = sorted(
+EXAMPLE_OBJECTS = sorted(
     p.name
     for p in EXAMPLE.parent.glob("*.yaml")
-    if yaml.safe_load(p.read_text())["kind"] == "FineTuneJob"
+    if yaml.safe_load(p.read_text())["kind"] in ("FineTuneJob", "ModelServer")
 )
 
 
-@pytest.mark.parametrize("example", EXAMPLE_JOBS)
-def test_every_example_job_is_accepted_by_the_api_server(
+@pytest.mark.parametrize("example", EXAMPLE_OBJECTS)
+def test_every_example_is_accepted_by_the_api_server(
     cluster: Cluster, namespace: str, example: str
 ) -> None:
-    """The CRD's schema and CEL rules, not only pydantic, accept each example as written."""
+    """The CRDs' schemas and CEL rules, not only pydantic, accept each example as written."""
     ftj.install_crd(cluster)
-    job = yaml.safe_load((EXAMPLE.parent / example).read_text())
-    assert job["kind"] == "FineTuneJob"
-    job["metadata"]["namespace"] = namespace
+    obj = yaml.safe_load((EXAMPLE.parent / example).read_text())
+    obj["metadata"]["namespace"] = namespace
     proc = cluster.kubectl(
-        "apply", "--dry-run=server", "-f", "-", input=json.dumps(job), check=False
+        "apply", "--dry-run=server", "-f", "-", input=json.dumps(obj), check=False
     )
     assert proc.returncode == 0, proc.stderr  # kubectl validates strictly: no unknown field
-    name = job["metadata"]["name"]
-    assert f"finetunejob.kubetune.io/{name} created (server dry run)" in proc.stdout
+    name, kind = obj["metadata"]["name"], obj["kind"].lower()
+    assert f"{kind}.kubetune.io/{name} created (server dry run)" in proc.stdout
 
 
 # ----------------------------------------------------------------------------- the operator

@@ -213,6 +213,53 @@ def test_kubectl_apply_of_the_demo_job_trains_and_serves_on_real_pods(
     assert replies == answers
 
 
+def test_one_model_server_serves_two_jobs_adapters_to_apps_on_real_pods(
+    cluster: Cluster, team: Team, images: dict[str, str]
+) -> None:
+    """Two jobs name one ModelServer: one vLLM pod serves both adapters, each under its job's
+    name. ``laozi`` is trained as the demo is (it answers with the training answers);
+    ``zhuangzi`` for one epoch only, so it cannot: an app gets each adapter's own answers."""
+    ns = team.namespace
+    jobs = {"laozi": demo_job("laozi"), "zhuangzi": demo_job("zhuangzi", epochs=1)}
+    for job in jobs.values():
+        job["spec"]["serve"] = {"server": "demo-tiny"}
+    cluster.apply(*jobs.values(), namespace=ns)
+    for name in jobs:
+        done = ftj.wait_phase(cluster, ns, name, "Succeeded", "Failed", timeout=TRAIN_TIMEOUT)
+        assert done["status"]["phase"] == "Succeeded", done["status"]
+        reason = ftj.serving_condition(done["status"]).get("reason")
+        assert reason in (None, "ModelServerNotFound"), done["status"]
+
+    server = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "ModelServer",
+        "metadata": {"name": "demo-tiny"},
+        "spec": {
+            "model": {"pvc": {"claimName": "models", "path": "demo-tiny"}},
+            "engine": "vllm-cpu",
+            "resources": {"gpus": 0},
+            "maxModelLength": 512,
+        },
+    }
+    cluster.apply(server, namespace=ns)
+    for name in jobs:
+        ftj.wait_serving_ready(cluster, ns, name, timeout=SERVE_TIMEOUT)
+    status = cluster.get("modelserver", "demo-tiny", "-n", ns)["status"]
+    assert status["adapters"] == ["laozi", "zhuangzi"], status
+    (pod,) = cluster.get("pods", "-n", ns, "-l", "kubetune.io/modelserver=demo-tiny")["items"]
+    assert pod["spec"]["nodeName"] == REAL_NODE
+    for name in jobs:
+        assert cluster.get("deployment", f"{name}-server", "-n", ns) is None
+
+    examples = [json.loads(line)["messages"] for line in DATASET.read_text().splitlines()][:3]
+    questions = [[m for m in messages if m["role"] != "assistant"] for messages in examples]
+    answers = [next(m["content"] for m in ms if m["role"] == "assistant") for ms in examples]
+    laozi = run_app(cluster, ns, "laozi-endpoint", images["server-cpu"], questions)
+    assert laozi == answers
+    zhuangzi = run_app(cluster, ns, "zhuangzi-endpoint", images["server-cpu"], questions)
+    assert len(zhuangzi) == len(questions) and zhuangzi != answers
+
+
 APP = """
 import json, os, sys
 from openai import OpenAI
@@ -230,6 +277,7 @@ def run_app(
     cluster: Cluster, namespace: str, endpoint: str, image: str, questions: list[Any]
 ) -> list[str]:
     """Runs APP in a pod with the endpoint ConfigMap as its environment; its replies."""
+    cluster.kubectl("delete", "pod", "internal-app", "-n", namespace, "--ignore-not-found")
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",

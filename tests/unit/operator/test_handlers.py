@@ -208,3 +208,56 @@ def test_finetunejobs_and_other_kinds_are_watched_unfiltered() -> None:
         _resource("kueue.x-k8s.io", "v1beta2", "jobs"),
     ):
         assert not list(settings.watching.label_selectors.collect(resource)), resource
+
+
+# ----------------------------------------------------------------------------- ModelServer
+
+
+def reconcile_server(spec: dict[str, Any], jobs: list[Any], monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setattr(local_provider, "_checked", {})
+    meta = {"name": "qwen", "namespace": "team-a", "uid": "server-uid", "generation": 3}
+    b = kopf.Body({"metadata": meta, "spec": spec, "status": {}})
+    patch = kopf.Patch()
+    key = ("team-a", "qwen")
+    handlers.reconcile_model_server(
+        spec=b.spec,
+        status=b.status,
+        name="qwen",
+        namespace="team-a",
+        uid="server-uid",
+        meta=b.meta,
+        patch=patch,
+        served_jobs={key: jobs},
+        model_server_deployments={key: []},
+        model_server_pods={key: []},
+    )
+    return patch.status
+
+
+def test_an_invalid_model_server_says_which_field_and_creates_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rec = Recorder(monkeypatch)
+    status = reconcile_server({"model": {"id": "m/x"}, "maxLoras": 0}, [], monkeypatch)
+    (ready,) = status["conditions"]
+    assert (ready["type"], ready["status"], ready["reason"]) == ("Ready", "False", "Invalid")
+    assert ready["message"].startswith("`maxLoras`: Input should be greater than or equal to 1")
+    assert rec.calls == []
+
+
+def test_a_model_server_serves_the_jobs_the_index_says_name_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rec = Recorder(monkeypatch)
+    job = handlers.model_server.member(
+        {
+            "metadata": {"name": "daoyan", "uid": UID},
+            "spec": {**SPEC, "model": {"id": "m/x"}, "serve": {"server": "qwen"}},
+            "status": {"phase": "Succeeded"},
+        }
+    )
+    spec = {"model": {"id": "m/x"}, "engine": "vllm-cpu", "resources": {"gpus": 0}}
+    status = reconcile_server(spec, [job], monkeypatch)
+    assert status["adapters"] == ["daoyan"] and status["observedGeneration"] == 3
+    kinds = [obj["kind"] for verb, obj in rec.calls if verb == "apply"]
+    assert kinds == ["ConfigMap", "Service", "Deployment"]
