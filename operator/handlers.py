@@ -32,8 +32,8 @@ from kubetune.operator import (
     openai_handlers,
 )
 from kubetune.operator import status as st
-from kubetune.operator.openai_status import Event
 from kubetune.operator.settings import OperatorSettings
+from kubetune.operator.status import Event
 from kubetune.server import launcher
 
 SETTINGS = OperatorSettings.from_env()
@@ -348,6 +348,7 @@ def _write(
 
 @kopf.timer(ftj.GROUP, ftj.VERSION, ms.PLURAL, interval=SETTINGS.reconcile_interval, idle=None)
 def reconcile_model_server(
+    body: kopf.Body,
     spec: kopf.Spec,
     status: kopf.Status,
     name: str,
@@ -391,6 +392,8 @@ def reconcile_model_server(
     changes = _status_patch(stored, new)
     if changes:
         patch.status.update(changes)
+    for ev in model_server.events(old, new):
+        kopf.event(body, type=ev.type, reason=ev.reason, message=ev.message)
 
 
 def _drops_output(spec: kopf.Spec, **_: Any) -> bool:

@@ -180,3 +180,21 @@ def reconcile(
         new.conditions, "Ready", state.ready, state.reason, state.message, generation
     )
     return new
+
+
+def events(old: ms.ModelServerStatus, new: ms.ModelServerStatus) -> list[st.Event]:
+    """What changed between two statuses, as Events on the ModelServer: adapters added and
+    removed, jobs newly refused."""
+    out: list[st.Event] = []
+    added = [a for a in new.adapters if a not in old.adapters]
+    removed = [a for a in old.adapters if a not in new.adapters]
+    if added or removed:
+        parts = [f"added {', '.join(added)}"] if added else []
+        parts += [f"removed {', '.join(removed)}"] if removed else []
+        text = "; ".join(parts) + "; the replicas restart with the new adapter set"
+        out.append(st.Event("Normal", "AdaptersChanged", text))
+    before = {r.name: r.message for r in old.refused}
+    for r in new.refused:
+        if before.get(r.name) != r.message:
+            out.append(st.Event("Warning", "AdapterRefused", f"{r.name}: {r.message}"))
+    return out

@@ -64,8 +64,9 @@ from kubetune.operator import checks, kube, manifests, openai_client
 from kubetune.operator import openai_errors as errors
 from kubetune.operator import openai_provider as provider
 from kubetune.operator import status as st
-from kubetune.operator.openai_status import TERMINAL, Event
+from kubetune.operator.openai_status import TERMINAL
 from kubetune.operator.settings import DEFAULT_OPENAI_BASE_URL, OperatorSettings
+from kubetune.operator.status import Event
 
 CREDENTIALS_LABEL = "kubetune.io/credentials"
 CREDENTIALS_LABEL_VALUE = "openai"

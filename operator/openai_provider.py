@@ -72,7 +72,8 @@ from kubetune.operator import manifests
 from kubetune.operator import openai_errors as errors
 from kubetune.operator import openai_status as ostatus
 from kubetune.operator import status as st
-from kubetune.operator.openai_status import TERMINAL, Event
+from kubetune.operator.openai_status import TERMINAL
+from kubetune.operator.status import Event
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,8 @@ Progress comes from the newest ``metrics`` event (``data``: ``step``, ``total_st
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
 
@@ -27,6 +26,7 @@ from kubetune.operator import manifests
 from kubetune.operator import openai_errors as errors
 from kubetune.operator import status as st
 from kubetune.operator.settings import DEFAULT_OPENAI_BASE_URL
+from kubetune.operator.status import Event
 
 PHASES: dict[str, ftj.Phase] = {
     "validating_files": ftj.Phase.VALIDATING,
@@ -41,15 +41,6 @@ UNKNOWN_STATUS_CONDITION = "RemoteStatusRecognized"
 
 MAX_POSTED_EVENTS = 10
 """OpenAI messages posted as Kubernetes Events per tick, newest kept."""
-
-
-@dataclass(frozen=True)
-class Event:
-    """A Kubernetes Event for the handler to post on the FineTuneJob."""
-
-    type: Literal["Normal", "Warning"]
-    reason: str
-    message: str
 
 
 def iso(ts: int | float | None) -> str | None:

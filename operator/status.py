@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from kubetune.api.finetunejob import Condition, Phase
 from kubetune.operator import manifests
@@ -16,6 +16,15 @@ from kubetune.server import launcher
 
 if TYPE_CHECKING:
     from kubetune.operator.kueue import Workload
+
+
+@dataclass(frozen=True)
+class Event:
+    """A Kubernetes Event for the handler to post on the object it reconciled."""
+
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
 
 
 def now() -> str:

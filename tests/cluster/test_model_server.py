@@ -96,6 +96,8 @@ def test_jobs_share_one_server_and_leave_it_when_deleted(
     assert set(refused) == {"other-base", "too-wide"}
     assert "trained on meta-llama/Llama-3.2-1B" in refused["other-base"]
     assert "adapter rank 64 is above the server's `maxLoraRank` 16" in refused["too-wide"]
+    reasons = ftj.event_reasons(cluster, team, "shared", "AdaptersChanged", "AdapterRefused")
+    assert reasons.count("AdapterRefused") == 2, reasons  # each refusal once, not every tick
 
     # One server, both adapters, each job's own output folder mounted read-only.
     config = served_config(cluster, team)

@@ -220,6 +220,7 @@ def reconcile_server(spec: dict[str, Any], jobs: list[Any], monkeypatch: pytest.
     patch = kopf.Patch()
     key = ("team-a", "qwen")
     handlers.reconcile_model_server(
+        body=b,
         spec=b.spec,
         status=b.status,
         name="qwen",
@@ -256,8 +257,15 @@ def test_a_model_server_serves_the_jobs_the_index_says_name_it(
             "status": {"phase": "Succeeded"},
         }
     )
+    posted: list[tuple[str, str]] = []
+    monkeypatch.setattr(
+        kopf, "event", lambda b, type, reason, message: posted.append((reason, message))
+    )
     spec = {"model": {"id": "m/x"}, "engine": "vllm-cpu", "resources": {"gpus": 0}}
     status = reconcile_server(spec, [job], monkeypatch)
     assert status["adapters"] == ["daoyan"] and status["observedGeneration"] == 3
+    assert posted == [
+        ("AdaptersChanged", "added daoyan; the replicas restart with the new adapter set")
+    ]
     kinds = [obj["kind"] for verb, obj in rec.calls if verb == "apply"]
     assert kinds == ["ConfigMap", "Service", "Deployment"]

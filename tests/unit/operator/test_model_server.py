@@ -350,3 +350,25 @@ def test_a_served_job_publishes_the_model_servers_endpoint_and_drops_its_own_ser
     fake.applied.clear()
     local_provider.serve_shared("qwen", JOB, new, local_provider.Children(), 3)
     assert fake.applied == []  # the endpoint is published already
+
+
+def test_events_say_what_changed_and_each_refusal_once() -> None:
+    old = ms.ModelServerStatus(
+        adapters=["alpha", "beta"], refused=[ms.RefusedAdapter(name="x", message="rank")]
+    )
+    new = ms.ModelServerStatus(
+        adapters=["beta", "gamma"],
+        refused=[
+            ms.RefusedAdapter(name="x", message="rank"),
+            ms.RefusedAdapter(name="y", message="trained on z"),
+        ],
+    )
+    assert [(e.type, e.reason, e.message) for e in model_server.events(old, new)] == [
+        (
+            "Normal",
+            "AdaptersChanged",
+            "added gamma; removed alpha; the replicas restart with the new adapter set",
+        ),
+        ("Warning", "AdapterRefused", "y: trained on z"),
+    ]
+    assert model_server.events(new, new) == []
