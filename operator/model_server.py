@@ -86,12 +86,10 @@ def plan(
     limit = vllm_args.round_lora_rank(spec.max_lora_rank)
     for m in sorted(members, key=lambda m: m.name):
         job = m.spec
-        if job is None or not job.serve.enabled:
-            continue
+        if job is None or job.model is None or not job.serve.enabled:
+            continue  # a spec that does not parse, or an `openai` job (its spec forbids it)
         why: str | None = None
-        if job.provider != ftj.Provider.LOCAL or job.model is None:
-            why = "provider `openai` models are served by OpenAI, not by a ModelServer"
-        elif not same_model(job.model, spec.model):
+        if not same_model(job.model, spec.model):
             why = (
                 f"trained on {job.model.display}; this server serves {spec.model.display} "
                 "(an adapter works only on the base model it was trained on)"

@@ -257,6 +257,9 @@ class OutputSpec(ApiModel):
     )
 
 
+SERVE_SERVER_OPENAI_MESSAGE = (
+    "`serve.server` applies only to provider `local`: OpenAI serves the models it tunes"
+)
 SERVE_GPUS_MESSAGE = (
     "`serve.engine: vllm` needs `serve.resources.gpus` >= 1; use `engine: vllm-cpu` to serve "
     "without GPUs"
@@ -423,6 +426,8 @@ class FineTuneJobSpec(ApiModel):
                         f"`{field}.pvc` cannot be used with provider `openai`: the file must be "
                         "uploaded, so use `configMap` or `url`"
                     )
+            if self.serve.server is not None:
+                raise ValueError(SERVE_SERVER_OPENAI_MESSAGE)
         else:
             if self.model is None:
                 raise ValueError("`model` is required when `provider` is `local`")
@@ -464,6 +469,10 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
             "|| !has(self.validation.pvc)",
             "message": "`validation.pvc` cannot be used with provider `openai`: "
             "use `configMap` or `url`",
+        },
+        {
+            "rule": "self.provider != 'openai' || !has(self.serve) || !has(self.serve.server)",
+            "message": SERVE_SERVER_OPENAI_MESSAGE,
         },
         {
             # `resources` left out means its defaults (one GPU): the API server does not

@@ -4,6 +4,7 @@ runs them), the real garbage collector takes its objects away."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -200,3 +201,30 @@ def test_api_server_rejects_an_invalid_model_server(cluster: Cluster, namespace:
         proc = cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(obj), check=False)
         assert proc.returncode != 0, obj["metadata"]["name"]
         assert expected in proc.stderr, proc.stderr
+
+
+def test_api_server_checks_what_a_job_may_say_of_a_model_server(
+    cluster: Cluster, namespace: str
+) -> None:
+    ftj.install_crd(cluster)
+    # Served elsewhere, a job's own serve fields do not matter: no GPUs needed for `vllm`.
+    shared = shared_job("gpuless")
+    shared["spec"]["serve"] |= {"engine": "vllm", "resources": {"gpus": 0}}
+    openai = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "remote"},
+        "spec": {
+            "provider": "openai",
+            "dataset": {"url": "https://example.com/train.jsonl"},
+            "openai": {"model": "gpt-4o-mini-2024-07-18", "apiKeySecretRef": {"name": "k"}},
+            "serve": {"server": "shared"},
+        },
+    }
+    for obj, expected in [(shared, None), (openai, "`serve.server` applies only to provider")]:
+        text = json.dumps({**obj, "metadata": {**obj["metadata"], "namespace": namespace}})
+        proc = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=text, check=False)
+        if expected is None:
+            assert proc.returncode == 0, proc.stderr
+        else:
+            assert proc.returncode != 0 and expected in proc.stderr, proc.stderr

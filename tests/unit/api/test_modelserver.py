@@ -57,3 +57,15 @@ def test_status_round_trips_through_wire_form() -> None:
     wire = status.to_wire()
     assert wire["baseURL"].endswith("/v1")
     assert ms.ModelServerStatus.model_validate(wire) == status
+
+
+def test_an_openai_job_cannot_name_a_model_server() -> None:
+    openai = {
+        "provider": "openai",
+        "dataset": {"url": "https://example.com/train.jsonl"},
+        "openai": {"model": "gpt-4o-mini-2024-07-18", "apiKeySecretRef": {"name": "openai"}},
+    }
+    ftj.FineTuneJobSpec.model_validate(openai)
+    with pytest.raises(ValidationError) as exc:
+        ftj.FineTuneJobSpec.model_validate({**openai, "serve": {"server": "qwen"}})
+    assert ftj.SERVE_SERVER_OPENAI_MESSAGE in str(exc.value)

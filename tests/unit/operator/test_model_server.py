@@ -86,26 +86,12 @@ def test_a_job_still_training_waits_and_one_with_serving_off_is_left_out() -> No
             {"lora": {"r": 64}},
             "adapter rank 64 is above the server's `maxLoraRank` 16 (vLLM rounds it to 16)",
         ),
-        (
-            {
-                "provider": "openai",
-                "model": None,
-                "openai": {
-                    "model": "gpt-4o-mini-2024-07-18",
-                    "apiKeySecretRef": {"name": "openai"},
-                },
-            },
-            "provider `openai` models are served by OpenAI",
-        ),
     ],
 )
 def test_jobs_it_can_never_serve_are_refused_with_the_reason_even_before_they_finish(
     job: dict[str, Any], expected: str
 ) -> None:
     body = job_body("x", phase="Running", **job)
-    if body["spec"]["model"] is None:
-        del body["spec"]["model"]
-    assert model_server.member(body).spec is not None
     plan = model_server.plan(server_spec(), NS, [model_server.member(body)], SETTINGS)
     assert plan.adapters == {}
     assert [r.name for r in plan.refused] == ["x"]
