@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from kubetune.api import finetunejob as ftj
 from kubetune.api import modelserver as ms
-from kubetune.operator import kube, local_provider, manifests, serving_manifests
+from kubetune.operator import kube, kueue, local_provider, manifests, serving_manifests
 from kubetune.operator import status as st
 from kubetune.operator.settings import OperatorSettings
 from kubetune.server import vllm_args
@@ -174,6 +174,9 @@ def reconcile(
         state = st.ServingState(False, state.reason, "serving is scaled to zero (`replicas: 0`)")
     elif state.ready and not done:
         state = st.ServingState(False, "RollingOut", counted)
+    elif state.reason == "DeploymentNotReady" and (held := kueue.held_pods(pods)):
+        why = local_provider.serving_queue_wait(owner.namespace, held)
+        state = st.ServingState(False, "ServingQueued", f"{state.message}; {why}")
     new.conditions = st.set_condition(
         new.conditions, "Ready", state.ready, state.reason, state.message, generation
     )

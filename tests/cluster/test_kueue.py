@@ -336,3 +336,34 @@ def test_a_queued_jobs_server_is_admitted_by_quota_and_holds_it_until_serving_st
     patch_spec(cluster, team, "served", {"serve": {"enabled": False}})
     ftj.wait_phase(cluster, team, "next", "Running", "Succeeded", timeout=60)
     operator.assert_alive()
+
+
+def test_a_model_servers_replicas_wait_in_its_queue_with_kueues_reason(
+    cluster: Cluster, operator: OperatorProcess, team: str
+) -> None:
+    """A ModelServer queued like a job's own server: one GPU of quota, two replicas."""
+    cluster.apply(
+        {
+            "apiVersion": "kubetune.io/v1alpha1",
+            "kind": "ModelServer",
+            "metadata": {"name": "shared"},
+            "spec": {
+                "model": {"id": "Qwen/Qwen2.5-0.5B-Instruct"},
+                "replicas": 2,
+                "resources": {"gpus": 1},
+                "queue": QUEUE,
+            },
+        },
+        namespace=team,
+    )
+
+    def queued() -> dict[str, Any] | None:
+        obj = cluster.get("modelserver", "shared", "-n", team) or {}
+        conds = {c["type"]: c for c in (obj.get("status") or {}).get("conditions") or []}
+        ready = conds.get("Ready") or {}
+        return ready if ready.get("reason") == "ServingQueued" else None
+
+    ready = wait_until(queued, timeout=60, description="the ModelServer ServingQueued")
+    assert ready["status"] == "False"
+    for part in ("1/2 replicas ready", "Kueue queue gpus", "nvidia.com/gpu"):
+        assert part in ready["message"], ready

@@ -11,7 +11,7 @@ import yaml
 from kubetune.api import finetunejob as ftj
 from kubetune.api import modelserver as ms
 from kubetune.api.serveconfig import ServeConfig
-from kubetune.operator import kube, local_provider, manifests, model_server
+from kubetune.operator import kube, kueue, local_provider, manifests, model_server
 from kubetune.operator import serving_manifests as sm
 from kubetune.operator.settings import OperatorSettings
 from kubetune.server import vllm_args
@@ -250,6 +250,29 @@ def test_a_new_adapter_set_is_applied_and_not_ready_until_every_replica_runs_it(
     second = reconcile([member("alpha"), member("beta")], rolled(deploy))
     assert second.adapters == ["alpha", "beta"] and ready(second) == ("False", "RollingOut")
     assert [o["kind"] for o in fake.applied] == ["ConfigMap", "Service", "Deployment"]
+
+
+def test_replicas_kueue_holds_are_named_with_the_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeKube(monkeypatch)
+    reconcile([member("alpha")], None)
+    deploy = rolled(fake.applied[-1])
+    deploy["status"]["readyReplicas"] = 0
+    held = {
+        "metadata": {
+            "name": "qwen-server-abc",
+            "uid": "pod-uid",
+            "labels": {manifests.KUEUE_QUEUE_LABEL: "gpus"},
+        },
+        "spec": {"schedulingGates": [{"name": kueue.ADMISSION_GATE}]},
+    }
+    monkeypatch.setattr(kueue, "find", lambda ns, uid: None)
+    status = model_server.reconcile(
+        server_spec(), OWNER, [member("alpha")], deploy, [held], ms.ModelServerStatus(),
+        SETTINGS, 1,
+    )  # fmt: skip
+    (cond,) = status.conditions
+    assert (cond.status, cond.reason) == ("False", "ServingQueued")
+    assert cond.message == "0/1 replicas ready; 1 replica waiting in the Kueue queue gpus"
 
 
 def test_a_server_the_api_refuses_is_reported_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
