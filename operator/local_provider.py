@@ -353,8 +353,8 @@ def shared_serving_state(
     if owner.name not in status.adapters:
         return False, "ModelServerPending", f"ModelServer {server} has not added the adapter yet"
     if ready is None or ready.status != "True":
-        why = ready.message if ready is not None else "no status yet"
-        return False, "ModelServerNotReady", f"ModelServer {server} is not ready: {why}"
+        why = f"{ready.reason}: {ready.message}" if ready is not None else "no status yet"
+        return False, "ModelServerNotReady", f"ModelServer {server} is not ready ({why})"
     return True, "ModelServerReady", f"served by ModelServer {server}: {ready.message}"
 
 

@@ -316,7 +316,7 @@ READY = {"type": "Ready", "status": "True", "reason": "DeploymentReady", "messag
                 adapters=["alpha"],
                 conditions=[{**READY, "status": "False", "reason": "RollingOut", "message": "0/1"}],
             ),
-            (False, "ModelServerNotReady", "ModelServer qwen is not ready: 0/1"),
+            (False, "ModelServerNotReady", "ModelServer qwen is not ready (RollingOut: 0/1)"),
         ),
         (
             server_body(adapters=["alpha"], conditions=[READY]),
