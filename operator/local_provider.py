@@ -358,6 +358,28 @@ def shared_serving_state(
     return True, "ModelServerReady", f"served by ModelServer {server}: {ready.message}"
 
 
+def early_refusal(
+    server: str,
+    owner: manifests.Owner,
+    new: ftj.FineTuneJobStatus,
+    children: Children,
+    generation: int | None,
+) -> None:
+    """While the job trains: a ModelServer that will refuse its adapter (another base model,
+    a rank too high) shows in ServingReady at once, not hours later when training ends."""
+    _, reason, why = shared_serving_state(server, owner, children.model_server)
+    if reason == "AdapterRefused":
+        new.conditions = st.set_condition(
+            new.conditions, "ServingReady", False, reason, why, generation
+        )
+    else:  # refused no more (the ModelServer changed), or never
+        new.conditions = [
+            c
+            for c in new.conditions
+            if not (c.type == "ServingReady" and c.reason == "AdapterRefused")
+        ]
+
+
 def pod_creation_refusal(job: dict[str, Any] | None) -> str | None:
     """Why the Job controller cannot create the trainer pod, from the Job's Events; None when
     it says nothing (or the operator may not list Events: an older chart's RBAC)."""
@@ -438,6 +460,9 @@ def reconcile(
         if seen.phase in (ftj.Phase.SUCCEEDED, ftj.Phase.FAILED):
             new.completion_time = st.finished_at(job) if job else st.now()
 
+    training = not ftj.Phase(new.phase).finished
+    if training and spec.serve.enabled and spec.serve.server is not None:
+        early_refusal(spec.serve.server, owner, new, children, generation)
     if ftj.Phase(new.phase) == ftj.Phase.SUCCEEDED:
         assert spec.model is not None
         claim = manifests.output_claim(spec, settings)

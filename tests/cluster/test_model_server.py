@@ -35,8 +35,10 @@ def model_server(name: str, **spec: Any) -> dict[str, Any]:
     }
 
 
-def shared_job(name: str, server: str = "shared", **spec: Any) -> dict[str, Any]:
-    job = ftj.local_job(name, run_seconds=1, **spec)
+def shared_job(
+    name: str, server: str = "shared", run_seconds: float = 1, **spec: Any
+) -> dict[str, Any]:
+    job = ftj.local_job(name, run_seconds=run_seconds, **spec)
     job["spec"]["serve"] = {"server": server}
     return job
 
@@ -86,7 +88,8 @@ def test_jobs_share_one_server_and_leave_it_when_deleted(
     cluster.apply(
         shared_job("alpha"),
         shared_job("beta"),
-        shared_job("other-base", model={"id": "meta-llama/Llama-3.2-1B"}),
+        # Trains for ten minutes: long enough to see that it is told at once.
+        shared_job("other-base", run_seconds=600, model={"id": "meta-llama/Llama-3.2-1B"}),
         shared_job("too-wide", lora={"r": 64}),
         namespace=team,
     )
@@ -134,9 +137,10 @@ def test_jobs_share_one_server_and_leave_it_when_deleted(
         cond = ftj.serving_condition(ftj.get_ftj(cluster, team, name).get("status") or {})
         return cond if cond.get("reason") == "AdapterRefused" else None
 
-    finish(cluster, team, "other-base")
+    # Told while it trains, not when it is done.
     cond = wait_until(lambda: refused_condition("other-base"), timeout=30, description="refused")
     assert cond["status"] == "False" and "this server serves" in cond["message"]
+    assert ftj.get_ftj(cluster, team, "other-base")["status"]["phase"] == "Running"
 
     # A deleted job's adapter leaves the server; the other stays served.
     cluster.kubectl("delete", "finetunejob", "alpha", "-n", team)

@@ -381,3 +381,19 @@ def test_events_say_what_changed_and_each_refusal_once() -> None:
         ("Warning", "AdapterRefused", "y: trained on z"),
     ]
     assert model_server.events(new, new) == []
+
+
+def test_a_job_the_model_server_refuses_says_so_while_it_still_trains() -> None:
+    new = ftj.FineTuneJobStatus(phase=ftj.Phase.RUNNING)
+    refusing = local_provider.Children(
+        model_server=server_body(refused=[{"name": "alpha", "message": "trained on x"}])
+    )
+    local_provider.early_refusal("qwen", JOB, new, refusing, 2)
+    (cond,) = new.conditions
+    assert (cond.type, cond.status, cond.reason) == ("ServingReady", "False", "AdapterRefused")
+    assert cond.message == "ModelServer qwen refuses it: trained on x"
+
+    # The ModelServer was changed (a higher maxLoraRank): the warning goes.
+    accepting = local_provider.Children(model_server=server_body(adapters=[]))
+    local_provider.early_refusal("qwen", JOB, new, accepting, 2)
+    assert new.conditions == []
