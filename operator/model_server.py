@@ -153,7 +153,8 @@ def reconcile(
         owner=owner, spec=spec, adapters=chosen.adapters, settings=settings
     )
     served = serving_manifests.base_served_name(spec.model, *chosen.adapters)
-    new.model = f"{spec.model.display} (served as {served})"
+    shown = spec.model.display
+    new.model = shown if served == shown else f"{shown} (served as {served})"
     wanted = local_provider.stamped(objects)
     digest = wanted[-1]["metadata"]["annotations"][local_provider.APPLIED_HASH]
     try:

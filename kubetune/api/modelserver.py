@@ -99,7 +99,11 @@ class ModelServerStatus(ApiModel):
         default_factory=list,
         description="`Ready`: every replica runs the current adapter set (`status.adapters`).",
     )
-    model: str | None = Field(default=None, description="Base model served, and its served name.")
+    model: str | None = Field(
+        default=None,
+        description="Base model served, and the name clients send for it when that differs "
+        "(a folder's name).",
+    )
     adapters: list[str] = Field(
         default_factory=list,
         max_length=256,

@@ -83,7 +83,7 @@ def test_jobs_share_one_server_and_leave_it_when_deleted(
     cluster.apply(model_server("shared"), namespace=team)
     empty = wait_server(cluster, team, [])
     assert empty["baseURL"] == f"http://shared-server.{team}.svc:8000/v1"
-    assert empty["model"] == f"{MODEL} (served as {MODEL})"
+    assert empty["model"] == MODEL
 
     cluster.apply(
         shared_job("alpha"),

@@ -237,6 +237,7 @@ def test_a_new_adapter_set_is_applied_and_not_ready_until_every_replica_runs_it(
     assert [o["kind"] for o in fake.applied] == ["ConfigMap", "Service", "Deployment"]
     assert first.adapters == ["alpha"] and ready(first) == ("False", "RollingOut")
     assert first.base_url == f"http://qwen-server.{NS}.svc:8000/v1"
+    assert first.model == "Qwen/Qwen2.5-0.5B-Instruct"
 
     deploy = fake.applied[-1]
     fake.applied.clear()
