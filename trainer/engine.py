@@ -87,7 +87,13 @@ class EvaluationStopped(Exception):
 
 def preemption_agreed(preemption: Preemption) -> bool:
     """Whether any process was asked to stop; every process must call it at the same point
-    and stop at the same step, or the checkpoint's collectives hang."""
+    and stop at the same step, or the checkpoint's collectives hang.
+
+    The answer is the vote's, never the live flag: a SIGTERM handled on one process while its
+    vote is under way sets its flag after the others have counted it, so answering from the
+    flag would stop that process alone (and leave the others waiting for it in the next
+    collective, until the grace period ran out). The next vote counts it.
+    """
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
@@ -95,9 +101,10 @@ def preemption_agreed(preemption: Preemption) -> bool:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     flag = torch.tensor([1 if preemption.requested else 0], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if flag.item():
+    agreed = bool(flag.item())
+    if agreed:
         preemption.requested = True
-    return preemption.requested
+    return agreed
 
 
 class KubetuneTrainer(Trainer):

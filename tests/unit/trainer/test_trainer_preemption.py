@@ -57,3 +57,28 @@ def test_a_validation_pass_stops_at_the_next_batch_only_when_requested(tmp_path:
     preemption.requested = True
     with pytest.raises(engine.EvaluationStopped):
         callback.on_prediction_step(args, TrainerState(), TrainerControl())
+
+
+def test_a_sigterm_during_a_vote_counts_at_the_next_vote_on_every_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The race that hung two workers under load (one left a validation pass alone): the
+    SIGTERM handler ran while this process's vote was under way, after its 0 was counted.
+    The vote's answer (0, as on the other process) stands; the next vote says 1 on both."""
+    import torch
+    import torch.distributed as dist
+
+    preemption = Preemption()
+    others: list[int] = []
+
+    def all_reduce(flag: torch.Tensor, op: object = None) -> None:
+        others.append(int(flag.item()))
+        if len(others) == 1:
+            preemption.requested = True  # the handler, while the collective runs
+
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    assert engine.preemption_agreed(preemption) is False
+    assert engine.preemption_agreed(preemption) is True
+    assert others == [0, 1]
