@@ -177,9 +177,10 @@ def _check_ours(obj: dict[str, Any], existing: dict[str, Any]) -> None:
         return
     if existing["metadata"].get("deletionTimestamp"):
         raise TemporaryKubeError(f"{name} of an earlier object is being deleted", delay=5.0)
+    owner = next((r.get("kind") for r in meta.get("ownerReferences", [])), None) or "owner"
     raise NameTaken(
         f"{name} already exists and belongs to something else; "
-        "rename the FineTuneJob or remove that object"
+        f"rename the {owner} or remove that object"
     )
 
 

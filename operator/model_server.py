@@ -170,7 +170,7 @@ def reconcile(
     done, counted = rolled_out(deployment)
     if local_provider.applied_hash(deployment) != digest:
         # Just applied: the Deployment in the index predates it.
-        state = st.ServingState(False, "RollingOut", "the new adapter set is being applied")
+        state = st.ServingState(False, "RollingOut", "a new server config is being applied")
     elif state.reason == "ScaledToZero":
         state = st.ServingState(False, state.reason, "serving is scaled to zero (`replicas: 0`)")
     elif state.ready and not done:

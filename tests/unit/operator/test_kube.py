@@ -63,7 +63,10 @@ def test_an_object_of_an_earlier_owner_being_deleted_is_waited_for() -> None:
         "metadata": {"namespace": "a", "name": "x", "ownerReferences": [{"uid": "new"}]},
     }
     theirs: dict[str, Any] = {"metadata": {"ownerReferences": [{"uid": "old"}]}}
-    with pytest.raises(kube.NameTaken):
+    with pytest.raises(kube.NameTaken, match="rename the owner or remove that object"):
+        kube._check_ours(ours, theirs)
+    ours["metadata"]["ownerReferences"][0]["kind"] = "ModelServer"
+    with pytest.raises(kube.NameTaken, match="rename the ModelServer or remove that object"):
         kube._check_ours(ours, theirs)
     theirs["metadata"]["deletionTimestamp"] = "2026-11-28T00:00:00Z"
     with pytest.raises(kube.TemporaryKubeError, match="being deleted"):
