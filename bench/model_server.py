@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.metadata
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -41,10 +39,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 from serve import (  # noqa: E402
-    BASE,
     DATASET,
+    base_serve_config,
     chat_latency,
+    environment,
     free_port,
+    questions,
     server,
     summary,
     train_adapter,
@@ -131,15 +131,8 @@ def main() -> int:
     names = [f"job-{i}" for i in range(args.adapters)]
     for name in names:
         shutil.copytree(adapter, work / "adapters" / name)
-    prompts = [
-        [m for m in json.loads(line)["messages"] if m["role"] != "assistant"]
-        for line in DATASET.read_text(encoding="utf-8").splitlines()
-        if line.strip()
-    ]
-    common = {
-        "model": str(model), "servedModelName": BASE, "engine": "vllm-cpu", "host": "127.0.0.1",
-        "maxModelLen": 512, "dtype": "float32", "adapterWaitSeconds": 0, "maxLoraRank": 16,
-    }  # fmt: skip
+    prompts = questions()
+    common = {**base_serve_config(model), "maxLoraRank": 16}
 
     def adapters(some: list[str]) -> list[dict[str, str]]:
         return [{"name": n, "path": str(work / "adapters" / n)} for n in some]
@@ -166,18 +159,7 @@ def main() -> int:
     result = {
         "benchmark": "model_server",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "load_average_at_start": load_at_start,
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-        },
-        "engine": {
-            "vllm-cpu": importlib.metadata.version("vllm-cpu"),
-            "torch": importlib.metadata.version("torch"),
-        },
-        "model": "kubetune demo-tiny (Llama, 2 layers, hidden 128, head_dim 64), float32",
+        **environment(load_at_start),
         "adapters": n,
         "adapter_rank": json.loads((adapter / "adapter_config.json").read_text())["r"],
         "max_tokens": args.max_tokens,

@@ -154,6 +154,41 @@ def summary(samples: list[float]) -> dict[str, float]:
     }
 
 
+def questions() -> list[list[dict[str, str]]]:
+    """The dataset's conversations without their answers: the prompts every request sends."""
+    return [
+        [m for m in json.loads(line)["messages"] if m["role"] != "assistant"]
+        for line in DATASET.read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
+
+
+def base_serve_config(model: Path) -> dict[str, Any]:
+    """The serve config both serving benchmarks start from: the demo model on vLLM-CPU."""
+    return {
+        "model": str(model), "servedModelName": BASE, "engine": "vllm-cpu", "host": "127.0.0.1",
+        "maxModelLen": 512, "dtype": "float32", "adapterWaitSeconds": 0,
+    }  # fmt: skip
+
+
+def environment(load_at_start: list[float]) -> dict[str, Any]:
+    """What a result was measured on: the machine, the engine's versions, the model."""
+    return {
+        "machine": {
+            "load_average_at_start": load_at_start,
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        },
+        "engine": {
+            "vllm-cpu": importlib.metadata.version("vllm-cpu"),
+            "torch": importlib.metadata.version("torch"),
+        },
+        "model": "kubetune demo-tiny (Llama, 2 layers, hidden 128, head_dim 64), float32",
+    }
+
+
 def measure(
     root: str, models: list[str], prompts: list[list[dict[str, str]]], n: int, max_tokens: int
 ) -> dict[str, dict[str, Any]]:
@@ -196,15 +231,8 @@ def main() -> int:
     adapter = args.adapter
     if adapter is None:
         adapter, train_seconds = train_adapter(model, work)
-    prompts = [
-        [m for m in json.loads(line)["messages"] if m["role"] != "assistant"]
-        for line in DATASET.read_text(encoding="utf-8").splitlines()
-        if line.strip()
-    ]
-    common = {
-        "model": str(model), "servedModelName": BASE, "engine": "vllm-cpu", "host": "127.0.0.1",
-        "maxModelLen": 512, "dtype": "float32", "adapterWaitSeconds": 0,
-    }  # fmt: skip
+    prompts = questions()
+    common = base_serve_config(model)
 
     with_lora = {
         **common,
@@ -225,18 +253,7 @@ def main() -> int:
     result = {
         "benchmark": "serve",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "load_average_at_start": load_at_start,
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-        },
-        "engine": {
-            "vllm-cpu": importlib.metadata.version("vllm-cpu"),
-            "torch": importlib.metadata.version("torch"),
-        },
-        "model": "kubetune demo-tiny (Llama, 2 layers, hidden 128, head_dim 64), float32",
+        **environment(load_at_start),
         "adapter": {
             "path": str(adapter),
             "trained_seconds": train_seconds,

@@ -134,7 +134,7 @@ def served_jobs(
     """FineTuneJobs by the ModelServer they name (a filter, so a job that stops naming one
     leaves the index)."""
     server = str(spec["serve"]["server"])
-    return {(namespace or "", server): model_server.member(copy.deepcopy(dict(body)))}
+    return {(namespace or "", server): model_server.member(dict(body))}
 
 
 def _owned(items: Any, uid: str | None) -> list[dict[str, Any]]:

@@ -157,6 +157,34 @@ def base_served_name(base_model: ftj.ModelRef, *adapter_names: str) -> str:
     return name
 
 
+def launcher_config(
+    *,
+    serve: ftj.ServerSettings,
+    base_model: ftj.ModelRef,
+    adapters: dict[str, str],
+    max_lora_rank: int,
+    max_loras: int | None = None,
+    runtime_lora_updating: bool = False,
+) -> ServeConfig:
+    """The launcher's config, with in-pod paths: ``adapters`` maps served names to folders."""
+    cpu = serve.engine == "vllm-cpu"
+    return ServeConfig(
+        model=base_model_path(base_model),
+        revision=base_model.revision,
+        served_model_name=base_served_name(base_model, *adapters),
+        adapters=[AdapterSource(name=name, path=path) for name, path in adapters.items()],
+        engine=serve.engine,
+        host="0.0.0.0",
+        port=SERVER_PORT,
+        max_model_len=serve.max_model_length,
+        tensor_parallel_size=1 if cpu else max(1, serve.resources.gpus),
+        max_lora_rank=max_lora_rank,
+        max_loras=max_loras,
+        runtime_lora_updating=runtime_lora_updating,
+        api_key_env=API_KEY_ENV if serve.api_key_secret_ref else None,
+    )
+
+
 def serve_config(
     *,
     owner: manifests.Owner,
@@ -165,42 +193,26 @@ def serve_config(
     lora_rank: int,
     runtime_lora_updating: bool = False,
 ) -> ServeConfig:
-    """The launcher's config for this job, with in-pod paths."""
-    cpu = serve.engine == "vllm-cpu"
-    return ServeConfig(
-        model=base_model_path(base_model),
-        revision=base_model.revision,
-        served_model_name=base_served_name(base_model, owner.name),
-        adapters=[AdapterSource(name=owner.name, path=ADAPTER_PATH)],
-        engine=serve.engine,
-        host="0.0.0.0",
-        port=SERVER_PORT,
-        max_model_len=serve.max_model_length,
-        tensor_parallel_size=1 if cpu else max(1, serve.resources.gpus),
+    """A job's own server: its one adapter, served under the job's name."""
+    return launcher_config(
+        serve=serve,
+        base_model=base_model,
+        adapters={owner.name: ADAPTER_PATH},
         max_lora_rank=lora_rank,
         runtime_lora_updating=runtime_lora_updating,
-        api_key_env=API_KEY_ENV if serve.api_key_secret_ref else None,
     )
 
 
 def shared_serve_config(
-    *, spec: ms.ModelServerSpec, adapters: list[AdapterMount], names: list[str]
+    *, spec: ms.ModelServerSpec, adapters: dict[str, AdapterMount]
 ) -> ServeConfig:
-    """A ModelServer's launcher config: its base model and each job's adapter, by job name."""
-    cpu = spec.engine == "vllm-cpu"
-    return ServeConfig(
-        model=base_model_path(spec.model),
-        revision=spec.model.revision,
-        served_model_name=base_served_name(spec.model, *names),
-        adapters=[AdapterSource(name=n, path=a.path) for n, a in zip(names, adapters, strict=True)],
-        engine=spec.engine,
-        host="0.0.0.0",
-        port=SERVER_PORT,
-        max_model_len=spec.max_model_length,
-        tensor_parallel_size=1 if cpu else max(1, spec.resources.gpus),
+    """A ModelServer: its base model and each job's adapter, by job name (sorted)."""
+    return launcher_config(
+        serve=spec,
+        base_model=spec.model,
+        adapters={name: adapters[name].path for name in sorted(adapters)},
         max_lora_rank=spec.max_lora_rank,
         max_loras=spec.max_loras,
-        api_key_env=API_KEY_ENV if spec.api_key_secret_ref else None,
     )
 
 
@@ -444,9 +456,8 @@ def model_server_objects(
     settings: OperatorSettings,
 ) -> list[dict[str, Any]]:
     """A ModelServer's ConfigMap, Deployment and Service; ``adapters`` by job name."""
-    names = sorted(adapters)
-    mounts = [adapters[n] for n in names]
-    config = shared_serve_config(spec=spec, adapters=mounts, names=names)
+    mounts = [adapters[name] for name in sorted(adapters)]
+    config = shared_serve_config(spec=spec, adapters=adapters)
     return [
         config_configmap(config, owner),
         deployment(
