@@ -23,6 +23,7 @@ from kubetune.api import finetunejob as ftj
 from kubetune.api import modelserver as ms
 from kubetune.api.types import ApiModel
 from kubetune.operator import (
+    adapter_reports,
     checks,
     kube,
     local_provider,
@@ -376,23 +377,25 @@ def reconcile_model_server(
         )
         patch.status.update(_status_patch(stored, new))
         return
+    pods = list(indices["model_server_pods"].get(key, []))
     try:
         new = model_server.reconcile(
             parsed,
             owner,
             indices["served_jobs"].get(key, []),
             _one(indices["model_server_deployments"], key, uid),
-            list(indices["model_server_pods"].get(key, [])),
+            pods,
             old,
             SETTINGS,
             generation,
+            adapter_reports.read(pods) if parsed.live else None,
         )
     except kube.TemporaryKubeError as exc:
         raise kopf.TemporaryError(str(exc), delay=exc.delay) from None
     changes = _status_patch(stored, new)
     if changes:
         patch.status.update(changes)
-    for ev in model_server.events(old, new):
+    for ev in model_server.events(old, new, parsed.live):
         kopf.event(body, type=ev.type, reason=ev.reason, message=ev.message)
 
 

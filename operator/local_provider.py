@@ -352,6 +352,9 @@ def shared_serving_state(
     ready = next((c for c in status.conditions if c.type == "Ready"), None)
     if owner.name not in status.adapters:
         return False, "ModelServerPending", f"ModelServer {server} has not added the adapter yet"
+    if ready is not None and ready.reason == ms.LOADING_ADAPTERS:
+        # A `Live` server lists only what every ready replica serves: a change of others'.
+        return True, "ModelServerReady", f"served by ModelServer {server} ({ready.message})"
     if ready is None or ready.status != "True":
         why = f"{ready.reason}: {ready.message}" if ready is not None else "no status yet"
         return False, "ModelServerNotReady", f"ModelServer {server} is not ready ({why})"

@@ -7,10 +7,18 @@ trained on the server's base model, with a rank the server accepts. The others t
 never be served are refused, with the reason; the job shows it in its ServingReady condition.
 A job still training is neither: its adapter is added when it succeeds.
 
-Changing the adapter set changes the serve config, which rolls the server's pods (each new
-pod loads every adapter at start). ``status.adapters`` lists the adapters of the config that
-was applied; the ``Ready`` condition is True only once every replica runs that config, so a
-job whose name is in ``adapters`` of a Ready server is served.
+With ``adapterUpdates: Restart`` (the default), changing the adapter set changes the serve
+config, which rolls the server's pods (each new pod loads every adapter at start).
+``status.adapters`` lists the adapters of the config that was applied; the ``Ready`` condition
+is True only once every replica runs that config, so a job whose name is in ``adapters`` of a
+Ready server is served.
+
+With ``Live``, a new adapter set changes only the config file; the adapter-sync sidecar of each
+pod loads it into the running vLLM and reports what it serves (read by the timer through
+:mod:`~kubetune.operator.adapter_reports`). ``status.adapters`` is then what every ready
+replica reports serving, and ``Ready`` is False with reason ``LoadingAdapters`` while a
+change is on its way (the adapters listed are served meanwhile). What a replica cannot load is
+refused, like a job trained on another base model.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from kubetune.operator import kube, kueue, local_provider, manifests, serving_ma
 from kubetune.operator import status as st
 from kubetune.operator.settings import OperatorSettings
 from kubetune.server import vllm_args
+from kubetune.sync_report import Report
 
 
 @dataclass(frozen=True)
@@ -130,6 +139,60 @@ def rolled_out(deploy: dict[str, Any] | None) -> tuple[bool, str]:
     return False, f"{ready}/{want} replicas ready, {updated}/{want} with the current adapters"
 
 
+def live_serving(
+    wanted: list[str],
+    digest: str,
+    state: st.ServingState,
+    reports: dict[str, Report | str],
+    old: list[str],
+) -> tuple[list[str], st.ServingState, list[ms.RefusedAdapter]]:
+    """For a ``Live`` server: the adapters every ready replica serves, the Ready state, and the
+    adapters a replica refused to load. ``reports`` are those of the ready pods (by name);
+    ``digest`` is :meth:`ServeConfig.adapter_digest` of the config just applied.
+
+    A replica that cannot be asked counts neither way for ``adapters``: when none can be, the
+    last confirmed set (``old``) stands, less the adapters no longer wanted. Ready needs every
+    ready replica to report the applied digest, synced.
+    """
+    read = {pod: r for pod, r in reports.items() if isinstance(r, Report)}
+    if not reports:
+        served: list[str] = []
+    elif not read:
+        served = [a for a in old if a in wanted]
+    else:
+        common = set.intersection(*(set(r.served) for r in read.values()))
+        served = [a for a in wanted if a in common]
+    refused: dict[str, str] = {}
+    for report in read.values():
+        for name, why in report.refused.items():
+            if name in wanted:
+                refused.setdefault(name, f"the server cannot load it: {why}")
+    behind = {
+        pod: (r if isinstance(r, str) else _lag(r, digest))
+        for pod, r in sorted(reports.items())
+        if isinstance(r, str) or r.digest != digest or not r.synced
+    }
+    if state.ready and behind:
+        done = len(reports) - len(behind)
+        why = "; ".join(f"{pod}: {text}" for pod, text in behind.items())
+        state = st.ServingState(
+            False,
+            ms.LOADING_ADAPTERS,
+            f"{done}/{len(reports)} replicas serve the current adapters; {why}",
+        )
+    return served, state, [ms.RefusedAdapter(name=n, message=m) for n, m in refused.items()]
+
+
+def _lag(report: Report, digest: str) -> str:
+    """Why a replica's report is not the applied adapter set, served."""
+    if report.error:
+        return report.error
+    if report.digest != digest:
+        return "has not read the new adapter set yet (the kubelet updates the file within a minute)"
+    pending = ", ".join(f"{n} ({why})" for n, why in sorted(report.pending.items()))
+    return f"loading {pending}" if pending else "not in sync yet"
+
+
 def reconcile(
     spec: ms.ModelServerSpec,
     owner: manifests.Owner,
@@ -139,8 +202,10 @@ def reconcile(
     old: ms.ModelServerStatus,
     settings: OperatorSettings,
     generation: int | None,
+    reports: dict[str, Report | str] | None = None,
 ) -> ms.ModelServerStatus:
-    """Applies the server for the current members; returns the new status.
+    """Applies the server for the current members; returns the new status. ``reports`` are the
+    ready pods' adapter-sync reports (a ``Live`` server).
 
     Raises kube.TemporaryKubeError to be retried; a refusal by the API server (a name taken,
     a quota, a policy) is the Ready condition's ``ServingRefused``.
@@ -178,22 +243,35 @@ def reconcile(
     elif state.reason == "DeploymentNotReady" and (held := kueue.held_pods(pods)):
         why = local_provider.serving_queue_wait(owner.namespace, held)
         state = st.ServingState(False, "ServingQueued", f"{state.message}; {why}")
+    if spec.live:
+        _, config = serving_manifests.model_server_layout(spec, chosen.adapters)
+        new.adapters, state, refused = live_serving(
+            sorted(chosen.adapters), config.adapter_digest(), state, reports or {}, old.adapters
+        )
+        new.refused = [*new.refused, *refused]
     new.conditions = st.set_condition(
         new.conditions, "Ready", state.ready, state.reason, state.message, generation
     )
     return new
 
 
-def events(old: ms.ModelServerStatus, new: ms.ModelServerStatus) -> list[st.Event]:
+def events(
+    old: ms.ModelServerStatus, new: ms.ModelServerStatus, live: bool = False
+) -> list[st.Event]:
     """What changed between two statuses, as Events on the ModelServer: adapters added and
-    removed, jobs newly refused."""
+    removed (``live``: as every replica confirmed it), jobs newly refused."""
     out: list[st.Event] = []
     added = [a for a in new.adapters if a not in old.adapters]
     removed = [a for a in old.adapters if a not in new.adapters]
     if added or removed:
         parts = [f"added {', '.join(added)}"] if added else []
         parts += [f"removed {', '.join(removed)}"] if removed else []
-        text = "; ".join(parts) + "; the replicas restart with the new adapter set"
+        then = (
+            "served by every ready replica, loaded without a restart"
+            if live
+            else "the replicas restart with the new adapter set"
+        )
+        text = "; ".join(parts) + "; " + then
         out.append(st.Event("Normal", "AdaptersChanged", text))
     before = {r.name: r.message for r in old.refused}
     for r in new.refused:

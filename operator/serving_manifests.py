@@ -52,6 +52,7 @@ from kubetune.api.serveconfig import AdapterSource, ServeConfig
 from kubetune.api.types import quantity_value
 from kubetune.operator import manifests
 from kubetune.operator.settings import OperatorSettings
+from kubetune.sync_report import SYNC_PORT
 
 SERVER_PORT = 8000
 CPU_KV_CACHE_DEFAULT_GIB = 4
@@ -165,6 +166,7 @@ def launcher_config(
     max_lora_rank: int,
     max_loras: int | None = None,
     runtime_lora_updating: bool = False,
+    adapter_sync: bool = False,
 ) -> ServeConfig:
     """The launcher's config, with in-pod paths: ``adapters`` maps served names to folders."""
     cpu = serve.engine == "vllm-cpu"
@@ -180,7 +182,8 @@ def launcher_config(
         tensor_parallel_size=1 if cpu else max(1, serve.resources.gpus),
         max_lora_rank=max_lora_rank,
         max_loras=max_loras,
-        runtime_lora_updating=runtime_lora_updating,
+        runtime_lora_updating=runtime_lora_updating or adapter_sync,
+        adapter_sync=adapter_sync,
         api_key_env=API_KEY_ENV if serve.api_key_secret_ref else None,
     )
 
@@ -203,17 +206,28 @@ def serve_config(
     )
 
 
-def shared_serve_config(
-    *, spec: ms.ModelServerSpec, adapters: dict[str, AdapterMount]
-) -> ServeConfig:
-    """A ModelServer: its base model and each job's adapter, by job name (sorted)."""
+def shared_serve_config(*, spec: ms.ModelServerSpec, paths: dict[str, str]) -> ServeConfig:
+    """A ModelServer: its base model and each job's adapter (in-pod folders by job name,
+    sorted); with ``adapterUpdates: Live``, runtime loading on for the sidecar."""
     return launcher_config(
         serve=spec,
         base_model=spec.model,
-        adapters={name: adapters[name].path for name in sorted(adapters)},
+        adapters={name: paths[name] for name in sorted(paths)},
         max_lora_rank=spec.max_lora_rank,
         max_loras=spec.max_loras,
+        adapter_sync=spec.live,
     )
+
+
+def folder_mount(adapter: AdapterMount) -> tuple[AdapterMount, str]:
+    """For a server that loads adapters at run time: the folder that holds the job's output
+    folder (``[<output path>/]<namespace>`` of the claim), mounted at a path named by a hash of
+    claim and folder, and the adapter's path under it. A job that succeeds later on the same
+    claim appears in the running pods without a new mount (a new mount would roll them)."""
+    parent, leaf = adapter.subpath.rsplit("/", 1)
+    key = hashlib.sha256(f"{adapter.claim}/{parent}".encode()).hexdigest()[:10]
+    mount = AdapterMount(claim=adapter.claim, subpath=parent, path=f"{ADAPTERS_DIR}/{key}")
+    return mount, f"{mount.path}/{leaf}"
 
 
 def config_configmap(config: ServeConfig, owner: manifests.Owner) -> dict[str, Any]:
@@ -293,8 +307,11 @@ def deployment(
     config: ServeConfig,
     settings: OperatorSettings,
     queue: str | None = None,
+    adapter_sync: bool = False,
 ) -> dict[str, Any]:
-    """vLLM behind the launcher: probes, GPUs, /dev/shm, cache, read-only adapters, non-root."""
+    """vLLM behind the launcher: probes, GPUs, /dev/shm, cache, read-only adapters, non-root;
+    with ``adapter_sync``, the sidecar that loads adapter-set changes into the running vLLM
+    (the pods' config hash then leaves the adapters out: a new set does not roll them)."""
     res = manifests.effective_resources(engine_resources(serve), settings, "server")
     claims = list(dict.fromkeys(a.claim for a in adapters))
     volume = {c: "adapter" if i == 0 else f"adapter-{i}" for i, c in enumerate(claims)}
@@ -308,7 +325,7 @@ def deployment(
         manifests.shm_volume(res),
         {"name": "tmp", "emptyDir": {}},
     ]
-    mounts: list[dict[str, Any]] = [
+    config_and_adapters: list[dict[str, Any]] = [
         {"name": "config", "mountPath": manifests.CONFIG_DIR, "readOnly": True},
         *(
             {
@@ -319,9 +336,13 @@ def deployment(
             }
             for a in adapters
         ),
+    ]
+    tmp = {"name": "tmp", "mountPath": "/tmp"}
+    mounts: list[dict[str, Any]] = [
+        *config_and_adapters,
         {"name": "cache", "mountPath": manifests.CACHE_DIR},
         {"name": "shm", "mountPath": "/dev/shm"},
-        {"name": "tmp", "mountPath": "/tmp"},
+        tmp,
     ]
     if base_model.pvc is not None:
         volumes.append(
@@ -332,27 +353,30 @@ def deployment(
         )
         mounts.append({"name": "model", "mountPath": manifests.MODEL_DIR, "readOnly": True})
 
-    config_text = config.dump_yaml()
+    rolled_by = config.model_copy(update={"adapters": []}) if adapter_sync else config
+    containers = [
+        {
+            "name": "vllm",
+            "image": server_image(serve, settings),
+            "command": ["python", "-m", "kubetune.server", "--config", CONFIG_PATH],
+            "ports": [{"name": "http", "containerPort": SERVER_PORT, "protocol": "TCP"}],
+            "env": _env(serve, res),
+            "resources": manifests.resource_requirements(res),
+            "volumeMounts": mounts,
+            "securityContext": manifests.container_security_context(),
+            # Model download and loading: /health answers only once the engine is up.
+            "startupProbe": _probe("/health", PROBE_PERIOD, STARTUP_SECONDS // PROBE_PERIOD),
+            "readinessProbe": _probe("/health", 5, 3),
+            "livenessProbe": _probe("/health", PROBE_PERIOD, 6),
+            "terminationMessagePolicy": "FallbackToLogsOnError",
+        }
+    ]
+    if adapter_sync:
+        containers.append(sync_container(serve, settings, [*config_and_adapters, tmp]))
     pod_spec: dict[str, Any] = {
         "securityContext": manifests.pod_security_context(settings),
         "automountServiceAccountToken": False,
-        "containers": [
-            {
-                "name": "vllm",
-                "image": server_image(serve, settings),
-                "command": ["python", "-m", "kubetune.server", "--config", CONFIG_PATH],
-                "ports": [{"name": "http", "containerPort": SERVER_PORT, "protocol": "TCP"}],
-                "env": _env(serve, res),
-                "resources": manifests.resource_requirements(res),
-                "volumeMounts": mounts,
-                "securityContext": manifests.container_security_context(),
-                # Model download and loading: /health answers only once the engine is up.
-                "startupProbe": _probe("/health", PROBE_PERIOD, STARTUP_SECONDS // PROBE_PERIOD),
-                "readinessProbe": _probe("/health", 5, 3),
-                "livenessProbe": _probe("/health", PROBE_PERIOD, 6),
-                "terminationMessagePolicy": "FallbackToLogsOnError",
-            }
-        ],
+        "containers": containers,
         "volumes": volumes,
         "tolerations": manifests.tolerations(res),
     }
@@ -388,13 +412,46 @@ def deployment(
                     "annotations": {
                         **res.pod_annotations,
                         manifests.CONFIG_HASH_ANNOTATION: hashlib.sha256(
-                            config_text.encode()
+                            rolled_by.dump_yaml().encode()
                         ).hexdigest()[:16],
                     },
                 },
                 "spec": pod_spec,
             },
         },
+    }
+
+
+SYNC_RESOURCES = {"cpu": "50m", "memory": "128Mi"}
+"""The sidecar is a Python loop with httpx: a few tens of MiB, idle between rounds."""
+
+
+def sync_container(
+    serve: ftj.ServerSettings, settings: OperatorSettings, mounts: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The sidecar of a server that loads adapters at run time: same image, the same config
+    file (which the kubelet updates in place) and adapter folders read-only, the API key to
+    call vLLM on localhost; no GPU, no probes (it must never take the server out of its
+    Service), restarted by the kubelet if it exits."""
+    key = serve.api_key_secret_ref
+    env: list[dict[str, Any]] = [
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "PYTHONSAFEPATH", "value": "1"},
+    ]
+    if key is not None:
+        env.append(
+            {"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": key.name, "key": key.key}}}
+        )
+    return {
+        "name": "adapter-sync",
+        "image": server_image(serve, settings),
+        "command": ["python", "-m", "kubetune.server.adapter_sync", "--config", CONFIG_PATH],
+        "ports": [{"name": "sync", "containerPort": SYNC_PORT, "protocol": "TCP"}],
+        "env": env,
+        "resources": {"requests": dict(SYNC_RESOURCES), "limits": dict(SYNC_RESOURCES)},
+        "volumeMounts": mounts,
+        "securityContext": manifests.container_security_context(),
     }
 
 
@@ -448,6 +505,23 @@ def serving_objects(
     ]
 
 
+def model_server_layout(
+    spec: ms.ModelServerSpec, adapters: dict[str, AdapterMount]
+) -> tuple[list[AdapterMount], ServeConfig]:
+    """A ModelServer's mounts and launcher config for ``adapters`` (by job name): each job's
+    folder, or with ``adapterUpdates: Live`` each output claim's namespace folder (see
+    :func:`folder_mount`)."""
+    names = sorted(adapters)
+    if spec.live:
+        folders = {name: folder_mount(adapters[name]) for name in names}
+        mounts = list(dict.fromkeys(mount for mount, _ in folders.values()))
+        paths = {name: path for name, (_, path) in folders.items()}
+    else:
+        mounts = [adapters[name] for name in names]
+        paths = {name: adapters[name].path for name in names}
+    return mounts, shared_serve_config(spec=spec, paths=paths)
+
+
 def model_server_objects(
     *,
     owner: manifests.Owner,
@@ -455,9 +529,12 @@ def model_server_objects(
     adapters: dict[str, AdapterMount],
     settings: OperatorSettings,
 ) -> list[dict[str, Any]]:
-    """A ModelServer's ConfigMap, Deployment and Service; ``adapters`` by job name."""
-    mounts = [adapters[name] for name in sorted(adapters)]
-    config = shared_serve_config(spec=spec, adapters=adapters)
+    """A ModelServer's ConfigMap, Deployment and Service; ``adapters`` by job name.
+
+    With ``adapterUpdates: Live`` the pods run the adapter-sync sidecar, and their template
+    does not change with the adapter set: a new set changes the ConfigMap alone, which the
+    kubelet updates in the running pods, where the sidecar loads it."""
+    mounts, config = model_server_layout(spec, adapters)
     return [
         config_configmap(config, owner),
         deployment(
@@ -468,6 +545,7 @@ def model_server_objects(
             config=config,
             settings=settings,
             queue=spec.queue,
+            adapter_sync=spec.live,
         ),
         service(owner),
     ]

@@ -61,12 +61,35 @@ def installed_engine_problem(engine: str) -> str | None:
     return None
 
 
+def startable(config: ServeConfig) -> tuple[ServeConfig, list[adapter_checks.AdapterInfo]]:
+    """With ``adapterSync``: the config less the adapters that cannot load now (incomplete,
+    refused, or carrying a chat template that conflicts with an earlier one's), each logged,
+    and the checked ones' infos. The sidecar keeps trying the others and reports why not; one
+    bad adapter must not keep a server of many from starting."""
+    kept: list[adapter_checks.AdapterInfo] = []
+    for adapter in config.adapters:
+        try:
+            info = adapter_checks.read_adapter(adapter)
+            adapter_checks.check_adapter(info, config)
+            adapter_checks.chat_template(config, [*kept, info])
+        except adapter_checks.AdapterRefused as e:
+            log.warning("starting without adapter %s (the sidecar reports it): %s", adapter.name, e)
+            continue
+        kept.append(info)
+    names = {i.name for i in kept}
+    startable = [a for a in config.adapters if a.name in names]
+    return config.model_copy(update={"adapters": startable}), kept
+
+
 def prepare(
     config: ServeConfig, environ: dict[str, str], python: str
 ) -> tuple[list[str], dict[str, str]]:
     """Checks the adapters and builds vLLM's argv and environment; raises LaunchRefused."""
     try:
-        infos = adapter_checks.check_adapters(config)
+        if config.adapter_sync:
+            config, infos = startable(config)
+        else:
+            infos = adapter_checks.check_adapters(config)
         template = adapter_checks.chat_template(config, infos)
     except adapter_checks.AdapterRefused as e:
         raise LaunchRefused(str(e)) from e

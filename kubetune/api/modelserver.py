@@ -12,7 +12,7 @@ Like the FineTuneJob, the CRD (``crds/modelserver.yaml``) is generated from thes
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -37,6 +37,10 @@ MAX_LORA_RANK = 512
 
 GPUS_MESSAGE = SERVE_GPUS_MESSAGE.replace("serve.", "")
 
+LOADING_ADAPTERS = "LoadingAdapters"
+"""A ``Live`` server's Ready reason while a replica does not serve the current adapter set yet;
+the adapters in ``status.adapters`` are served meanwhile."""
+
 
 class ModelServerSpec(ServerSettings):
     model: ModelRef = Field(
@@ -58,6 +62,21 @@ class ModelServerSpec(ServerSettings):
         description="Adapters in one batch (vLLM `--max-loras`); requests for others wait "
         "until a slot is free. Every adapter stays loaded (in CPU memory).",
     )
+
+    adapter_updates: Literal["Restart", "Live"] = Field(
+        default="Restart",
+        description="How a change of the adapter set (a job succeeds, is deleted, stops naming "
+        "the server) reaches the replicas. `Restart`: the pods roll, each new pod loads every "
+        "adapter at start (on a GPU pool with one replica, a gap of one model load). `Live`: "
+        "a sidecar in each pod loads and unloads adapters in the running vLLM, no restart; "
+        "the pods then mount the namespace's whole folder of each output claim, and any "
+        "client that can call the server (with the API key, when one is set) can also load "
+        "and unload adapters, which the sidecar undoes within seconds.",
+    )
+
+    @property
+    def live(self) -> bool:
+        return self.adapter_updates == "Live"
 
     @model_validator(mode="after")
     def _gpu_engine_has_gpus(self) -> ModelServerSpec:
@@ -97,7 +116,8 @@ class RefusedAdapter(ApiModel):
 class ModelServerStatus(ApiModel):
     conditions: list[Condition] = Field(
         default_factory=list,
-        description="`Ready`: every replica runs the current adapter set (`status.adapters`).",
+        description="`Ready`: every replica serves the current adapter set (with `Live`, "
+        "reason `LoadingAdapters` while a change is being loaded).",
     )
     model: str | None = Field(
         default=None,
@@ -107,8 +127,10 @@ class ModelServerStatus(ApiModel):
     adapters: list[str] = Field(
         default_factory=list,
         max_length=256,
-        description="FineTuneJobs whose adapters are in the server's config, by name (also "
-        "the model name clients send).",
+        description="FineTuneJobs whose adapters are served, by name (also the model name "
+        "clients send): with `adapterUpdates: Restart`, those in the config the replicas run "
+        "(served once `Ready` is True); with `Live`, those every ready replica reports "
+        "serving.",
     )
     refused: list[RefusedAdapter] = Field(
         default_factory=list,

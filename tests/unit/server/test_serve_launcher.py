@@ -91,6 +91,35 @@ def test_refusals_exit_2_with_one_clear_line_and_never_exec(
     assert message in line
 
 
+def test_with_a_sync_sidecar_it_starts_without_the_adapters_it_cannot_load(
+    tmp_path: Path,
+    make_adapter: MakeAdapter,
+    execvpe: Exec,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    good, wide = make_adapter("good", rank=4), make_adapter("wide", rank=1024)
+    half = make_adapter("half", truncate=100)
+    adapters = [
+        {"name": "good", "path": str(good)},
+        {"name": "wide", "path": str(wide)},
+        {"name": "half", "path": str(half)},
+    ]
+    cfg = write_config(
+        tmp_path, good, adapters=adapters, runtimeLoraUpdating=True, adapterSync=True
+    )
+    assert launcher.main(["--config", str(cfg)]) is None  # exec'd (here: recorded)
+    [(_, argv, _)] = execvpe.calls
+    (module,) = argv[argv.index("--lora-modules") + 1 :][:1]
+    assert json.loads(module)["name"] == "good"
+    assert "wide" not in " ".join(argv) and "half" not in " ".join(argv)
+    left_out = [r.getMessage() for r in caplog.records if "starting without" in r.getMessage()]
+    assert len(left_out) == 2 and "LoRA rank 1024 is too high" in left_out[0]
+
+    # Without the sidecar, the same config is refused: nobody would report what is left out.
+    no_sync = write_config(tmp_path, good, adapters=adapters)
+    assert launcher.main(["--config", str(no_sync)]) == launcher.EXIT_REFUSED
+
+
 def test_unreadable_config_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "serve.yaml"
     bad.write_text("model: /m\nport: not-a-port\n")
