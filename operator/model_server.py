@@ -267,7 +267,7 @@ def events(
         parts = [f"added {', '.join(added)}"] if added else []
         parts += [f"removed {', '.join(removed)}"] if removed else []
         then = (
-            "served by every ready replica, loaded without a restart"
+            "as every ready replica reports"
             if live
             else "the replicas restart with the new adapter set"
         )

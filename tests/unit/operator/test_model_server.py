@@ -547,8 +547,8 @@ def test_a_job_on_a_live_server_that_loads_another_adapter_is_served() -> None:
     assert local_provider.shared_serving_state("qwen", JOB, pending)[1] == "ModelServerPending"
 
 
-def test_a_live_servers_event_says_no_restart() -> None:
+def test_a_live_servers_event_says_what_the_replicas_report() -> None:
     (ev,) = model_server.events(
         ms.ModelServerStatus(adapters=["a"]), ms.ModelServerStatus(adapters=["a", "b"]), live=True
     )
-    assert ev.message == "added b; served by every ready replica, loaded without a restart"
+    assert ev.message == "added b; as every ready replica reports"
