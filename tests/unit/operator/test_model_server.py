@@ -10,7 +10,7 @@ import yaml
 
 from kubetune.api import finetunejob as ftj
 from kubetune.api import modelserver as ms
-from kubetune.api.serveconfig import ServeConfig
+from kubetune.api.serveconfig import MAX_ADAPTERS, ServeConfig
 from kubetune.operator import kube, kueue, local_provider, manifests, model_server
 from kubetune.operator import serving_manifests as sm
 from kubetune.operator import status as st
@@ -114,6 +114,25 @@ def test_a_model_folder_with_a_trailing_slash_is_the_same_model() -> None:
     other_claim = member("b", model={"pvc": {"claimName": "other", "path": "demo-tiny"}})
     plan = model_server.plan(spec, NS, [job, other_claim], SETTINGS)
     assert list(plan.adapters) == ["a"] and [r.name for r in plan.refused] == ["b"]
+
+
+def test_a_full_server_keeps_the_oldest_jobs_and_refuses_the_newest() -> None:
+    def aged(name: str, minute: int) -> model_server.Member:
+        body = job_body(name)
+        body["metadata"]["creationTimestamp"] = f"2026-11-29T10:{minute:02d}:00Z"
+        return model_server.member(body)
+
+    # "zz-first" sorts last by name but came first: it keeps its place.
+    members = [aged("zz-first", 0)] + [aged(f"job-{i:02d}", 1 + i % 50) for i in range(64)]
+    plan = model_server.plan(server_spec(), NS, members, SETTINGS)
+    assert len(plan.adapters) == MAX_ADAPTERS and "zz-first" in plan.adapters
+    assert list(plan.adapters) == sorted(plan.adapters)
+    (refused,) = plan.refused
+    assert refused.name == "job-49"  # the newest (minute 50)
+    assert f"serves {MAX_ADAPTERS} adapters already" in refused.message
+    sm.model_server_objects(  # and the config that makes is valid
+        owner=OWNER, spec=server_spec(), adapters=plan.adapters, settings=SETTINGS
+    )
 
 
 # ---------------------------------------------------------------------------------- objects
