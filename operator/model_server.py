@@ -32,7 +32,14 @@ from pydantic import ValidationError
 from kubetune.api import finetunejob as ftj
 from kubetune.api import modelserver as ms
 from kubetune.api.serveconfig import MAX_ADAPTERS
-from kubetune.operator import kube, kueue, local_provider, manifests, serving_manifests
+from kubetune.operator import (
+    kube,
+    kueue,
+    local_provider,
+    manifests,
+    model_server_manifests,
+    serving_manifests,
+)
 from kubetune.operator import status as st
 from kubetune.operator.settings import OperatorSettings
 from kubetune.server import vllm_args
@@ -229,7 +236,7 @@ def reconcile(
     new.observed_generation = generation
     chosen = plan(spec, owner.namespace, members, settings)
     new.refused = chosen.refused
-    objects = serving_manifests.model_server_objects(
+    objects = model_server_manifests.model_server_objects(
         owner=owner, spec=spec, adapters=chosen.adapters, settings=settings
     )
     served = serving_manifests.base_served_name(spec.model, *chosen.adapters)
@@ -259,7 +266,7 @@ def reconcile(
         why = local_provider.serving_queue_wait(owner.namespace, held)
         state = st.ServingState(False, "ServingQueued", f"{state.message}; {why}")
     if spec.live:
-        _, config = serving_manifests.model_server_layout(spec, chosen.adapters)
+        _, config = model_server_manifests.model_server_layout(spec, chosen.adapters)
         new.adapters, state, refused = live_serving(
             sorted(chosen.adapters), config.adapter_digest(), state, reports or {}, old.adapters
         )

@@ -30,10 +30,9 @@ template carry ``kueue.x-k8s.io/queue-name``, so Kueue's pod integration holds e
 (a scheduling gate) until the queue's quota admits it, and adds the admitting flavor's node
 labels, as it does for the trainer Job.
 
-A ModelServer gets the same three objects from ``model_server_objects(...)``: one vLLM for
-its base model with many adapters, each job's output folder mounted read-only (a ``subPath``)
-at ``/kubetune/adapters/<job>``, its labels ``kubetune.io/modelserver`` and component
-``modelserver`` (so a FineTuneJob's server index never picks it up).
+A ModelServer gets the same three objects, built from the same pieces, from
+:mod:`kubetune.operator.model_server_manifests`; ``deployment(adapter_sync=True)`` adds the
+adapter-sync sidecar of a server that loads adapter-set changes at run time.
 
 Nothing here talks to Kubernetes or imports kopf; ``tests/unit/server/test_serving_manifests``
 checks the output.
@@ -47,7 +46,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubetune.api import finetunejob as ftj
-from kubetune.api import modelserver as ms
 from kubetune.api.serveconfig import AdapterSource, ServeConfig
 from kubetune.api.types import quantity_value
 from kubetune.operator import manifests
@@ -204,30 +202,6 @@ def serve_config(
         max_lora_rank=lora_rank,
         runtime_lora_updating=runtime_lora_updating,
     )
-
-
-def shared_serve_config(*, spec: ms.ModelServerSpec, paths: dict[str, str]) -> ServeConfig:
-    """A ModelServer: its base model and each job's adapter (in-pod folders by job name,
-    sorted); with ``adapterUpdates: Live``, runtime loading on for the sidecar."""
-    return launcher_config(
-        serve=spec,
-        base_model=spec.model,
-        adapters={name: paths[name] for name in sorted(paths)},
-        max_lora_rank=spec.max_lora_rank,
-        max_loras=spec.max_loras,
-        adapter_sync=spec.live,
-    )
-
-
-def folder_mount(adapter: AdapterMount) -> tuple[AdapterMount, str]:
-    """For a server that loads adapters at run time: the folder that holds the job's output
-    folder (``[<output path>/]<namespace>`` of the claim), mounted at a path named by a hash of
-    claim and folder, and the adapter's path under it. A job that succeeds later on the same
-    claim appears in the running pods without a new mount (a new mount would roll them)."""
-    parent, leaf = adapter.subpath.rsplit("/", 1)
-    key = hashlib.sha256(f"{adapter.claim}/{parent}".encode()).hexdigest()[:10]
-    mount = AdapterMount(claim=adapter.claim, subpath=parent, path=f"{ADAPTERS_DIR}/{key}")
-    return mount, f"{mount.path}/{leaf}"
 
 
 def config_configmap(config: ServeConfig, owner: manifests.Owner) -> dict[str, Any]:
@@ -500,52 +474,6 @@ def serving_objects(
             config=config,
             settings=settings,
             queue=queue,
-        ),
-        service(owner),
-    ]
-
-
-def model_server_layout(
-    spec: ms.ModelServerSpec, adapters: dict[str, AdapterMount]
-) -> tuple[list[AdapterMount], ServeConfig]:
-    """A ModelServer's mounts and launcher config for ``adapters`` (by job name): each job's
-    folder, or with ``adapterUpdates: Live`` each output claim's namespace folder (see
-    :func:`folder_mount`)."""
-    names = sorted(adapters)
-    if spec.live:
-        folders = {name: folder_mount(adapters[name]) for name in names}
-        mounts = list(dict.fromkeys(mount for mount, _ in folders.values()))
-        paths = {name: path for name, (_, path) in folders.items()}
-    else:
-        mounts = [adapters[name] for name in names]
-        paths = {name: adapters[name].path for name in names}
-    return mounts, shared_serve_config(spec=spec, paths=paths)
-
-
-def model_server_objects(
-    *,
-    owner: manifests.Owner,
-    spec: ms.ModelServerSpec,
-    adapters: dict[str, AdapterMount],
-    settings: OperatorSettings,
-) -> list[dict[str, Any]]:
-    """A ModelServer's ConfigMap, Deployment and Service; ``adapters`` by job name.
-
-    With ``adapterUpdates: Live`` the pods run the adapter-sync sidecar, and their template
-    does not change with the adapter set: a new set changes the ConfigMap alone, which the
-    kubelet updates in the running pods, where the sidecar loads it."""
-    mounts, config = model_server_layout(spec, adapters)
-    return [
-        config_configmap(config, owner),
-        deployment(
-            owner=owner,
-            serve=spec,
-            base_model=spec.model,
-            adapters=mounts,
-            config=config,
-            settings=settings,
-            queue=spec.queue,
-            adapter_sync=spec.live,
         ),
         service(owner),
     ]

@@ -12,6 +12,7 @@ from kubetune.api import finetunejob as ftj
 from kubetune.api import modelserver as ms
 from kubetune.api.serveconfig import MAX_ADAPTERS, ServeConfig
 from kubetune.operator import kube, kueue, local_provider, manifests, model_server
+from kubetune.operator import model_server_manifests as msm
 from kubetune.operator import serving_manifests as sm
 from kubetune.operator import status as st
 from kubetune.operator.settings import OperatorSettings
@@ -130,7 +131,7 @@ def test_a_full_server_keeps_the_oldest_jobs_and_refuses_the_newest() -> None:
     (refused,) = plan.refused
     assert refused.name == "job-49"  # the newest (minute 50)
     assert f"serves {MAX_ADAPTERS} adapters already" in refused.message
-    sm.model_server_objects(  # and the config that makes is valid
+    msm.model_server_objects(  # and the config that makes is valid
         owner=OWNER, spec=server_spec(), adapters=plan.adapters, settings=SETTINGS
     )
 
@@ -139,7 +140,7 @@ def test_a_full_server_keeps_the_oldest_jobs_and_refuses_the_newest() -> None:
 
 
 def objects(adapters: dict[str, sm.AdapterMount], **spec: Any) -> dict[str, dict[str, Any]]:
-    out = sm.model_server_objects(
+    out = msm.model_server_objects(
         owner=OWNER, spec=server_spec(**spec), adapters=adapters, settings=SETTINGS
     )
     return {o["kind"]: o for o in out}
@@ -543,7 +544,7 @@ def test_a_live_server_is_ready_once_its_replicas_report_the_applied_set(
     run(None, {})
     deploy = rolled(fake.applied[-1])
     chosen = model_server.plan(spec, NS, members, SETTINGS).adapters
-    digest = sm.model_server_layout(spec, chosen)[1].adapter_digest()
+    digest = msm.model_server_layout(spec, chosen)[1].adapter_digest()
     synced = run(deploy, {"p": report(digest, ["alpha", "beta"])})
     assert synced.adapters == ["alpha", "beta"] and ready(synced) == ("True", "DeploymentReady")
     loading = run(deploy, {"p": report("older", ["alpha"], synced=False)})
