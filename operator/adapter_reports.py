@@ -15,6 +15,7 @@ does not answer, or answers something that is not a report, is given as the reas
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 TIMEOUT = 2.0
 """Per pod: the sidecar answers from memory; a pod that takes longer is reported as such."""
+MAX_PARALLEL = 16
 
 
 def serving_pods(pods: list[dict[str, Any]]) -> dict[str, str]:
@@ -42,16 +44,22 @@ def serving_pods(pods: list[dict[str, Any]]) -> dict[str, str]:
 def read(
     pods: list[dict[str, Any]], transport: httpx.BaseTransport | None = None
 ) -> dict[str, Report | str]:
-    """Each serving pod's report, or why there is none."""
-    out: dict[str, Report | str] = {}
+    """Each serving pod's report, or why there is none; the pods are asked at once, so a
+    tick waits :data:`TIMEOUT` at most however many replicas do not answer."""
+    targets = sorted(serving_pods(pods).items())
+    if not targets:
+        return {}
     # Pod IPs are inside the cluster: never through an HTTP(S)_PROXY of the operator's.
-    with httpx.Client(timeout=TIMEOUT, transport=transport, trust_env=False) as client:
-        for name, ip in sorted(serving_pods(pods).items()):
-            host = f"[{ip}]" if ":" in ip else ip
-            url = f"http://{host}:{SYNC_PORT}/"
-            out[name] = _ask(client, url)
-            if isinstance(out[name], str):  # the status says it too: no line every tick
-                log.debug("pod %s: %s", name, out[name])
+    with (
+        httpx.Client(timeout=TIMEOUT, transport=transport, trust_env=False) as client,
+        ThreadPoolExecutor(min(len(targets), MAX_PARALLEL)) as pool,
+    ):
+        urls = [f"http://{f'[{ip}]' if ':' in ip else ip}:{SYNC_PORT}/" for _, ip in targets]
+        answers = list(pool.map(lambda url: _ask(client, url), urls))
+    out = {name: answer for (name, _), answer in zip(targets, answers, strict=True)}
+    for name, answer in out.items():
+        if isinstance(answer, str):  # the status says it too: no line every tick
+            log.debug("pod %s: %s", name, answer)
     return out
 
 

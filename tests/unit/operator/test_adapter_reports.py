@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import httpx
@@ -53,7 +54,7 @@ def test_each_pods_report_or_why_there_is_none() -> None:
 
     pods = [pod(n, f"10.0.0.{i}") for i, n in enumerate(["a", "b", "c", "d"], start=1)]
     reports = adapter_reports.read(pods, transport=httpx.MockTransport(answer))
-    assert asked == [f"http://10.0.0.{i}:8001/" for i in range(1, 5)]
+    assert sorted(asked) == [f"http://10.0.0.{i}:8001/" for i in range(1, 5)]
     assert reports["a"] == Report.from_dict(GOOD)
     assert isinstance(reports["b"], str) and "did not answer with an adapter report" in reports["b"]
     assert isinstance(reports["c"], str) and "did not answer with an adapter report" in reports["c"]
@@ -71,3 +72,17 @@ def test_an_ipv6_pod_is_asked_at_a_bracketed_address() -> None:
 
     adapter_reports.read([pod("a", "fd00::5")], transport=httpx.MockTransport(answer))
     assert seen == ["http://[fd00::5]:8001/"]
+
+
+def test_the_pods_are_asked_at_once() -> None:
+    """A tick must not wait for each replica that does not answer in turn: every request is in
+    flight before any is answered (the barrier breaks if they come one after another)."""
+    barrier = threading.Barrier(4, timeout=10)
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        barrier.wait()
+        return httpx.Response(200, json=GOOD)
+
+    pods = [pod(f"p{i}", f"10.0.1.{i}") for i in range(4)]
+    reports = adapter_reports.read(pods, transport=httpx.MockTransport(answer))
+    assert all(isinstance(r, Report) for r in reports.values()) and len(reports) == 4
