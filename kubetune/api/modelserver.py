@@ -155,4 +155,5 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Adapters", "type": "string", "jsonPath": ".status.adapters"},
     {"name": "Endpoint", "type": "string", "jsonPath": ".status.baseURL"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    {"name": "Updates", "type": "string", "jsonPath": ".spec.adapterUpdates", "priority": 1},
 ]

@@ -78,7 +78,7 @@ def test_model_server_crd_names_and_columns() -> None:
     assert out["metadata"]["name"] == "modelservers.kubetune.io"
     assert out["spec"]["names"]["shortNames"] == ["ms"]
     cols = [c["name"] for c in out["spec"]["versions"][0]["additionalPrinterColumns"]]
-    assert cols == ["Model", "Ready", "Adapters", "Endpoint", "Age"]
+    assert cols == ["Model", "Ready", "Adapters", "Endpoint", "Age", "Updates"]
     spec = out["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     assert spec["required"] == ["model"]
     assert [r["message"] for r in spec["x-kubernetes-validations"]] == [ms.GPUS_MESSAGE]
