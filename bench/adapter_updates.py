@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -44,16 +43,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 from serve import (  # noqa: E402
-    DATASET,
+    adapter_copies,
     base_serve_config,
     chat_latency,
     child_env,
     environment,
     free_port,
+    model_and_adapter,
+    model_args,
     questions,
     server,
     summary,
-    train_adapter,
 )
 
 APP_TOKENS = 16
@@ -221,29 +221,19 @@ def live(
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapters", type=int, default=4, help="adapters in the final set")
-    parser.add_argument("--model", type=Path, help="demo model folder (default: build one)")
-    parser.add_argument("--adapter", type=Path, help="an adapter trained on --model")
+    model_args(parser)
     parser.add_argument(
         "--out", type=Path, default=ROOT / "bench" / "results" / "adapter_updates.json"
     )
     args = parser.parse_args()
-    if (args.model is None) != (args.adapter is None):
-        parser.error("--model and --adapter go together (an adapter fits only its own base)")
 
-    from kubetune.demo_model import build_demo_model
     from kubetune.server.adapter_sync import SYNC_INTERVAL
 
     load_at_start = [round(x, 2) for x in os.getloadavg()]
     work = Path(tempfile.mkdtemp(prefix="kubetune-bench-adapter-updates-"))
-    model = args.model or build_demo_model(work / "demo-tiny", DATASET)
-    adapter = args.adapter
-    if adapter is None:
-        adapter, _ = train_adapter(model, work)
+    model, adapter, _ = model_and_adapter(parser, args, work)
     names = [f"job-{i}" for i in range(args.adapters)]
-    paths = {}
-    for name in names:
-        shutil.copytree(adapter, work / "adapters" / name)
-        paths[name] = str(work / "adapters" / name)
+    paths = {name: str(folder) for name, folder in adapter_copies(adapter, work, names).items()}
     prompt = questions()[0]
     common = {
         **base_serve_config(model),

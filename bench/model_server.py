@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -39,15 +38,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 from serve import (  # noqa: E402
-    DATASET,
+    adapter_copies,
     base_serve_config,
     chat_latency,
     environment,
     free_port,
+    model_and_adapter,
+    model_args,
     questions,
     server,
     summary,
-    train_adapter,
 )
 
 
@@ -111,31 +111,22 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=24, help="timed requests per server")
     parser.add_argument("--rounds", type=int, default=8, help="concurrent rounds (shared)")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request")
-    parser.add_argument("--model", type=Path, help="demo model folder (default: build one)")
-    parser.add_argument("--adapter", type=Path, help="an adapter trained on --model")
+    model_args(parser)
     parser.add_argument(
         "--out", type=Path, default=ROOT / "bench" / "results" / "model_server.json"
     )
     args = parser.parse_args()
-    if (args.model is None) != (args.adapter is None):
-        parser.error("--model and --adapter go together (an adapter fits only its own base)")
-
-    from kubetune.demo_model import build_demo_model
 
     load_at_start = [round(x, 2) for x in os.getloadavg()]
     work = Path(tempfile.mkdtemp(prefix="kubetune-bench-model-server-"))
-    model = args.model or build_demo_model(work / "demo-tiny", DATASET)
-    adapter = args.adapter
-    if adapter is None:
-        adapter, _ = train_adapter(model, work)
+    model, adapter, _ = model_and_adapter(parser, args, work)
     names = [f"job-{i}" for i in range(args.adapters)]
-    for name in names:
-        shutil.copytree(adapter, work / "adapters" / name)
+    copies = adapter_copies(adapter, work, names)
     prompts = questions()
     common = {**base_serve_config(model), "maxLoraRank": 16}
 
     def adapters(some: list[str]) -> list[dict[str, str]]:
-        return [{"name": n, "path": str(work / "adapters" / n)} for n in some]
+        return [{"name": n, "path": str(copies[n])} for n in some]
 
     dedicated_cfg = {**common, "port": free_port(), "adapters": adapters(names[:1]), "maxLoras": 1}
     with server(dedicated_cfg, work / "dedicated") as (root, cold_d, _, pgid):

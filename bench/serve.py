@@ -25,6 +25,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
@@ -76,6 +77,35 @@ def train_adapter(model: Path, work: Path) -> tuple[Path, float]:
             stdout=log, stderr=subprocess.STDOUT, env=child_env(), cwd=work, check=True,
         )  # fmt: skip
     return work / "adapter", time.monotonic() - start
+
+
+def model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, help="demo model folder (default: build one)")
+    parser.add_argument("--adapter", type=Path, help="an adapter trained on --model")
+
+
+def model_and_adapter(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, work: Path
+) -> tuple[Path, Path, float | None]:
+    """The demo model (built unless ``--model``), an adapter trained on it (unless
+    ``--adapter``), and the seconds that training took when it ran here."""
+    if (args.model is None) != (args.adapter is None):
+        parser.error("--model and --adapter go together (an adapter fits only its own base)")
+    from kubetune.demo_model import build_demo_model
+
+    model = args.model or build_demo_model(work / "demo-tiny", DATASET)
+    if args.adapter is not None:
+        return model, args.adapter, None
+    adapter, seconds = train_adapter(model, work)
+    return model, adapter, seconds
+
+
+def adapter_copies(adapter: Path, work: Path, names: list[str]) -> dict[str, Path]:
+    """A copy of ``adapter`` under each name (weights' values do not change the cost)."""
+    copies = {name: work / "adapters" / name for name in names}
+    for folder in copies.values():
+        shutil.copytree(adapter, folder)
+    return copies
 
 
 def group_cpu_seconds(pgid: int) -> float:
@@ -215,22 +245,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=30, help="timed requests per model")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request")
-    parser.add_argument("--model", type=Path, help="demo model folder (default: build one)")
-    parser.add_argument("--adapter", type=Path, help="an adapter trained on --model")
+    model_args(parser)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve.json")
     args = parser.parse_args()
 
-    from kubetune.demo_model import build_demo_model
-
     load_at_start = [round(x, 2) for x in os.getloadavg()]
     work = Path(tempfile.mkdtemp(prefix="kubetune-bench-serve-"))
-    if (args.model is None) != (args.adapter is None):
-        parser.error("--model and --adapter go together (an adapter fits only its own base)")
-    model = args.model or build_demo_model(work / "demo-tiny", DATASET)
-    train_seconds = None
-    adapter = args.adapter
-    if adapter is None:
-        adapter, train_seconds = train_adapter(model, work)
+    model, adapter, train_seconds = model_and_adapter(parser, args, work)
     prompts = questions()
     common = base_serve_config(model)
 
