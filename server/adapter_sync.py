@@ -64,7 +64,7 @@ from kubetune.sync_report import SYNC_PORT, Report
 log = logging.getLogger("kubetune.server.adapter_sync")
 
 SYNC_INTERVAL = 5.0
-"""Seconds between rounds. The kubelet takes up to a minute to propagate a ConfigMap change,
+"""Seconds between rounds. The kubelet takes about a minute to propagate a ConfigMap change,
 so a few seconds here add little, and an idle round costs one ``GET /v1/models``."""
 
 FIRST_ROUND = "first round not done"

@@ -77,8 +77,8 @@ def startable(config: ServeConfig) -> tuple[ServeConfig, list[adapter_checks.Ada
             continue
         kept.append(info)
     names = {i.name for i in kept}
-    startable = [a for a in config.adapters if a.name in names]
-    return config.model_copy(update={"adapters": startable}), kept
+    loadable = [a for a in config.adapters if a.name in names]
+    return config.model_copy(update={"adapters": loadable}), kept
 
 
 def prepare(
