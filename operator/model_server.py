@@ -210,7 +210,9 @@ def _lag(report: Report, digest: str) -> str:
     if report.error:
         return report.error
     if report.digest != digest:
-        return "has not read the new adapter set yet (the kubelet updates the file in about a minute)"
+        return (
+            "has not read the new adapter set yet (the kubelet updates the file in about a minute)"
+        )
     pending = ", ".join(f"{n} ({why})" for n, why in sorted(report.pending.items()))
     return f"loading {pending}" if pending else "not in sync yet"
 
