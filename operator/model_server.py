@@ -238,10 +238,11 @@ def reconcile(
     new.observed_generation = generation
     chosen = plan(spec, owner.namespace, members, settings)
     new.refused = chosen.refused
+    mounts, config = model_server_manifests.model_server_layout(spec, chosen.adapters)
     objects = model_server_manifests.model_server_objects(
-        owner=owner, spec=spec, adapters=chosen.adapters, settings=settings
+        owner=owner, spec=spec, mounts=mounts, config=config, settings=settings
     )
-    served = serving_manifests.base_served_name(spec.model, *chosen.adapters)
+    served = config.base_name
     shown = spec.model.display
     new.model = shown if served == shown else f"{shown} (served as {served})"
     wanted = local_provider.stamped(objects)
@@ -268,7 +269,6 @@ def reconcile(
         why = local_provider.serving_queue_wait(owner.namespace, held)
         state = st.ServingState(False, "ServingQueued", f"{state.message}; {why}")
     if spec.live:
-        _, config = model_server_manifests.model_server_layout(spec, chosen.adapters)
         new.adapters, state, refused = live_serving(
             sorted(chosen.adapters), config.adapter_digest(), state, reports or {}, old.adapters
         )

@@ -1,6 +1,7 @@
 """Pure builders for a ModelServer's objects: one vLLM for a base model, many jobs' adapters.
 
-``model_server_objects(...)`` returns the same three objects as a job's own server
+``model_server_objects(...)``, given the mounts and config of ``model_server_layout(...)``,
+returns the same three objects as a job's own server
 (:mod:`kubetune.operator.serving_manifests`, whose builders it uses): the serve config
 ConfigMap, the Deployment and the Service, with the labels ``kubetune.io/modelserver`` and
 component ``modelserver`` (so a FineTuneJob's server index never picks them up).
@@ -71,15 +72,16 @@ def model_server_objects(
     *,
     owner: manifests.Owner,
     spec: ms.ModelServerSpec,
-    adapters: dict[str, AdapterMount],
+    mounts: list[AdapterMount],
+    config: ServeConfig,
     settings: OperatorSettings,
 ) -> list[dict[str, Any]]:
-    """A ModelServer's ConfigMap, Deployment and Service; ``adapters`` by job name.
+    """A ModelServer's ConfigMap, Deployment and Service for the ``mounts`` and ``config`` of
+    :func:`model_server_layout` (the caller keeps the config: its digest and served name).
 
     With ``adapterUpdates: Live`` the pods run the adapter-sync sidecar, and their template
     does not change with the adapter set: a new set changes the ConfigMap alone, which the
     kubelet updates in the running pods, where the sidecar loads it."""
-    mounts, config = model_server_layout(spec, adapters)
     return [
         sm.config_configmap(config, owner),
         sm.deployment(

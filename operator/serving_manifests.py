@@ -261,15 +261,18 @@ def _env(serve: ftj.ServerSettings, res: ftj.Resources) -> list[dict[str, Any]]:
     ]
     if serve.engine == "vllm-cpu":
         env.append({"name": "VLLM_CPU_KVCACHE_SPACE", "value": str(cpu_kv_cache_gib(res))})
+    return env + _api_key_env(serve)
+
+
+def _api_key_env(serve: ftj.ServerSettings) -> list[dict[str, Any]]:
+    """``API_KEY_ENV`` from ``serve.apiKeySecretRef`` (a reference: the key never shows in the
+    pod spec), or nothing when the server takes no key."""
     ref = serve.api_key_secret_ref
-    if ref is not None:
-        env.append(
-            {
-                "name": API_KEY_ENV,
-                "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
-            }
-        )
-    return env
+    if ref is None:
+        return []
+    return [
+        {"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+    ]
 
 
 def deployment(
@@ -407,16 +410,12 @@ def sync_container(
     file (which the kubelet updates in place) and adapter folders read-only, the API key to
     call vLLM on localhost; no GPU, no probes (it must never take the server out of its
     Service), restarted by the kubelet if it exits."""
-    key = serve.api_key_secret_ref
     env: list[dict[str, Any]] = [
         {"name": "HOME", "value": "/tmp"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         {"name": "PYTHONSAFEPATH", "value": "1"},
+        *_api_key_env(serve),
     ]
-    if key is not None:
-        env.append(
-            {"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": key.name, "key": key.key}}}
-        )
     return {
         "name": "adapter-sync",
         "image": server_image(serve, settings),

@@ -131,17 +131,18 @@ def test_a_full_server_keeps_the_oldest_jobs_and_refuses_the_newest() -> None:
     (refused,) = plan.refused
     assert refused.name == "job-49"  # the newest (minute 50)
     assert f"serves {MAX_ADAPTERS} adapters already" in refused.message
-    msm.model_server_objects(  # and the config that makes is valid
-        owner=OWNER, spec=server_spec(), adapters=plan.adapters, settings=SETTINGS
-    )
+    _, config = msm.model_server_layout(server_spec(), plan.adapters)  # valid: it parsed
+    assert len(config.adapters) == MAX_ADAPTERS
 
 
 # ---------------------------------------------------------------------------------- objects
 
 
 def objects(adapters: dict[str, sm.AdapterMount], **spec: Any) -> dict[str, dict[str, Any]]:
+    parsed = server_spec(**spec)
+    mounts, config = msm.model_server_layout(parsed, adapters)
     out = msm.model_server_objects(
-        owner=OWNER, spec=server_spec(**spec), adapters=adapters, settings=SETTINGS
+        owner=OWNER, spec=parsed, mounts=mounts, config=config, settings=SETTINGS
     )
     return {o["kind"]: o for o in out}
 
@@ -458,6 +459,15 @@ def test_a_live_server_mounts_each_claims_namespace_folder_and_runs_the_sync_sid
     assert not any(k.endswith("gpu") for k in sync["resources"]["limits"])
     assert not {"readinessProbe", "livenessProbe", "startupProbe"} & set(sync)
     assert sync["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_a_live_servers_sidecar_gets_the_api_key_by_reference_as_vllm_does() -> None:
+    key = {"apiKeySecretRef": {"name": "qwen-key", "key": "token"}}
+    pod = objects(MOUNTS, **LIVE, **key)["Deployment"]["spec"]["template"]["spec"]
+    vllm, sync = pod["containers"]
+    ref = {"secretKeyRef": {"name": "qwen-key", "key": "token"}}
+    for container in (vllm, sync):
+        assert {"name": sm.API_KEY_ENV, "valueFrom": ref} in container["env"]
 
 
 def test_a_live_servers_pods_roll_for_a_new_claim_not_for_a_new_adapter() -> None:
