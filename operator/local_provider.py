@@ -351,7 +351,10 @@ def shared_serving_state(
         return False, "AdapterRefused", f"ModelServer {server} refuses it: {refused[owner.name]}"
     ready = next((c for c in status.conditions if c.type == "Ready"), None)
     if owner.name not in status.adapters:
-        return False, "ModelServerPending", f"ModelServer {server} has not added the adapter yet"
+        why = f"ModelServer {server} has not added the adapter yet"
+        if len(status.refused) == ms.MAX_LISTED:  # a full list: this job may be past its end
+            why += f" (or refuses it: its status lists {ms.MAX_LISTED} refused jobs at most)"
+        return False, "ModelServerPending", why
     if ready is not None and ready.reason == ms.LOADING_ADAPTERS:
         # A `Live` server lists only what every ready replica serves: a change of others'.
         return True, "ModelServerReady", f"served by ModelServer {server} ({ready.message})"

@@ -273,6 +273,11 @@ def reconcile(
             sorted(chosen.adapters), config.adapter_digest(), state, reports or {}, old.adapters
         )
         new.refused = [*new.refused, *refused]
+    if len(new.refused) > ms.MAX_LISTED:  # the CRD would reject the whole status
+        count = len(new.refused)
+        new.refused = sorted(new.refused, key=lambda r: r.name)[: ms.MAX_LISTED]
+        more = f"{count} jobs refused, the first {ms.MAX_LISTED} by name in status.refused"
+        state = st.ServingState(state.ready, state.reason, f"{state.message}; {more}")
     new.conditions = st.set_condition(
         new.conditions, "Ready", state.ready, state.reason, state.message, generation
     )

@@ -38,6 +38,8 @@ MAX_LORA_RANK = 512
 GPUS_MESSAGE = SERVE_GPUS_MESSAGE.replace("serve.", "")
 
 LOADING_ADAPTERS = "LoadingAdapters"
+MAX_LISTED = 256
+"""The most jobs ``status.adapters`` and ``status.refused`` list (the CRD's maxItems)."""
 """A ``Live`` server's Ready reason while a replica does not serve the current adapter set yet;
 the adapters in ``status.adapters`` are served meanwhile."""
 
@@ -126,7 +128,7 @@ class ModelServerStatus(ApiModel):
     )
     adapters: list[str] = Field(
         default_factory=list,
-        max_length=256,
+        max_length=MAX_LISTED,
         description="FineTuneJobs whose adapters are served, by name (also the model name "
         "clients send): with `adapterUpdates: Restart`, those in the config the replicas run "
         "(served once `Ready` is True); with `Live`, those every ready replica reports "
@@ -134,8 +136,10 @@ class ModelServerStatus(ApiModel):
     )
     refused: list[RefusedAdapter] = Field(
         default_factory=list,
-        max_length=256,
-        description="FineTuneJobs that name this server but whose adapters it will not serve.",
+        max_length=MAX_LISTED,
+        description="FineTuneJobs that name this server but whose adapters it will not serve "
+        f"(the first {MAX_LISTED} by name; the `Ready` message gives the count when there "
+        "are more).",
     )
     base_url: str | None = Field(
         default=None, alias="baseURL", description="OpenAI-compatible base URL of the server."

@@ -385,6 +385,25 @@ def test_a_served_job_publishes_the_model_servers_endpoint_and_drops_its_own_ser
     assert fake.applied == []  # the endpoint is published already
 
 
+def test_more_refused_jobs_than_the_status_lists_are_counted_not_frozen(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    FakeKube(monkeypatch)
+    many = MAX_ADAPTERS + ms.MAX_LISTED + 10
+    members = [member(f"job-{i:03d}") for i in range(many)]
+    new = reconcile(members, None)
+    # Valid for the CRD (maxItems), so the status patch is not refused and the status moves on.
+    ms.ModelServerStatus.model_validate(new.model_dump(by_alias=True))
+    assert len(new.refused) == ms.MAX_LISTED
+    assert [r.name for r in new.refused] == sorted(r.name for r in new.refused)
+    (cond,) = [c for c in new.conditions if c.type == "Ready"]
+    assert f"{ms.MAX_LISTED + 10} jobs refused, the first {ms.MAX_LISTED}" in cond.message
+    last = manifests.Owner(name=f"job-{many - 1:03d}", namespace=NS, uid="u")
+    body = {"metadata": {"name": "qwen"}, "status": new.model_dump(by_alias=True)}
+    _, reason, why = local_provider.shared_serving_state("qwen", last, body)
+    assert reason == "ModelServerPending" and "or refuses it" in why
+
+
 def test_events_say_what_changed_and_each_refusal_once() -> None:
     old = ms.ModelServerStatus(
         adapters=["alpha", "beta"], refused=[ms.RefusedAdapter(name="x", message="rank")]
