@@ -17,12 +17,15 @@ With ``Live``, a new adapter set changes only the config file; the adapter-sync 
 pod loads it into the running vLLM and reports what it serves (read by the timer through
 :mod:`~kubetune.operator.adapter_reports`). ``status.adapters`` is then what every ready
 replica reports serving, and ``Ready`` is False with reason ``LoadingAdapters`` while a
-change is on its way (the adapters listed are served meanwhile). What a replica cannot load is
-refused, like a job trained on another base model.
+change is on its way (the adapters listed are served meanwhile). A replica that reports an
+older set gets its pod annotated, so that the kubelet rewrites the file at once
+(:mod:`~kubetune.operator.kubelet_nudge`). What a replica cannot load is refused, like a job
+trained on another base model.
 """
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +37,7 @@ from kubetune.api import modelserver as ms
 from kubetune.api.serveconfig import MAX_ADAPTERS
 from kubetune.operator import (
     kube,
+    kubelet_nudge,
     kueue,
     local_provider,
     manifests,
@@ -210,9 +214,7 @@ def _lag(report: Report, digest: str) -> str:
     if report.error:
         return report.error
     if report.digest != digest:
-        return (
-            "has not read the new adapter set yet (the kubelet updates the file in about a minute)"
-        )
+        return "has not read the new adapter set yet (the kubelet is updating its file)"
     pending = ", ".join(f"{n} ({why})" for n, why in sorted(report.pending.items()))
     return f"loading {pending}" if pending else "not in sync yet"
 
@@ -227,9 +229,11 @@ def reconcile(
     settings: OperatorSettings,
     generation: int | None,
     reports: dict[str, Report | str] | None = None,
+    now: datetime.datetime | None = None,
 ) -> ms.ModelServerStatus:
     """Applies the server for the current members; returns the new status. ``reports`` are the
-    ready pods' adapter-sync reports (a ``Live`` server).
+    ready pods' adapter-sync reports (a ``Live`` server); a replica that reports an older
+    adapter set gets its pod annotated (:mod:`~kubetune.operator.kubelet_nudge`).
 
     Raises kube.TemporaryKubeError to be retried; a refusal by the API server (a name taken,
     a quota, a policy) is the Ready condition's ``ServingRefused``.
@@ -269,10 +273,15 @@ def reconcile(
         why = local_provider.serving_queue_wait(owner.namespace, held)
         state = st.ServingState(False, "ServingQueued", f"{state.message}; {why}")
     if spec.live:
+        adapter_set = config.adapter_digest()
         new.adapters, state, refused = live_serving(
-            sorted(chosen.adapters), config.adapter_digest(), state, reports or {}, old.adapters
+            sorted(chosen.adapters), adapter_set, state, reports or {}, old.adapters
         )
         new.refused = [*new.refused, *refused]
+        now = now or datetime.datetime.now(datetime.UTC)
+        kubelet_nudge.nudge(
+            owner.namespace, kubelet_nudge.due(pods, reports or {}, adapter_set, now)
+        )
     if len(new.refused) > ms.MAX_LISTED:  # the CRD would reject the whole status
         count = len(new.refused)
         new.refused = sorted(new.refused, key=lambda r: r.name)[: ms.MAX_LISTED]

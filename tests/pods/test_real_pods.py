@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from kubetune.api.result import TrainingResult
+from kubetune.operator import kubelet_nudge
 from support import ftj
 from support.cluster import REAL_NODE, Cluster, wait_until
 
@@ -248,8 +249,8 @@ def test_one_model_server_loads_a_second_jobs_adapter_live_and_serves_both_on_re
     cluster.apply(jobs["zhuangzi"], namespace=ns)
     done = ftj.wait_phase(cluster, ns, "zhuangzi", "Succeeded", "Failed", timeout=TRAIN_TIMEOUT)
     assert done["status"]["phase"] == "Succeeded", done["status"]
-    # The kubelet updates the config file in the pod within its sync period (about a minute),
-    # then the sidecar loads the adapter and reports it.
+    # The operator annotates the pod, so the kubelet updates the config file in it at once
+    # (not on its minute-long resync); then the sidecar loads the adapter and reports it.
     ftj.wait_serving_ready(cluster, ns, "zhuangzi", timeout=SERVE_TIMEOUT)
     status = cluster.get("modelserver", "demo-tiny", "-n", ns)["status"]
     assert status["adapters"] == ["laozi", "zhuangzi"], status
@@ -257,6 +258,8 @@ def test_one_model_server_loads_a_second_jobs_adapter_live_and_serves_both_on_re
     assert after["metadata"]["uid"] == pod["metadata"]["uid"]  # the same pod
     restarts = {c["name"]: c["restartCount"] for c in after["status"]["containerStatuses"]}
     assert restarts == {"vllm": 0, "adapter-sync": 0}, restarts
+    asked = after["metadata"].get("annotations") or {}
+    assert asked.get(kubelet_nudge.ADAPTER_SET), f"the pod was not annotated: {asked}"
 
     def changes() -> list[str] | None:
         on = "involvedObject.name=demo-tiny"

@@ -11,7 +11,14 @@ import yaml
 from kubetune.api import finetunejob as ftj
 from kubetune.api import modelserver as ms
 from kubetune.api.serveconfig import MAX_ADAPTERS, ServeConfig
-from kubetune.operator import kube, kueue, local_provider, manifests, model_server
+from kubetune.operator import (
+    kube,
+    kubelet_nudge,
+    kueue,
+    local_provider,
+    manifests,
+    model_server,
+)
 from kubetune.operator import model_server_manifests as msm
 from kubetune.operator import serving_manifests as sm
 from kubetune.operator import status as st
@@ -582,6 +589,41 @@ def test_a_live_server_is_ready_once_its_replicas_report_the_applied_set(
     assert refusing.refused == [
         ms.RefusedAdapter(name="beta", message="the server cannot load it: bad weights")
     ]
+
+
+def test_a_live_replica_behind_the_applied_set_gets_its_pod_annotated_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake = FakeKube(monkeypatch)
+    patched: list[tuple[str, dict[str, Any]]] = []
+    monkeypatch.setattr(
+        kube, "patch_merge", lambda api, kind, ns, name, body: patched.append((name, body))
+    )
+    spec = server_spec(**LIVE)
+    members = [member("alpha")]
+    pod = {
+        "metadata": {"name": "p", "annotations": {}},
+        "status": {"podIP": "10.0.0.9", "conditions": [{"type": "Ready", "status": "True"}]},
+    }
+    model_server.reconcile(spec, OWNER, members, None, [], ms.ModelServerStatus(), SETTINGS, 1)
+    deploy = rolled(fake.applied[-1])
+    chosen = model_server.plan(spec, NS, members, SETTINGS).adapters
+    digest = msm.model_server_layout(spec, chosen)[1].adapter_digest()
+
+    def run(reports: dict[str, Report | str]) -> None:
+        model_server.reconcile(
+            spec, OWNER, members, deploy, [pod], ms.ModelServerStatus(), SETTINGS, 1, reports
+        )
+
+    run({"p": report(digest, ["alpha"])})
+    assert patched == []  # in step: the kubelet is not bothered
+    run({"p": report("older", [])})
+    ((name, body),) = patched
+    notes = body["metadata"]["annotations"]
+    assert name == "p" and notes[kubelet_nudge.ADAPTER_SET] == digest
+    pod["metadata"]["annotations"] = notes
+    run({"p": report("older", [])})
+    assert len(patched) == 1  # asked already, moments ago
 
 
 def test_a_job_on_a_live_server_that_loads_another_adapter_is_served() -> None:
