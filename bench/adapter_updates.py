@@ -8,8 +8,8 @@ the sidecar (``python -m kubetune.server.adapter_sync``, its default round inter
   serve config file gains ``job-1``, ``job-2``, ... one at a time, then loses them, each change
   swapped in atomically as the kubelet swaps a ConfigMap's file. For each change: seconds from
   the swap to the sidecar reporting the new set synced, and to the new adapter's first answer;
-  the app's requests during the change, how many failed, their latency. The kubelet's own delay
-  in a pod (its sync period: 54–76 s on the test node) comes on top and is not measured here.
+  the app's requests during the change, how many failed, their latency. In a pod the kubelet
+  has to rewrite the file first: ``bench/configmap_refresh.py`` measures that.
   Before the sidecar starts, the same loads and unloads are timed through the client alone.
 - **Restart**: a server started with the whole set; its cold start is how long a one-replica
   server on a full GPU pool (``maxSurge: 0``) answers nobody, for every adapter on it.

@@ -7,7 +7,8 @@ changes. The operator annotates a replica that reports an older set
 tier (hack/node): one pod mounts a ConfigMap and logs each new value with the time it saw it
 (polling the file every 50 ms); the bench changes the value, alternately alone ("resync") and
 followed by a merge patch of the pod's annotations as the operator sends ("annotated"), and
-takes the time from the change to the pod's log line.
+takes the time from the change to the pod's log line. Each change waits --settle seconds after
+the last, so that a sync the previous change caused is over before it.
 
 Writes bench/results/configmap_refresh.json. Needs root (kubelet, containerd) and the cluster
 binaries; starts its own real-node cluster unless KUBETUNE_TEST_REAL_KUBECONFIG names one.
@@ -111,6 +112,7 @@ def main() -> int:
     )
     parser.add_argument("--rounds", type=int, default=4, help="changes per mode")
     parser.add_argument("--timeout", type=float, default=180, help="per change (s)")
+    parser.add_argument("--settle", type=float, default=10, help="pause before a change (s)")
     parser.add_argument(
         "--out", type=Path, default=ROOT / "bench" / "results" / "configmap_refresh.json"
     )
@@ -125,17 +127,19 @@ def main() -> int:
         )
         for i in range(1, 2 * args.rounds + 1):
             mode = "annotated" if i % 2 else "resync"
+            time.sleep(args.settle)
             took = one_change(cluster, namespace, str(i), mode == "annotated", args.timeout)
             times[mode].append(took)
             print(f"change {i} ({mode}): in the pod after {took:.2f} s", flush=True)
         version = cluster.get("nodes")["items"][0]["status"]["nodeInfo"]["kubeletVersion"]
         cluster.kubectl("delete", "namespace", namespace, "--wait=false")
-    medians = {mode: statistics.median(ts) for mode, ts in times.items()}
+    medians = {mode: round(statistics.median(ts), 3) for mode, ts in times.items()}
     result = {
         "benchmark": "configmap_refresh",
         "machine": "2-core shared VM, one real node (kubelet + containerd, hack/node)",
         "kubelet": f"{version}, default syncFrequency (1m) and Watch change detection",
         "rounds_per_mode": args.rounds,
+        "settle_s": args.settle,
         "seconds": times,
         "median_s": medians,
         "resync_over_annotated": round(medians["resync"] / medians["annotated"], 1),

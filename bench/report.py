@@ -229,7 +229,7 @@ def adapter_updates(doc: Doc) -> list[str]:
 
 def configmap_refresh(doc: Doc) -> list[str]:
     rows = [
-        [mode, ", ".join(f"{t:.1f}" for t in doc["seconds"][key]), f"{doc['median_s'][key]:.1f}"]
+        [mode, ", ".join(f"{t:.2f}" for t in doc["seconds"][key]), f"{doc['median_s'][key]:.2f}"]
         for mode, key in (
             ("the kubelet's resync only", "resync"),
             ("pod annotated, as the operator does", "annotated"),
@@ -238,7 +238,7 @@ def configmap_refresh(doc: Doc) -> list[str]:
     return [
         "A changed ConfigMap in a running pod's file (`bench/configmap_refresh.py`): kubelet "
         f"{doc['kubelet']}; the operator annotates a `Live` server's pod that reports an older "
-        f"adapter set, which makes the file arrive **{doc['resync_over_annotated']}×** sooner "
+        f"adapter set, which makes the file arrive **{doc['resync_over_annotated']:g}×** sooner "
         "(median).",
         "",
         *table(["ConfigMap change", "in the pod after (s)", "median (s)"], rows),

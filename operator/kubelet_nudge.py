@@ -2,11 +2,12 @@
 
 A ``Live`` ModelServer's new adapter set reaches its pods through the serve config ConfigMap,
 mounted as a file. The kubelet rewrites such a file only when it syncs the pod: on its periodic
-resync (``syncFrequency``, 1 min, plus jitter: 54-76 s measured on the test node) or when the
-pod object changes, because every sync remounts the pod's ConfigMap volumes (the volume manager
-reprocesses the pod in ``WaitForAttachAndMount``). So once a replica reports an older set than
-the one applied, the operator annotates that pod with the set it should load: the kubelet
-syncs the pod at once and the sidecar finds the new file on its next round.
+resync (``syncFrequency``, 1 min, plus jitter) or when the pod object changes, because every
+sync remounts the pod's ConfigMap volumes (the volume manager reprocesses the pod in
+``WaitForAttachAndMount``). So once a replica reports an older set than the one applied, the
+operator annotates that pod with the set it should load: the kubelet syncs the pod at once and
+the sidecar finds the new file on its next round. ``bench/configmap_refresh.py`` measured the
+file in the pod 0.30-0.38 s after the annotation, against 57-78 s on the resync alone.
 
 The annotations say which set the pod was asked for and when. A pod still behind
 :data:`RETRY_AFTER` later is asked again: the kubelet's ConfigMap cache may have lagged the

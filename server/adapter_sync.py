@@ -9,9 +9,11 @@ volumes, so it sees the adapter folders at the paths vLLM sees) and applies the 
 
 ConfigMap propagation: the operator writes the desired adapters into the serve config in a
 ConfigMap mounted as a directory; when the ConfigMap changes the kubelet swaps the file in
-place (a symlink flip, so a reader sees the old or the new file, never half of one), within
-about a minute. Every round (:data:`SYNC_INTERVAL`) re-reads the file, so nothing here watches
-inotify events that a symlink swap may or may not produce. A file that cannot be read or
+place (a symlink flip, so a reader sees the old or the new file, never half of one) when it
+next syncs the pod: on its resync, about a minute, or at once when the operator annotates a pod
+that reports an older set (:mod:`kubetune.operator.kubelet_nudge`). Every round
+(:data:`SYNC_INTERVAL`) re-reads the file, so nothing here watches inotify events that a
+symlink swap may or may not produce. A file that cannot be read or
 parsed keeps the last good config in force: a serving replica must not drop its adapters
 because of a bad edit.
 
@@ -64,8 +66,8 @@ from kubetune.sync_report import SYNC_PORT, Report
 log = logging.getLogger("kubetune.server.adapter_sync")
 
 SYNC_INTERVAL = 5.0
-"""Seconds between rounds. The kubelet takes about a minute to propagate a ConfigMap change,
-so a few seconds here add little, and an idle round costs one ``GET /v1/models``."""
+"""Seconds between rounds: an idle round costs one ``GET /v1/models``, and the operator, which
+learns of a change from the reports, looks every 10 s."""
 
 FIRST_ROUND = "first round not done"
 """The error a report carries before the first round has ended."""
