@@ -38,10 +38,10 @@ MAX_LORA_RANK = 512
 GPUS_MESSAGE = SERVE_GPUS_MESSAGE.replace("serve.", "")
 
 LOADING_ADAPTERS = "LoadingAdapters"
-MAX_LISTED = 256
-"""The most jobs ``status.adapters`` and ``status.refused`` list (the CRD's maxItems)."""
 """A ``Live`` server's Ready reason while a replica does not serve the current adapter set yet;
 the adapters in ``status.adapters`` are served meanwhile."""
+MAX_LISTED = 256
+"""The most jobs ``status.adapters`` and ``status.refused`` list (the CRD's maxItems)."""
 
 
 class ModelServerSpec(ServerSettings):
