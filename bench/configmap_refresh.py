@@ -19,6 +19,7 @@ binaries; starts its own real-node cluster unless KUBETUNE_TEST_REAL_KUBECONFIG 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import statistics
 import sys
@@ -30,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from kubetune.operator import kubelet_nudge  # noqa: E402
+from kubetune.operator import status as st  # noqa: E402
 from support import cluster as kcluster  # noqa: E402
 from support import images as kimages  # noqa: E402
 
@@ -93,7 +95,7 @@ def one_change(
     start = time.time()
     cluster.apply(configmap(value), namespace=namespace)
     if annotate:  # what kubelet_nudge.nudge sends: a merge patch of two annotations
-        asked = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start))
+        asked = st.rfc3339(datetime.datetime.fromtimestamp(start, datetime.UTC))
         notes = {kubelet_nudge.ADAPTER_SET: value, kubelet_nudge.ASKED_AT: asked}
         patch = json.dumps({"metadata": {"annotations": notes}})
         cluster.kubectl("patch", "pod", "probe", "-n", namespace, "--type=merge", "-p", patch)

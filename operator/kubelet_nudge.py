@@ -24,6 +24,7 @@ import logging
 from typing import Any
 
 from kubetune.operator import adapter_reports, kube
+from kubetune.operator import status as st
 from kubetune.sync_report import Report
 
 log = logging.getLogger(__name__)
@@ -56,15 +57,13 @@ def due(
         asked = _time(notes.get(ASKED_AT)) if notes.get(ADAPTER_SET) == digest else None
         if asked is not None and now - asked < RETRY_AFTER:
             continue
-        out[name] = {ADAPTER_SET: digest, ASKED_AT: now.strftime("%Y-%m-%dT%H:%M:%SZ")}
+        out[name] = {ADAPTER_SET: digest, ASKED_AT: st.rfc3339(now)}
     return out
 
 
 def _time(text: Any) -> datetime.datetime | None:
     try:
-        return datetime.datetime.strptime(str(text), "%Y-%m-%dT%H:%M:%SZ").replace(
-            tzinfo=datetime.UTC
-        )
+        return st.parse_time(str(text))
     except ValueError:
         return None
 

@@ -47,7 +47,7 @@ def iso(ts: int | float | None) -> str | None:
     """A Unix timestamp from the API as RFC 3339, like every time in status."""
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return st.rfc3339(datetime.fromtimestamp(ts, UTC))
 
 
 def price_per_million(model: str, prices: Mapping[str, float]) -> float | None:

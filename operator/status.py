@@ -27,8 +27,20 @@ class Event:
     message: str
 
 
+def rfc3339(when: datetime) -> str:
+    """A time as the API server writes one (RFC 3339, UTC, whole seconds)."""
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str) -> datetime:
+    """An RFC 3339 time as the API server writes one (a time without a zone is UTC); raises
+    ValueError for anything else."""
+    when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
 def now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return rfc3339(datetime.now(UTC))
 
 
 @dataclass(frozen=True)
@@ -154,13 +166,9 @@ def age(created: str | datetime | None) -> timedelta | None:
     API server writes it); None when it is unknown."""
     if not created:
         return None
-    when = (
-        created
-        if isinstance(created, datetime)
-        else datetime.fromisoformat(created.replace("Z", "+00:00"))
-    )
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
+    if isinstance(created, str):
+        return datetime.now(UTC) - parse_time(created)
+    when = created if created.tzinfo is not None else created.replace(tzinfo=UTC)
     return datetime.now(UTC) - when
 
 
