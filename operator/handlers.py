@@ -28,6 +28,7 @@ from kubetune.operator import (
     kube,
     local_provider,
     manifests,
+    metrics,
     model_server,
     openai_errors,
     openai_handlers,
@@ -136,6 +137,12 @@ def served_jobs(
     leaves the index)."""
     server = str(spec["serve"]["server"])
     return {(namespace or "", server): model_server.member(dict(body))}
+
+
+@kopf.on.event(ftj.GROUP, ftj.VERSION, ftj.PLURAL)
+def count_jobs(type: str | None, body: kopf.Body, **_: Any) -> None:
+    """Feeds the Prometheus metrics (``--metrics``) from every watch event of a FineTuneJob."""
+    metrics.JOBS.observe(type, body, datetime.datetime.now(datetime.UTC))
 
 
 def _owned(items: Any, uid: str | None) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ import json
 import re
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -94,6 +95,7 @@ def test_helm_lint_passes(helm_bin: Path, namespaces: list[str]) -> None:
         ("jobDefaults.gpuResourceName=gpu", "gpuResourceName"),
         ("openai.prices.gpt-4o=free", "gpt-4o"),
         ("reconcileInterval=0", "reconcileInterval"),
+        ("operator.metrics.port=8080", "port"),  # kopf's liveness port
     ],
 )
 def test_helm_lint_rejects_mistyped_values(helm_bin: Path, value: str, field: str) -> None:
@@ -184,6 +186,8 @@ def test_operator_deployment_is_locked_down_and_takes_its_settings_from_values(
     args = container["args"]
     assert "--liveness=http://0.0.0.0:8080/healthz" in args
     assert [a for a in args if "namespace" in a] == ["--namespace=team-a", "--namespace=team-b"]
+    assert "--metrics=0.0.0.0:8081" in args
+    assert {"name": "metrics", "containerPort": 8081, "protocol": "TCP"} in container["ports"]
 
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["KUBETUNE_TRAINER_IMAGE"] == "ghcr.io/kubetune/trainer:1.2.3"
@@ -197,6 +201,31 @@ def test_operator_deployment_is_locked_down_and_takes_its_settings_from_values(
 
     clusterwide = the(render(helm_bin, "kubetune-system"), "Deployment")
     assert "--all-namespaces" in clusterwide["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_the_metrics_service_selects_the_operator_pod_and_can_be_switched_off(
+    helm_bin: Path,
+) -> None:
+    docs = render(helm_bin, "kubetune-system", "--set", "operator.metrics.port=9100")
+    service = the(docs, "Service")
+    pod = the(docs, "Deployment")["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert service["spec"]["ports"] == [
+        {"name": "metrics", "port": 9100, "targetPort": "metrics", "protocol": "TCP"}
+    ]
+    annotations = service["metadata"]["annotations"]
+    assert (
+        annotations["prometheus.io/scrape"] == "true"
+        and annotations["prometheus.io/port"] == "9100"
+    )
+    (container,) = pod["spec"]["containers"]
+    assert "--metrics=0.0.0.0:9100" in container["args"]
+
+    off = render(helm_bin, "kubetune-system", "--set", "operator.metrics.enabled=false")
+    assert not of_kind(off, "Service")
+    (container,) = the(off, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert "--metrics=" in container["args"]
+    assert [p["name"] for p in container["ports"]] == ["healthz"]
 
 
 # ----------------------------------------------------------------------------- API server
@@ -219,6 +248,7 @@ def test_api_server_accepts_every_rendered_object(
     expected = {
         "customresourcedefinition.apiextensions.k8s.io",
         "serviceaccount",
+        "service",  # the operator's /metrics
         "deployment.apps",
         "clusterrole.rbac.authorization.k8s.io",
         "clusterrolebinding.rbac.authorization.k8s.io",
@@ -559,6 +589,12 @@ def test_the_charts_operator_pod_runs_from_the_operator_image(
                     timeout=60,
                     description="the endpoint ConfigMap",
                 )
+                metrics = next(p for p in container["ports"] if p["name"] == "metrics")
+                url = f"http://127.0.0.1:{metrics['containerPort']}/metrics"
+                with urllib.request.urlopen(url, timeout=10) as response:
+                    exposed = response.read().decode()
+                labels = f'namespace="{team}",phase="Succeeded",provider="local"'
+                assert f"kubetune_finetunejobs{{{labels}}} 1.0" in exposed, exposed
                 assert_no_permission_errors(op)
                 assert "Traceback" not in op.logs()
                 grace = int(pod.get("terminationGracePeriodSeconds", 30))

@@ -79,6 +79,17 @@ def test_full_lifecycle_to_a_ready_endpoint(
     columns = cluster.kubectl("get", "ftj", "daoyan", "-n", team).stdout
     assert "Succeeded" in columns and "20/20 (100%)" in columns and "daoyan-server" in columns
 
+    # The operator's /metrics saw it all (the namespace is this test's own).
+    local = {"namespace": team, "provider": "local"}
+    assert operator.metric("kubetune_finetunejobs", phase="Succeeded", **local) == 1
+    assert operator.metric("kubetune_finetunejobs", phase="Running", **local) is None
+    for phase in ("Running", "Succeeded"):
+        assert operator.metric("kubetune_finetunejob_transitions_total", phase=phase, **local) == 1
+    assert operator.metric("kubetune_finetunejob_wait_seconds_count", **local) == 1
+    ran = operator.metric("kubetune_finetunejob_run_seconds_sum", phase="Succeeded", **local)
+    assert ran is not None and ran >= 7  # the simulated pod ran 8 s; times are whole seconds
+    assert operator.metric("kubetune_trained_tokens_total", **local) == 98765
+
 
 def test_api_server_rejects_invalid_specs_naming_the_field(
     cluster: Cluster, operator: OperatorProcess, team: str

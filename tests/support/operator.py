@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 FAST_SETTINGS = {
     "KUBETUNE_RECONCILE_INTERVAL": "1",
@@ -39,9 +43,11 @@ class OperatorProcess:
         self.namespaces = namespaces
         self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
+        self.metrics_port = free_port()
 
     def start(self) -> OperatorProcess:
         args = [sys.executable, "-m", "kubetune.operator", "--liveness", ""]
+        args += ["--metrics", f"127.0.0.1:{self.metrics_port}"]
         for ns in self.namespaces:
             args += ["--namespace", ns]
         if not self.namespaces:
@@ -78,10 +84,27 @@ class OperatorProcess:
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def metric(self, name: str, **labels: str) -> float | None:
+        """One sample of the operator's /metrics (None when it has no such sample)."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return float(sample.value)
+        return None
+
     def assert_alive(self) -> None:
         assert self.proc is not None and self.proc.poll() is None, (
             "operator exited:\n" + self.logs()[-4000:]
         )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 @contextmanager

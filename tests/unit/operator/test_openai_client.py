@@ -67,7 +67,7 @@ def test_verbose_operator_logs_keep_http_libraries_at_info(
 
     monkeypatch.setattr(kopf, "run", lambda **_: None)
     caplog.set_level(logging.DEBUG)
-    assert operator_main.main(["-v"]) == 0
+    assert operator_main.main(["-v", "--metrics", ""]) == 0
     for name in openai_client.HTTP_LOGGERS:
         assert logging.getLogger(name).getEffectiveLevel() >= logging.INFO, name
 

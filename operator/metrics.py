@@ -1,0 +1,179 @@
+"""Prometheus metrics of the operator: FineTuneJobs by phase, how long jobs waited for the pool
+and how long they ran, and the tokens each namespace trained.
+
+Read from the FineTuneJobs themselves as the watch delivers them (one ``kopf.on.event`` handler
+calls :meth:`JobMetrics.observe`), so the figures are those of ``kubectl get ftj``. The gauge is
+the jobs that exist now. The counters and histograms count what this process saw happen: a
+job's first sighting (the listing after the operator starts) records its phase and counts
+nothing, so a restarted operator counts nothing twice (``rate()`` and ``increase()`` take the
+counter reset); a change made while no operator ran is not counted.
+
+Labels are the namespace, the provider and the phase only: never a job's name (unbounded), a
+message, or anything read from a Secret. Nothing here calls the API server or blocks a handler.
+"""
+
+from __future__ import annotations
+
+import datetime
+import threading
+from collections import Counter as Tally
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from kubetune.api import finetunejob as ftj
+from kubetune.operator import status as st
+
+PREFIX = "kubetune_finetunejob"
+
+WAIT_BUCKETS = (5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400, 259200)
+"""Seconds from creation to `Running`: from a free pool (seconds) to a busy one (days)."""
+RUN_BUCKETS = (60, 300, 600, 1800, 3600, 7200, 14400, 28800, 86400, 259200)
+"""Seconds from `startTime` to `completionTime`: minutes for small jobs, days for large ones."""
+
+FINISHED = frozenset(p.value for p in ftj.Phase if p.finished)
+DEFAULT_PROVIDER = str(ftj.FineTuneJobSpec.model_fields["provider"].default)
+
+
+@dataclass(frozen=True)
+class Sighting:
+    """What the metrics need of one FineTuneJob."""
+
+    namespace: str
+    provider: str
+    phase: str
+
+
+def sighting(body: Mapping[str, Any]) -> tuple[str, Sighting] | None:
+    """The job's uid and labels, from its body as the watch sent it (None without a uid)."""
+    meta = body.get("metadata") or {}
+    uid = meta.get("uid")
+    if not uid:
+        return None
+    spec = body.get("spec") or {}
+    status = body.get("status") or {}
+    return uid, Sighting(
+        namespace=str(meta.get("namespace") or ""),
+        provider=str(spec.get("provider") or DEFAULT_PROVIDER),
+        phase=str(status.get("phase") or ftj.Phase.PENDING),
+    )
+
+
+@dataclass
+class _Job:
+    sighting: Sighting
+    ran: bool
+    """Seen Running (or met Running): the wait before its first run is counted once."""
+    tokens_counted: bool
+    """Its trained tokens are counted, by this process or (met with them) before it started."""
+
+
+def _seconds_between(start: Any, end: Any) -> float | None:
+    try:
+        seconds = (st.parse_time(str(end)) - st.parse_time(str(start))).total_seconds()
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 else None
+
+
+class JobMetrics:
+    """The FineTuneJob metrics, registered in ``registry``; :meth:`observe` feeds them."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._lock = threading.Lock()  # observe() runs in kopf's loop, collect() in the scrape's
+        self._jobs: dict[str, _Job] = {}
+        self.transitions = Counter(
+            f"{PREFIX}_transitions",
+            "FineTuneJobs this operator saw enter each phase.",
+            ["namespace", "provider", "phase"],
+            registry=registry,
+        )
+        self.wait = Histogram(
+            f"{PREFIX}_wait_seconds",
+            "Seconds from a FineTuneJob's creation until the operator first saw it Running "
+            "(validation and the wait for the GPU pool or OpenAI's queue).",
+            ["namespace", "provider"],
+            buckets=WAIT_BUCKETS,
+            registry=registry,
+        )
+        self.run = Histogram(
+            f"{PREFIX}_run_seconds",
+            "Seconds from a FineTuneJob's startTime to its completionTime, by how it ended.",
+            ["namespace", "provider", "phase"],
+            buckets=RUN_BUCKETS,
+            registry=registry,
+        )
+        self.tokens = Counter(
+            "kubetune_trained_tokens",
+            "Tokens trained by the FineTuneJobs that succeeded (status.trainedTokens).",
+            ["namespace", "provider"],
+            registry=registry,
+        )
+        registry.register(self)
+
+    def observe(
+        self, event_type: str | None, body: Mapping[str, Any], now: datetime.datetime
+    ) -> None:
+        """One watch event of a FineTuneJob (``event_type`` None: the initial listing)."""
+        seen = sighting(body)
+        if seen is None:
+            return
+        uid, new = seen
+        status = body.get("status") or {}
+        tokens = status.get("trainedTokens") if new.phase == ftj.Phase.SUCCEEDED else None
+        tokens = tokens if isinstance(tokens, int) and tokens > 0 else 0
+        with self._lock:
+            old = self._jobs.pop(uid, None)
+            if event_type == "DELETED":
+                return
+            self._jobs[uid] = _Job(
+                new,
+                ran=new.phase == ftj.Phase.RUNNING or (old is not None and old.ran),
+                tokens_counted=bool(tokens) or (old is not None and old.tokens_counted),
+            )
+        if old is None:
+            return  # a first sighting counts nothing: it may be a restart's listing
+        if tokens and not old.tokens_counted:  # the result may reach status after the phase
+            self.tokens.labels(new.namespace, new.provider).inc(tokens)
+        if old.sighting.phase == new.phase:
+            return
+        self.transitions.labels(new.namespace, new.provider, new.phase).inc()
+        if new.phase == ftj.Phase.RUNNING and not old.ran:
+            meta = body.get("metadata") or {}
+            waited = _seconds_between(meta.get("creationTimestamp"), st.rfc3339(now))
+            if waited is not None:
+                self.wait.labels(new.namespace, new.provider).observe(waited)
+        if new.phase in FINISHED:
+            ran = _seconds_between(status.get("startTime"), status.get("completionTime"))
+            if ran is not None:
+                self.run.labels(new.namespace, new.provider, new.phase).observe(ran)
+
+    def describe(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(PREFIX + "s", "", labels=["namespace", "provider", "phase"])
+
+    def collect(self) -> Iterator[Metric]:
+        """The gauge: the FineTuneJobs that exist now, by namespace, provider and phase."""
+        with self._lock:
+            counts = Tally(job.sighting for job in self._jobs.values())
+        gauge = GaugeMetricFamily(
+            PREFIX + "s",
+            "FineTuneJobs that exist now, by phase.",
+            labels=["namespace", "provider", "phase"],
+        )
+        for seen, count in sorted(counts.items(), key=lambda item: str(item[0])):
+            gauge.add_metric([seen.namespace, seen.provider, seen.phase], count)
+        yield gauge
+
+
+JOBS = JobMetrics(prometheus_client.REGISTRY)
+"""The operator's one instance (the process-wide registry also carries Python's process
+metrics: CPU, memory, open files)."""
+
+
+def serve(host: str, port: int) -> None:
+    """Serve ``/metrics`` on ``host:port`` from a daemon thread."""
+    prometheus_client.start_http_server(port, addr=host)
