@@ -38,6 +38,7 @@ from kubetune.operator.settings import OperatorSettings
 from kubetune.operator.status import Event
 from kubetune.server import launcher
 
+log = logging.getLogger(__name__)
 SETTINGS = OperatorSettings.from_env()
 MANAGED = {manifests.LABEL_MANAGED_BY: "kubetune"}
 CHILD_RESOURCES = (
@@ -352,6 +353,15 @@ def _write(
     if new.phase != old.phase:
         kind = "Warning" if new.phase == ftj.Phase.FAILED else "Normal"
         kopf.event(body, type=kind, reason=str(new.phase), message=new.message or str(new.phase))
+        meta = body.get("metadata") or {}
+        log.info(
+            "FineTuneJob %s/%s: %s -> %s: %s",
+            meta.get("namespace"),
+            meta.get("name"),
+            old.phase,
+            new.phase,
+            new.message or "",
+        )
 
 
 @kopf.timer(ftj.GROUP, ftj.VERSION, ms.PLURAL, interval=SETTINGS.reconcile_interval, idle=None)

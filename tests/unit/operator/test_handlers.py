@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import logging
 from typing import Any
 
 import kopf
@@ -175,6 +176,32 @@ def test_a_step_being_retried_is_shown_in_status_until_it_succeeds(
     patch = kopf.Patch()
     reconcile(retried.to_wire(), patch)
     assert "Reconciled" not in {c["type"] for c in patch["status"]["conditions"]}
+
+
+def test_a_phase_change_is_an_event_and_one_log_line(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    posted: list[tuple[str, str]] = []
+    monkeypatch.setattr(
+        kopf, "event", lambda _, type, reason, message: posted.append((reason, message))
+    )
+    running = ftj.FineTuneJobStatus(phase=ftj.Phase.RUNNING, start_time="2026-11-28T00:00:00Z")
+
+    def finished(spec: Any, owner: Any, new: ftj.FineTuneJobStatus, *_: Any) -> Any:
+        return new.model_copy(update={"phase": ftj.Phase.SUCCEEDED, "message": "training finished"})
+
+    monkeypatch.setattr(local_provider, "reconcile", finished)
+    caplog.set_level(logging.INFO, logger=handlers.__name__)
+    reconcile(running.to_wire(), kopf.Patch())
+    assert posted == [("Succeeded", "training finished")]
+    assert [r.getMessage() for r in caplog.records if r.name == handlers.__name__] == [
+        "FineTuneJob team-a/daoyan: Running -> Succeeded: training finished"
+    ]
+
+    monkeypatch.setattr(local_provider, "reconcile", lambda spec, owner, new, *_: new)
+    caplog.clear()
+    reconcile(running.to_wire(), kopf.Patch())  # no change: no event, no line
+    assert len(posted) == 1 and not caplog.records
 
 
 def _resource(group: str, version: str, plural: str) -> kopf.Resource:
