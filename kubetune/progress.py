@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from kubetune.api.finetunejob import Progress
+from kubetune.api.jobstatus import Progress
 
 CONFIGMAP_KEY = "progress.json"
 """Key of the latest record in the trainer's progress ConfigMap."""

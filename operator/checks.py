@@ -31,6 +31,7 @@ from pydantic import ValidationError
 
 from kubetune import data
 from kubetune.api import finetunejob as ftj
+from kubetune.api import jobstatus
 from kubetune.data import tokens
 from kubetune.operator import dataset_url, kube
 from kubetune.operator import status as st
@@ -196,7 +197,7 @@ def check_dataset(
 
 def estimate(
     spec: ftj.FineTuneJobSpec, report: data.Report, settings: OperatorSettings
-) -> ftj.Estimate | None:
+) -> jobstatus.Estimate | None:
     """The numbers written to ``status.estimate`` before anything runs."""
     if report.stats is None:
         return None
@@ -207,7 +208,7 @@ def estimate(
             spec.openai.hyperparameters.n_epochs,
             prices=settings.prices_per_million or None,
         )
-        return ftj.Estimate(
+        return jobstatus.Estimate(
             examples=oa.n_examples,
             epochs=oa.n_epochs,
             total_tokens=oa.billed_tokens_per_epoch,
@@ -223,7 +224,7 @@ def estimate(
         max_seq_length=hp.max_seq_length,
         packing=hp.packing,
     )
-    return ftj.Estimate(
+    return jobstatus.Estimate(
         examples=local.n_examples,
         epochs=local.n_epochs,
         total_tokens=local.tokens // max(local.n_epochs, 1),

@@ -20,6 +20,7 @@ import kopf
 from pydantic import ValidationError
 
 from kubetune.api import finetunejob as ftj
+from kubetune.api import jobstatus
 from kubetune.api import modelserver as ms
 from kubetune.api.types import ApiModel
 from kubetune.operator import (
@@ -199,14 +200,14 @@ RECONCILED = "Reconciled"
 
 
 def _fail(
-    status: ftj.FineTuneJobStatus,
+    status: jobstatus.FineTuneJobStatus,
     message: str,
     generation: int | None,
     reason: str = "Invalid",
-) -> ftj.FineTuneJobStatus:
+) -> jobstatus.FineTuneJobStatus:
     """``status`` as Failed; ``reason`` (CamelCase) goes to the Ready condition."""
     new = status.model_copy(deep=True)
-    new.phase = ftj.Phase.FAILED
+    new.phase = jobstatus.Phase.FAILED
     new.message = message
     new.completion_time = new.completion_time or st.now()
     new.conditions = st.set_condition(new.conditions, "Ready", False, reason, message, generation)
@@ -222,7 +223,7 @@ def _failure_reason(exc: Exception) -> str:
     return "Invalid"
 
 
-def _validated(status: ftj.FineTuneJobStatus) -> bool:
+def _validated(status: jobstatus.FineTuneJobStatus) -> bool:
     """Whether an OpenAI job's dataset was checked and uploaded already (no need to read it)."""
     remote = status.remote
     return status.estimate is not None and remote is not None and bool(remote.training_file)
@@ -244,12 +245,12 @@ def _stopping(stopped: kopf.DaemonStopped | None, meta: kopf.Meta) -> Callable[[
 def _validate(
     spec: ftj.FineTuneJobSpec,
     namespace: str,
-    status: ftj.FineTuneJobStatus,
+    status: jobstatus.FineTuneJobStatus,
     created: str | None = None,
-) -> ftj.FineTuneJobStatus:
+) -> jobstatus.FineTuneJobStatus:
     """Checks the datasets and writes the estimate; raises checks.InvalidJob on bad data."""
     new = status.model_copy(deep=True)
-    new.phase = ftj.Phase.VALIDATING
+    new.phase = jobstatus.Phase.VALIDATING
     new.model = spec.openai.model if spec.openai else (spec.model.display if spec.model else None)
     train = checks.check_dataset(spec.dataset, namespace, "spec.dataset", spec, created=created)
     if spec.validation is not None:
@@ -279,9 +280,9 @@ def reconcile(
     indices: dict[str, kopf.Index[Key, Any]] = kwargs  # kopf passes each index by its name
     namespace = namespace or "default"
     stored = {k: v for k, v in dict(status).items() if k != "kopf"}
-    old = ftj.FineTuneJobStatus.model_validate(stored)
+    old = jobstatus.FineTuneJobStatus.model_validate(stored)
     generation = meta.get("generation")
-    if old.phase in (ftj.Phase.FAILED, ftj.Phase.CANCELLED):
+    if old.phase in (jobstatus.Phase.FAILED, jobstatus.Phase.CANCELLED):
         return
     owner = manifests.Owner(name=name, namespace=namespace, uid=uid)
     key = (namespace, name)
@@ -289,7 +290,7 @@ def reconcile(
     try:
         parsed = checks.parse_spec(dict(spec))
         openai = parsed.provider == ftj.Provider.OPENAI
-        if openai and old.phase == ftj.Phase.SUCCEEDED:
+        if openai and old.phase == jobstatus.Phase.SUCCEEDED:
             if openai_handlers.endpoint_published(old):
                 return  # nothing left to follow; the endpoint ConfigMap exists
             new, events = openai_handlers.publish_endpoint(owner, old, generation)
@@ -297,13 +298,13 @@ def reconcile(
             return
         if (
             old.start_time is None
-            and old.phase in (ftj.Phase.PENDING, ftj.Phase.VALIDATING)
+            and old.phase in (jobstatus.Phase.PENDING, jobstatus.Phase.VALIDATING)
             and not (openai and _validated(old))
         ):
             # Validation gets a tick of its own, so the estimate is in status (and the
             # Validating event posted) before anything is uploaded or scheduled.
             new = _validate(parsed, namespace, old, meta.get("creationTimestamp"))
-            if old.phase == ftj.Phase.PENDING:
+            if old.phase == jobstatus.Phase.PENDING:
                 _write(body, patch, stored, old, new, events)
                 return
         else:
@@ -340,8 +341,8 @@ def _write(
     body: kopf.Body,
     patch: kopf.Patch,
     stored: dict[str, Any],
-    old: ftj.FineTuneJobStatus,
-    new: ftj.FineTuneJobStatus,
+    old: jobstatus.FineTuneJobStatus,
+    new: jobstatus.FineTuneJobStatus,
     events: list[Event],
 ) -> None:
     """Patches the status and posts the provider's events plus one per phase change."""
@@ -351,7 +352,7 @@ def _write(
     for ev in events:
         kopf.event(body, type=ev.type, reason=ev.reason, message=ev.message)
     if new.phase != old.phase:
-        kind = "Warning" if new.phase == ftj.Phase.FAILED else "Normal"
+        kind = "Warning" if new.phase == jobstatus.Phase.FAILED else "Normal"
         kopf.event(body, type=kind, reason=str(new.phase), message=new.message or str(new.phase))
         meta = body.get("metadata") or {}
         log.info(
@@ -511,7 +512,7 @@ def delete_remote(
     if parsed is None:
         return
     owner = manifests.Owner(name=name, namespace=namespace or "default", uid=uid)
-    old = ftj.FineTuneJobStatus.model_validate(
+    old = jobstatus.FineTuneJobStatus.model_validate(
         {k: v for k, v in dict(status).items() if k != "kopf"}
     )
     try:

@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from kubetune.api import finetunejob as ftj
+from kubetune.api import jobstatus
 from kubetune.api import modelserver as ms
 from kubetune.operator import kube, kueue, manifests, serving_manifests
 from kubetune.operator import status as st
@@ -246,7 +247,7 @@ def config_problem(exc: ValueError) -> str:
 def serve(
     spec: ftj.FineTuneJobSpec,
     owner: manifests.Owner,
-    new: ftj.FineTuneJobStatus,
+    new: jobstatus.FineTuneJobStatus,
     children: Children,
     settings: OperatorSettings,
     generation: int | None,
@@ -295,7 +296,7 @@ def serve(
         new.conditions, "ServingReady", ready, reason, why, generation
     )
     new.fine_tuned_model = owner.name
-    new.endpoint = ftj.EndpointStatus(
+    new.endpoint = jobstatus.EndpointStatus(
         base_url=endpoint_url(owner),
         model=owner.name,
         config_map=manifests.endpoint_name(owner),
@@ -316,7 +317,7 @@ def model_server_url(server: str, namespace: str) -> str:
 def serve_shared(
     server: str,
     owner: manifests.Owner,
-    new: ftj.FineTuneJobStatus,
+    new: jobstatus.FineTuneJobStatus,
     children: Children,
     generation: int | None,
 ) -> None:
@@ -329,7 +330,7 @@ def serve_shared(
     if new.endpoint is None or new.endpoint.base_url != url:
         kube.apply(manifests.endpoint_configmap(owner, url, owner.name))
     new.fine_tuned_model = owner.name
-    new.endpoint = ftj.EndpointStatus(
+    new.endpoint = jobstatus.EndpointStatus(
         base_url=url, model=owner.name, config_map=manifests.endpoint_name(owner)
     )
     ready, reason, why = shared_serving_state(server, owner, children.model_server)
@@ -367,7 +368,7 @@ def shared_serving_state(
 def early_refusal(
     server: str,
     owner: manifests.Owner,
-    new: ftj.FineTuneJobStatus,
+    new: jobstatus.FineTuneJobStatus,
     children: Children,
     generation: int | None,
 ) -> None:
@@ -408,15 +409,15 @@ def pod_creation_refusal(job: dict[str, Any] | None) -> str | None:
 def reconcile(
     spec: ftj.FineTuneJobSpec,
     owner: manifests.Owner,
-    status: ftj.FineTuneJobStatus,
+    status: jobstatus.FineTuneJobStatus,
     children: Children,
     settings: OperatorSettings,
     generation: int | None,
-) -> ftj.FineTuneJobStatus:
+) -> jobstatus.FineTuneJobStatus:
     new = status.model_copy(deep=True)
     new.trainer_job = manifests.trainer_name(owner)
     job = children.job
-    finished = ftj.Phase(new.phase).finished
+    finished = jobstatus.Phase(new.phase).finished
     # A queued job suspended before it starts gets no Job: Kueue would admit it before the next
     # tick could stop it.
     held = job is None and bool(spec.queue) and spec.suspend
@@ -442,7 +443,7 @@ def reconcile(
 
     if not finished:
         if held:
-            seen = st.Observation(ftj.Phase.QUEUED, st.SUSPENDED_BEFORE_START, "Suspended")
+            seen = st.Observation(jobstatus.Phase.QUEUED, st.SUSPENDED_BEFORE_START, "Suspended")
         else:
             seen = st.observe_trainer(job, children.pods, workload)
         age = st.age(((job or {}).get("metadata") or {}).get("creationTimestamp"))
@@ -451,28 +452,28 @@ def reconcile(
             if refused:
                 seen = st.pod_creation_refused(refused)
         if no_kueue and not spec.suspend and seen.reason == "Suspended":
-            seen = st.Observation(ftj.Phase.QUEUED, no_kueue, "KueueNotInstalled")
-        if seen.phase != ftj.Phase.PENDING:
+            seen = st.Observation(jobstatus.Phase.QUEUED, no_kueue, "KueueNotInstalled")
+        if seen.phase != jobstatus.Phase.PENDING:
             new.phase = seen.phase
         new.message = seen.message
         new.conditions = st.set_condition(
             new.conditions,
             "Ready",
-            seen.phase == ftj.Phase.SUCCEEDED,
+            seen.phase == jobstatus.Phase.SUCCEEDED,
             seen.reason or "Pending",
             seen.message,
             generation,
         )
-        if seen.phase in (ftj.Phase.SUCCEEDED, ftj.Phase.FAILED):
+        if seen.phase in (jobstatus.Phase.SUCCEEDED, jobstatus.Phase.FAILED):
             new.completion_time = st.finished_at(job) if job else st.now()
 
-    training = not ftj.Phase(new.phase).finished
+    training = not jobstatus.Phase(new.phase).finished
     if training and spec.serve.enabled and spec.serve.server is not None:
         early_refusal(spec.serve.server, owner, new, children, generation)
-    if ftj.Phase(new.phase) == ftj.Phase.SUCCEEDED:
+    if jobstatus.Phase(new.phase) == jobstatus.Phase.SUCCEEDED:
         assert spec.model is not None
         claim = manifests.output_claim(spec, settings)
-        new.adapter = ftj.AdapterStatus(
+        new.adapter = jobstatus.AdapterStatus(
             path=f"pvc://{claim}/{manifests.output_subpath(spec, owner)}",
             rank=int((result or {}).get("adapterRank", spec.lora.r)),
             base_model=spec.model.display,

@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from kubetune.api import finetunejob as ftj
+from kubetune.api import jobstatus
 from kubetune.operator import status as st
 
 PREFIX = "kubetune_finetunejob"
@@ -35,7 +36,7 @@ WAIT_BUCKETS = (5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86
 RUN_BUCKETS = (60, 300, 600, 1800, 3600, 7200, 14400, 28800, 86400, 259200)
 """Seconds from `startTime` to `completionTime`: minutes for small jobs, days for large ones."""
 
-FINISHED = frozenset(p.value for p in ftj.Phase if p.finished)
+FINISHED = frozenset(p.value for p in jobstatus.Phase if p.finished)
 DEFAULT_PROVIDER = str(ftj.FineTuneJobSpec.model_fields["provider"].default)
 
 
@@ -59,7 +60,7 @@ def sighting(body: Mapping[str, Any]) -> tuple[str, Sighting] | None:
     return uid, Sighting(
         namespace=str(meta.get("namespace") or ""),
         provider=str(spec.get("provider") or DEFAULT_PROVIDER),
-        phase=str(status.get("phase") or ftj.Phase.PENDING),
+        phase=str(status.get("phase") or jobstatus.Phase.PENDING),
     )
 
 
@@ -124,7 +125,7 @@ class JobMetrics:
             return
         uid, new = seen
         status = body.get("status") or {}
-        tokens = status.get("trainedTokens") if new.phase == ftj.Phase.SUCCEEDED else None
+        tokens = status.get("trainedTokens") if new.phase == jobstatus.Phase.SUCCEEDED else None
         tokens = tokens if isinstance(tokens, int) and tokens > 0 else 0
         with self._lock:
             old = self._jobs.pop(uid, None)
@@ -132,7 +133,7 @@ class JobMetrics:
                 return
             self._jobs[uid] = _Job(
                 new,
-                ran=new.phase == ftj.Phase.RUNNING or (old is not None and old.ran),
+                ran=new.phase == jobstatus.Phase.RUNNING or (old is not None and old.ran),
                 tokens_counted=bool(tokens) or (old is not None and old.tokens_counted),
             )
         if old is None:
@@ -142,7 +143,7 @@ class JobMetrics:
         if old.sighting.phase == new.phase:
             return
         self.transitions.labels(new.namespace, new.provider, new.phase).inc()
-        if new.phase == ftj.Phase.RUNNING and not old.ran:
+        if new.phase == jobstatus.Phase.RUNNING and not old.ran:
             meta = body.get("metadata") or {}
             waited = _seconds_between(meta.get("creationTimestamp"), st.rfc3339(now))
             if waited is not None:

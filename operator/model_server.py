@@ -33,6 +33,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from kubetune.api import finetunejob as ftj
+from kubetune.api import jobstatus
 from kubetune.api import modelserver as ms
 from kubetune.api.serveconfig import MAX_ADAPTERS
 from kubetune.operator import (
@@ -77,7 +78,7 @@ def member(body: dict[str, Any]) -> Member:
         name=str(meta.get("name", "")),
         uid=str(meta.get("uid", "")),
         spec=spec,
-        phase=str(status.get("phase") or ftj.Phase.PENDING),
+        phase=str(status.get("phase") or jobstatus.Phase.PENDING),
         rank=(status.get("adapter") or {}).get("rank"),
         created=str(meta.get("creationTimestamp") or ""),
     )
@@ -128,7 +129,7 @@ def plan(
         if why is not None:
             refused.append(ms.RefusedAdapter(name=m.name, message=why))
             continue
-        if m.phase != ftj.Phase.SUCCEEDED:
+        if m.phase != jobstatus.Phase.SUCCEEDED:
             continue
         if len(adapters) == MAX_ADAPTERS:
             why = (

@@ -60,6 +60,7 @@ import openai
 
 from kubetune import data
 from kubetune.api import finetunejob as ftj
+from kubetune.api import jobstatus
 from kubetune.operator import checks, kube, manifests, openai_client
 from kubetune.operator import openai_errors as errors
 from kubetune.operator import openai_provider as provider
@@ -178,7 +179,7 @@ class PollSchedule:
     def due(
         self,
         uid: str,
-        status: ftj.FineTuneJobStatus,
+        status: jobstatus.FineTuneJobStatus,
         generation: int | None,
         now: float,
         settings: OperatorSettings,
@@ -197,11 +198,11 @@ class PollSchedule:
         slack = settings.reconcile_interval / 2
         return last is None or now - last >= settings.openai_poll_interval - slack
 
-    def polled(self, uid: str, status: ftj.FineTuneJobStatus, now: float) -> None:
+    def polled(self, uid: str, status: jobstatus.FineTuneJobStatus, now: float) -> None:
         """Records a successful step; a finished or not yet created job is forgotten."""
         remote = status.remote
         with self.lock:
-            if remote is not None and remote.id and not ftj.Phase(status.phase).finished:
+            if remote is not None and remote.id and not jobstatus.Phase(status.phase).finished:
                 self.last[uid] = now
             else:
                 self.last.pop(uid, None)
@@ -271,7 +272,7 @@ def _reader(
 
 
 def _client_or_wait(
-    spec: ftj.OpenAISpec, owner: manifests.Owner, status: ftj.FineTuneJobStatus,
+    spec: ftj.OpenAISpec, owner: manifests.Owner, status: jobstatus.FineTuneJobStatus,
     settings: OperatorSettings,
 ) -> openai.OpenAI:  # fmt: skip
     """client_for; once a remote job exists, a credentials problem is a long wait, not Failed."""
@@ -290,7 +291,7 @@ def _client_or_wait(
 def reconcile(
     spec: ftj.FineTuneJobSpec,
     owner: manifests.Owner,
-    status: ftj.FineTuneJobStatus,
+    status: jobstatus.FineTuneJobStatus,
     settings: OperatorSettings,
     generation: int | None,
     *,
@@ -298,7 +299,7 @@ def reconcile(
     now: float | None = None,
     stopping: Callable[[], str | None] | None = None,
     ticks: TickLocks = TICKS,
-) -> tuple[ftj.FineTuneJobStatus, list[Event]]:
+) -> tuple[jobstatus.FineTuneJobStatus, list[Event]]:
     """One tick of an OpenAI job. Raises the provider's Permanent/Temporary errors as they are.
 
     A followed job polled less than ``settings.openai_poll_interval`` ago is left alone: the
@@ -332,7 +333,7 @@ def reconcile(
         return new, events
 
 
-def endpoint_published(status: ftj.FineTuneJobStatus) -> bool:
+def endpoint_published(status: jobstatus.FineTuneJobStatus) -> bool:
     """Whether nothing is left to do for a succeeded job: its endpoint ConfigMap is written.
 
     A job that succeeded before the condition existed counts as unpublished (writing the
@@ -344,8 +345,8 @@ def endpoint_published(status: ftj.FineTuneJobStatus) -> bool:
 
 
 def publish_endpoint(
-    owner: manifests.Owner, status: ftj.FineTuneJobStatus, generation: int | None
-) -> tuple[ftj.FineTuneJobStatus, list[Event]]:
+    owner: manifests.Owner, status: jobstatus.FineTuneJobStatus, generation: int | None
+) -> tuple[jobstatus.FineTuneJobStatus, list[Event]]:
     """Writes the endpoint ConfigMap of ``status.endpoint``; a failure is a condition.
 
     The job's result (fine-tuned model, cost, tokens) is kept whatever happens here: the
@@ -382,7 +383,7 @@ def publish_endpoint(
 def cleanup(
     spec: ftj.FineTuneJobSpec,
     owner: manifests.Owner,
-    status: ftj.FineTuneJobStatus,
+    status: jobstatus.FineTuneJobStatus,
     settings: OperatorSettings,
     *,
     ticks: TickLocks = TICKS,
@@ -411,7 +412,7 @@ def _cleanup(
     oa: ftj.OpenAISpec,
     spec: ftj.FineTuneJobSpec,
     owner: manifests.Owner,
-    status: ftj.FineTuneJobStatus,
+    status: jobstatus.FineTuneJobStatus,
     settings: OperatorSettings,
 ) -> list[Event]:
     try:

@@ -68,6 +68,7 @@ from openai.types.fine_tuning import (
 )
 
 from kubetune.api import finetunejob as ftj
+from kubetune.api import jobstatus
 from kubetune.operator import manifests
 from kubetune.operator import openai_errors as errors
 from kubetune.operator import openai_status as ostatus
@@ -97,7 +98,7 @@ is needed). A file is hashed and uploaded as a stream: memory does not grow with
 
 @dataclass(frozen=True)
 class StepResult:
-    status: ftj.FineTuneJobStatus
+    status: jobstatus.FineTuneJobStatus
     """The whole new status."""
 
     patch: dict[str, Any]
@@ -188,7 +189,7 @@ def _find_job(client: openai.OpenAI, uid: str, events: list[Event]) -> FineTunin
 def _ensure_files(
     client: openai.OpenAI,
     uid: str,
-    remote: ftj.RemoteJob,
+    remote: jobstatus.RemoteJob,
     training: Dataset,
     validation: Dataset | None,
 ) -> dict[str, FileObject]:
@@ -232,7 +233,7 @@ def _ensure_files(
 
 
 def _files_waiting(
-    client: openai.OpenAI, remote: ftj.RemoteJob, seen: Mapping[str, FileObject]
+    client: openai.OpenAI, remote: jobstatus.RemoteJob, seen: Mapping[str, FileObject]
 ) -> str | None:
     """None when every recorded file is ``processed``; else what creation waits for.
 
@@ -301,7 +302,7 @@ def create_params(oa: ftj.OpenAISpec) -> job_create_params.Method:
 
 
 def _create_job(
-    client: openai.OpenAI, oa: ftj.OpenAISpec, owner: manifests.Owner, remote: ftj.RemoteJob
+    client: openai.OpenAI, oa: ftj.OpenAISpec, owner: manifests.Owner, remote: jobstatus.RemoteJob
 ) -> FineTuningJob:
     assert remote.training_file is not None
     metadata = {META_UID: owner.uid, META_NAMESPACE: owner.namespace, META_NAME: owner.name}
@@ -361,7 +362,7 @@ def step(
     client: openai.OpenAI,
     spec: ftj.FineTuneJobSpec,
     owner: manifests.Owner,
-    status: ftj.FineTuneJobStatus,
+    status: jobstatus.FineTuneJobStatus,
     *,
     training: Dataset,
     validation: Dataset | None = None,
@@ -380,9 +381,9 @@ def step(
     """
     oa = _openai_spec(spec)
     new = status.model_copy(deep=True)
-    if ftj.Phase(new.phase).finished:
+    if jobstatus.Phase(new.phase).finished:
         return StepResult(new, {}, [], True)
-    remote = new.remote.model_copy() if new.remote is not None else ftj.RemoteJob()
+    remote = new.remote.model_copy() if new.remote is not None else jobstatus.RemoteJob()
     out: list[Event] = []
     if remote.id:
         try:
@@ -399,7 +400,7 @@ def step(
     job = _find_job(client, owner.uid, out)
     if job is None:
         if spec.suspend:
-            new.phase = ftj.Phase.QUEUED
+            new.phase = jobstatus.Phase.QUEUED
             new.message = "suspended (spec.suspend): nothing is uploaded or created"
             new.conditions = st.set_condition(
                 new.conditions, "Ready", False, "Suspended", new.message, generation
@@ -437,14 +438,14 @@ def _while_following(
 
 
 def _stopped(
-    status: ftj.FineTuneJobStatus,
-    new: ftj.FineTuneJobStatus,
-    remote: ftj.RemoteJob,
+    status: jobstatus.FineTuneJobStatus,
+    new: jobstatus.FineTuneJobStatus,
+    remote: jobstatus.RemoteJob,
     why: str,
     out: list[Event],
 ) -> StepResult:
     """Nothing more is uploaded or created; what was already uploaded stays recorded."""
-    if remote != ftj.RemoteJob():
+    if remote != jobstatus.RemoteJob():
         new.remote = remote
     new.message = f"{why}: no file is uploaded and no OpenAI job is created"
     return StepResult(new, ostatus.status_patch(status, new), out, False)
@@ -454,9 +455,9 @@ def _follow(
     client: openai.OpenAI,
     spec: ftj.FineTuneJobSpec,
     owner: manifests.Owner,
-    status: ftj.FineTuneJobStatus,
-    new: ftj.FineTuneJobStatus,
-    remote: ftj.RemoteJob,
+    status: jobstatus.FineTuneJobStatus,
+    new: jobstatus.FineTuneJobStatus,
+    remote: jobstatus.RemoteJob,
     job: FineTuningJob,
     out: list[Event],
     prices: Mapping[str, float],
@@ -477,14 +478,16 @@ def _follow(
     )  # fmt: skip
     out = ostatus.posted(events, secrets) + out
     new.observed_generation = generation
-    return StepResult(new, ostatus.status_patch(status, new), out, ftj.Phase(new.phase).finished)
+    return StepResult(
+        new, ostatus.status_patch(status, new), out, jobstatus.Phase(new.phase).finished
+    )
 
 
 def cleanup(
     client: openai.OpenAI,
     spec: ftj.FineTuneJobSpec,
     owner: manifests.Owner,
-    status: ftj.FineTuneJobStatus,
+    status: jobstatus.FineTuneJobStatus,
 ) -> list[Event]:
     """On deletion: cancel this FineTuneJob's unfinished remote jobs, delete its files.
 

@@ -22,19 +22,20 @@ from typing import Any
 from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
 
 from kubetune.api import finetunejob as ftj
+from kubetune.api import jobstatus
 from kubetune.operator import manifests
 from kubetune.operator import openai_errors as errors
 from kubetune.operator import status as st
 from kubetune.operator.settings import DEFAULT_OPENAI_BASE_URL
 from kubetune.operator.status import Event
 
-PHASES: dict[str, ftj.Phase] = {
-    "validating_files": ftj.Phase.VALIDATING,
-    "queued": ftj.Phase.QUEUED,
-    "running": ftj.Phase.RUNNING,
-    "succeeded": ftj.Phase.SUCCEEDED,
-    "failed": ftj.Phase.FAILED,
-    "cancelled": ftj.Phase.CANCELLED,
+PHASES: dict[str, jobstatus.Phase] = {
+    "validating_files": jobstatus.Phase.VALIDATING,
+    "queued": jobstatus.Phase.QUEUED,
+    "running": jobstatus.Phase.RUNNING,
+    "succeeded": jobstatus.Phase.SUCCEEDED,
+    "failed": jobstatus.Phase.FAILED,
+    "cancelled": jobstatus.Phase.CANCELLED,
 }
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 UNKNOWN_STATUS_CONDITION = "RemoteStatusRecognized"
@@ -56,7 +57,9 @@ def price_per_million(model: str, prices: Mapping[str, float]) -> float | None:
     return prices[max(matches, key=len)] if matches else None
 
 
-def status_patch(old: ftj.FineTuneJobStatus, new: ftj.FineTuneJobStatus) -> dict[str, Any]:
+def status_patch(
+    old: jobstatus.FineTuneJobStatus, new: jobstatus.FineTuneJobStatus
+) -> dict[str, Any]:
     """Merge patch (camelCase) from ``old`` to ``new``; removed fields become null."""
     before, after = old.to_wire(), new.to_wire()
     patch: dict[str, Any] = {k: v for k, v in after.items() if before.get(k) != v}
@@ -74,14 +77,14 @@ def _epochs(job: FineTuningJob) -> int | None:
 
 
 def _progress(
-    old: ftj.Progress | None, events: Iterable[FineTuningJobEvent], job: FineTuningJob
-) -> ftj.Progress | None:
+    old: jobstatus.Progress | None, events: Iterable[FineTuningJobEvent], job: FineTuningJob
+) -> jobstatus.Progress | None:
     progress = old.model_copy() if old is not None else None
     for ev in events:
         data = ev.data
         if ev.type != "metrics" or not isinstance(data, dict) or "step" not in data:
             continue
-        progress = progress or ftj.Progress()
+        progress = progress or jobstatus.Progress()
         progress.step = int(data["step"])
         if data.get("total_steps") is not None:
             progress.total_steps = int(data["total_steps"])
@@ -113,7 +116,7 @@ def _failure(job: FineTuningJob, secrets: tuple[str, ...]) -> tuple[str, str]:
 
 
 def apply(
-    new: ftj.FineTuneJobStatus,
+    new: jobstatus.FineTuneJobStatus,
     job: FineTuningJob,
     events: list[FineTuningJobEvent],
     *,
@@ -125,7 +128,7 @@ def apply(
     out: list[Event],
 ) -> None:
     """Writes ``job`` and its ``events`` (oldest first) into ``new``; Events go to ``out``."""
-    remote = new.remote or ftj.RemoteJob()
+    remote = new.remote or jobstatus.RemoteJob()
     remote.id, remote.status = job.id, str(job.status)
     remote.training_file = job.training_file or remote.training_file
     remote.validation_file = job.validation_file or remote.validation_file
@@ -155,17 +158,17 @@ def apply(
     new.conditions = others
     new.phase = phase
     reason, ready = str(phase), False
-    if phase == ftj.Phase.VALIDATING:
+    if phase == jobstatus.Phase.VALIDATING:
         new.message = "OpenAI is validating the files"
-    elif phase == ftj.Phase.QUEUED:
+    elif phase == jobstatus.Phase.QUEUED:
         new.message = "queued at OpenAI"
-    elif phase == ftj.Phase.RUNNING:
+    elif phase == jobstatus.Phase.RUNNING:
         p = new.progress
         new.message = "training at OpenAI" + (f": step {p.summary}" if p and p.summary else "")
-    elif phase == ftj.Phase.SUCCEEDED:
+    elif phase == jobstatus.Phase.SUCCEEDED:
         _succeeded(new, job, oa, owner, prices, out)
         reason, ready = "Succeeded", True
-    elif phase == ftj.Phase.FAILED:
+    elif phase == jobstatus.Phase.FAILED:
         reason, new.message = _failure(job, secrets)
     else:
         reason, new.message = "Cancelled", "the OpenAI job was cancelled"
@@ -177,7 +180,7 @@ def apply(
 
 
 def _succeeded(
-    new: ftj.FineTuneJobStatus,
+    new: jobstatus.FineTuneJobStatus,
     job: FineTuningJob,
     oa: ftj.OpenAISpec,
     owner: manifests.Owner,
@@ -194,7 +197,7 @@ def _succeeded(
         out.append(Event("Warning", "NoPrice", f"no price for model {oa.model!r} in the price "
                          "table (chart value openai.prices); costUsd is not set"))  # fmt: skip
     if model:
-        new.endpoint = ftj.EndpointStatus(
+        new.endpoint = jobstatus.EndpointStatus(
             base_url=oa.base_url or DEFAULT_OPENAI_BASE_URL,
             model=model,
             config_map=manifests.endpoint_name(owner),

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
-from kubetune.api.finetunejob import Condition, Phase
+from kubetune.api.jobstatus import Condition, Phase
 from kubetune.operator import manifests
 from kubetune.server import launcher
 

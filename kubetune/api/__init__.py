@@ -10,12 +10,11 @@ from kubetune.api.finetunejob import (
     PLURAL,
     VERSION,
     FineTuneJobSpec,
-    FineTuneJobStatus,
     Method,
-    Phase,
     Provider,
 )
 from kubetune.api.jobconfig import TrainerConfig
+from kubetune.api.jobstatus import FineTuneJobStatus, Phase
 
 __all__ = [
     "API_VERSION",

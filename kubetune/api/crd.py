@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from kubetune.api import finetunejob as ftj
+from kubetune.api import jobstatus
 from kubetune.api import modelserver as ms
 
 DEFAULT_MAX_LENGTH = 4096
@@ -114,11 +115,11 @@ FINETUNEJOB = Resource(
     short_name="ftj",
     description="A fine-tuning job: LoRA on the GPU pool, or OpenAI's fine-tuning API.",
     spec=ftj.FineTuneJobSpec,
-    status=ftj.FineTuneJobStatus,
+    status=jobstatus.FineTuneJobStatus,
     rules=ftj.CEL_RULES,
     root_rules=[*ftj.NAME_RULES, ftj.immutability_rule()],
     columns=ftj.PRINTER_COLUMNS,
-    source="kubetune/api/finetunejob.py",
+    source="kubetune/api/finetunejob.py and jobstatus.py",
 )
 MODELSERVER = Resource(
     kind=ms.KIND,

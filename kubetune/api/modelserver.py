@@ -22,10 +22,10 @@ from kubetune.api.finetunejob import (
     NAME_PATTERN,
     SERVE_GPUS_MESSAGE,
     VERSION,
-    Condition,
     ModelRef,
     ServerSettings,
 )
+from kubetune.api.jobstatus import Condition
 from kubetune.api.types import ApiModel
 
 KIND = "ModelServer"

@@ -9,6 +9,7 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from kubetune.api import finetunejob as ftj
+from kubetune.api import jobstatus
 from kubetune.api.jobconfig import TrainerConfig
 
 LOCAL: dict[str, Any] = {
@@ -45,7 +46,7 @@ def test_the_server_is_queued_where_the_job_is_unless_serve_queue_says() -> None
     "model",
     [
         ftj.FineTuneJobSpec,
-        ftj.FineTuneJobStatus,
+        jobstatus.FineTuneJobStatus,
         ftj.LoraSpec,
         ftj.Hyperparameters,
         ftj.Resources,
@@ -57,7 +58,7 @@ def test_the_server_is_queued_where_the_job_is_unless_serve_queue_says() -> None
 def test_round_trip_through_wire_form(model: type[BaseModel]) -> None:
     sample = {
         ftj.FineTuneJobSpec: LOCAL,
-        ftj.FineTuneJobStatus: {"phase": "Running", "progress": {"step": 3, "totalSteps": 9}},
+        jobstatus.FineTuneJobStatus: {"phase": "Running", "progress": {"step": 3, "totalSteps": 9}},
     }.get(model, {})
     obj = model.model_validate(sample)
     wire = obj.to_wire()  # type: ignore[attr-defined]

@@ -10,6 +10,7 @@ import kopf
 import pytest
 
 from kubetune.api import finetunejob as ftj
+from kubetune.api import jobstatus
 from kubetune.operator import checks, handlers, kube, local_provider
 
 UID = "0123456789abcdef"
@@ -157,9 +158,11 @@ def reconcile(status: dict[str, Any], patch: kopf.Patch) -> None:
 def test_a_step_being_retried_is_shown_in_status_until_it_succeeds(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    running = ftj.FineTuneJobStatus(phase=ftj.Phase.RUNNING, start_time="2026-11-28T00:00:00Z")
+    running = jobstatus.FineTuneJobStatus(
+        phase=jobstatus.Phase.RUNNING, start_time="2026-11-28T00:00:00Z"
+    )
 
-    def busy(*_: Any) -> ftj.FineTuneJobStatus:
+    def busy(*_: Any) -> jobstatus.FineTuneJobStatus:
         raise kube.TemporaryKubeError("create Job team-a/daoyan-trainer: API server answered 503")
 
     monkeypatch.setattr(local_provider, "reconcile", busy)
@@ -171,7 +174,9 @@ def test_a_step_being_retried_is_shown_in_status_until_it_succeeds(
     assert "503" in conditions["Reconciled"]["message"]
 
     retried = running.model_copy(deep=True)
-    retried.conditions = [ftj.Condition.model_validate(c) for c in patch["status"]["conditions"]]
+    retried.conditions = [
+        jobstatus.Condition.model_validate(c) for c in patch["status"]["conditions"]
+    ]
     monkeypatch.setattr(local_provider, "reconcile", lambda spec, owner, new, *_: new)
     patch = kopf.Patch()
     reconcile(retried.to_wire(), patch)
@@ -185,10 +190,14 @@ def test_a_phase_change_is_an_event_and_one_log_line(
     monkeypatch.setattr(
         kopf, "event", lambda _, type, reason, message: posted.append((reason, message))
     )
-    running = ftj.FineTuneJobStatus(phase=ftj.Phase.RUNNING, start_time="2026-11-28T00:00:00Z")
+    running = jobstatus.FineTuneJobStatus(
+        phase=jobstatus.Phase.RUNNING, start_time="2026-11-28T00:00:00Z"
+    )
 
-    def finished(spec: Any, owner: Any, new: ftj.FineTuneJobStatus, *_: Any) -> Any:
-        return new.model_copy(update={"phase": ftj.Phase.SUCCEEDED, "message": "training finished"})
+    def finished(spec: Any, owner: Any, new: jobstatus.FineTuneJobStatus, *_: Any) -> Any:
+        return new.model_copy(
+            update={"phase": jobstatus.Phase.SUCCEEDED, "message": "training finished"}
+        )
 
     monkeypatch.setattr(local_provider, "reconcile", finished)
     caplog.set_level(logging.INFO, logger=handlers.__name__)

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from kubetune.api import finetunejob as ftj
+from kubetune.api import jobstatus
 from kubetune.operator import kube, local_provider, manifests, serving_manifests
 from kubetune.operator.settings import OperatorSettings
 
@@ -59,23 +60,25 @@ class FakeKube:
 
 
 def reconcile(
-    s: ftj.FineTuneJobSpec, status: ftj.FineTuneJobStatus, children: local_provider.Children
-) -> ftj.FineTuneJobStatus:
+    s: ftj.FineTuneJobSpec, status: jobstatus.FineTuneJobStatus, children: local_provider.Children
+) -> jobstatus.FineTuneJobStatus:
     return local_provider.reconcile(s, OWNER, status, children, SETTINGS, 5)
 
 
-def serving_ready(status: ftj.FineTuneJobStatus) -> ftj.Condition:
+def serving_ready(status: jobstatus.FineTuneJobStatus) -> jobstatus.Condition:
     return {c.type: c for c in status.conditions}["ServingReady"]
 
 
-def running() -> ftj.FineTuneJobStatus:
-    return ftj.FineTuneJobStatus(phase=ftj.Phase.RUNNING, start_time="2026-11-28T04:00:01Z")
+def running() -> jobstatus.FineTuneJobStatus:
+    return jobstatus.FineTuneJobStatus(
+        phase=jobstatus.Phase.RUNNING, start_time="2026-11-28T04:00:01Z"
+    )
 
 
 def test_a_pvc_model_folder_with_spaces_is_served(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = FakeKube(monkeypatch)
     new = reconcile(spec(PVC_MODEL), running(), local_provider.Children(job=complete_job()))
-    assert new.phase == ftj.Phase.SUCCEEDED
+    assert new.phase == jobstatus.Phase.SUCCEEDED
     assert [o["kind"] for o in fake.applied][-1] == "Deployment"
     assert serving_ready(new).reason == "DeploymentNotReady"
     assert new.endpoint is not None and new.endpoint.model == "daoyan"
@@ -88,7 +91,7 @@ def test_a_serve_config_that_cannot_be_built_is_refused_and_training_success_sta
     # As before the fix: the folder's raw name, which the serve config refuses.
     monkeypatch.setattr(serving_manifests, "base_served_name", lambda model, adapter: "Llama 3 8B")
     new = reconcile(spec(PVC_MODEL), running(), local_provider.Children(job=complete_job()))
-    assert new.phase == ftj.Phase.SUCCEEDED and new.completion_time
+    assert new.phase == jobstatus.Phase.SUCCEEDED and new.completion_time
     cond = serving_ready(new)
     assert (cond.status, cond.reason) == ("False", "ServingRefused")
     assert "`servedModelName`" in cond.message or "`served_model_name`" in cond.message
@@ -106,7 +109,7 @@ def test_a_job_found_without_a_start_time_gets_the_jobs_creation_time(
     # The tick that created the Job lost its status patch: status still says Validating.
     new = reconcile(
         spec({"id": "Qwen/Qwen2.5-0.5B-Instruct"}),
-        ftj.FineTuneJobStatus(phase=ftj.Phase.VALIDATING),
+        jobstatus.FineTuneJobStatus(phase=jobstatus.Phase.VALIDATING),
         local_provider.Children(job=job),
     )
     assert new.start_time == "2026-11-28T04:00:00Z"

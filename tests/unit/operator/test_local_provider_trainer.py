@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from kubetune.api import finetunejob as ftj
+from kubetune.api import jobstatus
 from kubetune.operator import kube, local_provider, manifests
 from kubetune.operator.settings import OperatorSettings
 
@@ -42,8 +43,10 @@ def event(message: str, last: str, reason: str = "FailedCreate") -> dict[str, An
     return {"reason": reason, "message": message, "lastTimestamp": last}
 
 
-def running() -> ftj.FineTuneJobStatus:
-    return ftj.FineTuneJobStatus(phase=ftj.Phase.QUEUED, start_time="2026-11-28T04:00:01Z")
+def running() -> jobstatus.FineTuneJobStatus:
+    return jobstatus.FineTuneJobStatus(
+        phase=jobstatus.Phase.QUEUED, start_time="2026-11-28T04:00:01Z"
+    )
 
 
 class Events:
@@ -57,7 +60,7 @@ class Events:
         return self.items
 
 
-def reconcile(j: dict[str, Any]) -> ftj.FineTuneJobStatus:
+def reconcile(j: dict[str, Any]) -> jobstatus.FineTuneJobStatus:
     children = local_provider.Children(job=j)
     return local_provider.reconcile(SPEC, OWNER, running(), children, OperatorSettings(), 3)
 
@@ -69,7 +72,7 @@ def test_a_trainer_pod_the_api_server_refuses_is_named_in_status(
         monkeypatch, [event("older", "2026-11-28T04:00:05Z"), event(QUOTA, "2026-11-28T04:01:00Z")]
     )
     new = reconcile(job("2026-11-28T04:00:00Z", active=0))
-    assert new.phase == ftj.Phase.QUEUED
+    assert new.phase == jobstatus.Phase.QUEUED
     assert new.message == f"the trainer pod cannot be created: {QUOTA}"
     ready = {c.type: c for c in new.conditions}["Ready"]
     assert (ready.status, ready.reason) == ("False", "PodCreationRefused")

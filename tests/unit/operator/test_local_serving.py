@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from kubetune.api import finetunejob as ftj
+from kubetune.api import jobstatus
 from kubetune.operator import kube, kueue, local_provider, manifests
 from kubetune.operator.settings import OperatorSettings
 
@@ -47,16 +48,16 @@ class FakeKube:
         self.delete_options.append(kw)
 
 
-def succeeded() -> ftj.FineTuneJobStatus:
-    return ftj.FineTuneJobStatus(phase=ftj.Phase.SUCCEEDED)
+def succeeded() -> jobstatus.FineTuneJobStatus:
+    return jobstatus.FineTuneJobStatus(phase=jobstatus.Phase.SUCCEEDED)
 
 
 def serve(
     s: ftj.FineTuneJobSpec,
-    status: ftj.FineTuneJobStatus,
+    status: jobstatus.FineTuneJobStatus,
     deployment: dict[str, Any] | None,
     pods: list[dict[str, Any]] | None = None,
-) -> ftj.FineTuneJobStatus:
+) -> jobstatus.FineTuneJobStatus:
     children = local_provider.Children(deployment=deployment, server_pods=pods or [])
     local_provider.serve(s, OWNER, status, children, SETTINGS, generation=3)
     return status
@@ -120,7 +121,7 @@ def test_a_refused_server_is_reported_and_the_job_stays_succeeded(
 ) -> None:
     FakeKube(monkeypatch, refuse=True)
     status = serve(spec(), succeeded(), None)
-    assert status.phase == ftj.Phase.SUCCEEDED
+    assert status.phase == jobstatus.Phase.SUCCEEDED
     cond = {c.type: c for c in status.conditions}["ServingReady"]
     assert (cond.status, cond.reason) == ("False", "ServingRefused")
     assert "already exists" in cond.message and status.endpoint is None
@@ -168,7 +169,7 @@ def test_replicas_kueue_holds_say_which_queue_and_why(monkeypatch: pytest.Monkey
         "1/2 replicas ready; 1 replica waiting in the Kueue queue serving (workload pod-b-1f2e3): "
         "insufficient quota for nvidia.com/gpu"
     )
-    assert asked == ["uid-b"] and status.phase == ftj.Phase.SUCCEEDED
+    assert asked == ["uid-b"] and status.phase == jobstatus.Phase.SUCCEEDED
 
     # Once every replica is ready, Kueue is not asked.
     deployment["status"] = {"readyReplicas": 2}

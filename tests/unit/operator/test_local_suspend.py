@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from kubetune.api import finetunejob as ftj
+from kubetune.api import jobstatus
 from kubetune.operator import kube, kueue, local_provider, manifests
 from kubetune.operator import status as st
 from kubetune.operator.settings import OperatorSettings
@@ -135,13 +136,13 @@ def test_a_queued_job_suspended_before_it_starts_creates_nothing(
     new = local_provider.reconcile(
         spec(queue="gpus", suspend=True),
         OWNER,
-        ftj.FineTuneJobStatus(phase=ftj.Phase.VALIDATING),
+        jobstatus.FineTuneJobStatus(phase=jobstatus.Phase.VALIDATING),
         local_provider.Children(),
         OperatorSettings(),
         3,
     )
     assert rec.calls == []
-    assert new.phase == ftj.Phase.QUEUED and new.message == st.SUSPENDED_BEFORE_START
+    assert new.phase == jobstatus.Phase.QUEUED and new.message == st.SUSPENDED_BEFORE_START
     assert new.start_time  # the spec is fixed from now on, as for any started job
     resumed = local_provider.reconcile(
         spec(queue="gpus"), OWNER, new, local_provider.Children(), OperatorSettings(), 4
@@ -154,11 +155,13 @@ def test_a_queued_job_in_a_cluster_without_kueue_says_so(monkeypatch: pytest.Mon
     rec = Recorder(monkeypatch, None)
     rec.installed = False
     children = local_provider.Children(job=job(True))
-    status = ftj.FineTuneJobStatus(phase=ftj.Phase.QUEUED, start_time="2026-11-28T04:00:00Z")
+    status = jobstatus.FineTuneJobStatus(
+        phase=jobstatus.Phase.QUEUED, start_time="2026-11-28T04:00:00Z"
+    )
     new = local_provider.reconcile(
         spec(queue="gpus"), OWNER, status, children, OperatorSettings(), 2
     )
-    assert new.phase == ftj.Phase.QUEUED
+    assert new.phase == jobstatus.Phase.QUEUED
     assert new.message is not None and "serves no Kueue" in new.message
     # Asked to stop a running one anyway, it suspends the Job itself.
     local_provider.reconcile(

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kubetune.api import finetunejob as ftj
+from kubetune.api import jobstatus
 from kubetune.api import modelserver as ms
 from kubetune.api.serveconfig import MAX_ADAPTERS, ServeConfig
 from kubetune.operator import (
@@ -373,7 +373,7 @@ def test_a_served_job_publishes_the_model_servers_endpoint_and_drops_its_own_ser
         deployment={"metadata": {"name": "alpha-server"}},
         model_server=server_body(adapters=["alpha"], conditions=[READY]),
     )
-    new = ftj.FineTuneJobStatus(phase=ftj.Phase.SUCCEEDED)
+    new = jobstatus.FineTuneJobStatus(phase=jobstatus.Phase.SUCCEEDED)
     local_provider.serve_shared("qwen", JOB, new, children, 3)
     assert ("Deployment", "alpha-server") in deleted and (
         "ConfigMap",
@@ -434,7 +434,7 @@ def test_events_say_what_changed_and_each_refusal_once() -> None:
 
 
 def test_a_job_the_model_server_refuses_says_so_while_it_still_trains() -> None:
-    new = ftj.FineTuneJobStatus(phase=ftj.Phase.RUNNING)
+    new = jobstatus.FineTuneJobStatus(phase=jobstatus.Phase.RUNNING)
     refusing = local_provider.Children(
         model_server=server_body(refused=[{"name": "alpha", "message": "trained on x"}])
     )

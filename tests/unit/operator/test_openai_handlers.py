@@ -18,6 +18,7 @@ import pytest
 
 from fakes.openai_finetune import FakeOpenAI, Timing
 from kubetune.api import finetunejob as ftj
+from kubetune.api import jobstatus
 from kubetune.operator import checks, kube, manifests
 from kubetune.operator import openai_errors as errors
 from kubetune.operator import openai_handlers as handlers
@@ -124,7 +125,7 @@ def test_a_base_url_outside_the_allowlist_is_refused_before_the_secret_is_read(
 ) -> None:
     spec = make_spec("https://collector.example.com/v1")
     with pytest.raises(errors.RefusedProviderError) as caught:
-        handlers.reconcile(spec, OWNER, ftj.FineTuneJobStatus(), settings_for(fake), 1)
+        handlers.reconcile(spec, OWNER, jobstatus.FineTuneJobStatus(), settings_for(fake), 1)
 
     text = str(caught.value)
     assert "spec.openai.baseURL 'https://collector.example.com/v1'" in text
@@ -136,7 +137,7 @@ def test_a_base_url_outside_the_allowlist_is_refused_before_the_secret_is_read(
 def test_the_default_base_url_is_refused_when_the_allowlist_lacks_it(cluster: Kube) -> None:
     settings = OperatorSettings(openai_allowed_base_urls=("https://llm.internal/v1",))
     with pytest.raises(errors.RefusedProviderError) as caught:
-        handlers.reconcile(make_spec(None), OWNER, ftj.FineTuneJobStatus(), settings, 1)
+        handlers.reconcile(make_spec(None), OWNER, jobstatus.FineTuneJobStatus(), settings, 1)
     assert "the default base URL 'https://api.openai.com/v1'" in str(caught.value)
     assert "https://llm.internal/v1" in str(caught.value) and cluster.reads == []
 
@@ -150,7 +151,7 @@ def test_a_secret_without_the_label_is_refused_and_nothing_is_sent(
     cluster.secrets["openai"] = secret({"app": "billing"})
     with pytest.raises(errors.RefusedProviderError) as caught:
         handlers.reconcile(
-            make_spec(fake.base_url), OWNER, ftj.FineTuneJobStatus(), settings_for(fake), 1
+            make_spec(fake.base_url), OWNER, jobstatus.FineTuneJobStatus(), settings_for(fake), 1
         )
 
     text = str(caught.value)
@@ -183,7 +184,12 @@ def test_organization_and_project_are_sent_with_every_request(
         apiKeySecretRef={"name": "openai", "organizationKey": "org", "projectKey": "proj"},
     )
     status, _ = handlers.reconcile(
-        spec, OWNER, ftj.FineTuneJobStatus(), settings_for(fake), 1, polls=handlers.PollSchedule()
+        spec,
+        OWNER,
+        jobstatus.FineTuneJobStatus(),
+        settings_for(fake),
+        1,
+        polls=handlers.PollSchedule(),
     )
 
     assert status.remote is not None and status.remote.id
@@ -201,7 +207,7 @@ def test_a_secret_value_that_cannot_be_a_header_is_refused_by_name(
     cluster.secrets["openai"] = secret(LABEL, api_key=KEY, proj="proj_da oyan")
     spec = make_spec(fake.base_url, apiKeySecretRef={"name": "openai", "projectKey": "proj"})
     with pytest.raises(errors.AuthProviderError) as caught:
-        handlers.reconcile(spec, OWNER, ftj.FineTuneJobStatus(), settings_for(fake), 1)
+        handlers.reconcile(spec, OWNER, jobstatus.FineTuneJobStatus(), settings_for(fake), 1)
     text = str(caught.value)
     assert "key 'proj' in Secret team-a/openai" in text and "whitespace" in text
     assert "da oyan" not in text and caught.value.reason == "InvalidKey"
@@ -223,7 +229,7 @@ def test_refused_credentials_after_the_remote_job_exists_wait_instead_of_failing
     status, _ = handlers.reconcile(
         make_spec(fake.base_url),
         OWNER,
-        ftj.FineTuneJobStatus(),
+        jobstatus.FineTuneJobStatus(),
         settings,
         1,
         polls=handlers.PollSchedule(),
@@ -243,7 +249,7 @@ def test_cleanup_with_an_unlabelled_secret_sends_nothing_and_says_so(
     cluster: Kube, fake: FakeOpenAI
 ) -> None:
     cluster.secrets["openai"] = secret(None)
-    status = ftj.FineTuneJobStatus(remote=ftj.RemoteJob(id="ftjob-abc"))
+    status = jobstatus.FineTuneJobStatus(remote=jobstatus.RemoteJob(id="ftjob-abc"))
     events = handlers.cleanup(make_spec(fake.base_url), OWNER, status, settings_for(fake))
 
     assert [e.reason for e in events] == ["CleanupSkipped"]
@@ -256,7 +262,7 @@ def test_cleanup_refuses_a_base_url_outside_the_allowlist(cluster: Kube) -> None
     events = handlers.cleanup(
         make_spec("https://collector.example.com/v1"),
         OWNER,
-        ftj.FineTuneJobStatus(),
+        jobstatus.FineTuneJobStatus(),
         OperatorSettings(),
     )
     assert [e.reason for e in events] == ["CleanupSkipped"] and cluster.reads == []
@@ -301,11 +307,13 @@ def test_a_followed_job_is_polled_every_poll_interval_not_every_tick(
     polls = handlers.PollSchedule()
     spec = make_spec(fake.base_url)
 
-    def at(now: float, status: ftj.FineTuneJobStatus, generation: int = 1) -> ftj.FineTuneJobStatus:
+    def at(
+        now: float, status: jobstatus.FineTuneJobStatus, generation: int = 1
+    ) -> jobstatus.FineTuneJobStatus:
         new, _ = handlers.reconcile(spec, OWNER, status, settings, generation, polls=polls, now=now)
         return new
 
-    status = at(0.0, ftj.FineTuneJobStatus())  # creates the job
+    status = at(0.0, jobstatus.FineTuneJobStatus())  # creates the job
     assert status.remote is not None and status.remote.id and fake.jobs_created() == 1
     seen: list[int] = []
     for now in (10.0, 20.1, 29.9, 40.0, 50.0, 60.2):  # ticks with a little jitter
@@ -321,7 +329,7 @@ def test_a_followed_job_is_polled_every_poll_interval_not_every_tick(
     suspended = make_spec(fake.base_url)
     suspended.suspend = True
     new, _ = handlers.reconcile(suspended, OWNER, status, settings, 2, polls=polls, now=61.0)
-    assert new.phase == ftj.Phase.CANCELLED and fake.cancelled == [status.remote.id]
+    assert new.phase == jobstatus.Phase.CANCELLED and fake.cancelled == [status.remote.id]
 
 
 def test_polls_are_not_held_back_before_the_job_exists_or_when_ticks_are_slower(
@@ -331,7 +339,7 @@ def test_polls_are_not_held_back_before_the_job_exists_or_when_ticks_are_slower(
     polls = handlers.PollSchedule()
     settings = settings_for(fake, reconcile_interval=10.0, openai_poll_interval=30.0)
     spec = make_spec(fake.base_url)
-    status = ftj.FineTuneJobStatus()
+    status = jobstatus.FineTuneJobStatus()
     for now in (0.0, 10.0, 20.0):  # waiting for OpenAI to process the upload: every tick looks
         before = len(fake.requests)
         status, _ = handlers.reconcile(spec, OWNER, status, settings, 1, polls=polls, now=now)

@@ -25,6 +25,7 @@ import yaml
 
 from fakes.openai_finetune import FakeOpenAI, Timing, run_subprocess
 from kubetune.api import finetunejob as ftj
+from kubetune.api import jobstatus
 from kubetune.operator import manifests, openai_client
 from kubetune.operator import openai_errors as errors
 from kubetune.operator import openai_provider as provider
@@ -85,7 +86,7 @@ def client(fake: FakeOpenAI) -> Iterator[openai.OpenAI]:
 def tick(
     client: openai.OpenAI,
     spec: ftj.FineTuneJobSpec,
-    status: ftj.FineTuneJobStatus,
+    status: jobstatus.FineTuneJobStatus,
     **kw: Any,
 ) -> provider.StepResult:
     kw.setdefault("training", TRAINING)
@@ -96,14 +97,14 @@ def drive(
     fake: FakeOpenAI,
     client: openai.OpenAI,
     spec: ftj.FineTuneJobSpec,
-    status: ftj.FineTuneJobStatus | None = None,
+    status: jobstatus.FineTuneJobStatus | None = None,
     *,
-    until: ftj.Phase | None = None,
+    until: jobstatus.Phase | None = None,
     max_ticks: int = 60,
     **kw: Any,
-) -> tuple[ftj.FineTuneJobStatus, list[provider.StepResult], list[errors.ProviderError]]:
+) -> tuple[jobstatus.FineTuneJobStatus, list[provider.StepResult], list[errors.ProviderError]]:
     """Ticks like the kopf timer (temporary errors are retried next tick) until done."""
-    status = status or ftj.FineTuneJobStatus(phase=ftj.Phase.VALIDATING)
+    status = status or jobstatus.FineTuneJobStatus(phase=jobstatus.Phase.VALIDATING)
     results: list[provider.StepResult] = []
     retried: list[errors.ProviderError] = []
     for _ in range(max_ticks):
@@ -120,7 +121,7 @@ def drive(
     raise AssertionError(f"not finished after {max_ticks} ticks: {status.phase}")
 
 
-def condition(status: ftj.FineTuneJobStatus, type_: str) -> ftj.Condition | None:
+def condition(status: jobstatus.FineTuneJobStatus, type_: str) -> jobstatus.Condition | None:
     return next((c for c in status.conditions if c.type == type_), None)
 
 
@@ -133,9 +134,9 @@ def test_success_sets_fine_tuned_model_cost_progress_and_endpoint(
     status, results, _ = drive(fake, client, make_spec(suffix="daoyan", baseURL=fake.base_url))
 
     phases = [r.status.phase for r in results]
-    assert phases[0] == ftj.Phase.VALIDATING
-    assert ftj.Phase.QUEUED in phases and ftj.Phase.RUNNING in phases
-    assert status.phase == ftj.Phase.SUCCEEDED
+    assert phases[0] == jobstatus.Phase.VALIDATING
+    assert jobstatus.Phase.QUEUED in phases and jobstatus.Phase.RUNNING in phases
+    assert status.phase == jobstatus.Phase.SUCCEEDED
     assert fake.jobs_created() == 1
     job = next(iter(fake.jobs.values()))
     assert status.fine_tuned_model == job["fine_tuned_model"]
@@ -144,7 +145,7 @@ def test_success_sets_fine_tuned_model_cost_progress_and_endpoint(
     )
     assert status.trained_tokens == job["trained_tokens"] > 0
     assert status.cost_usd == round(job["trained_tokens"] * 3.0 / 1_000_000, 4)
-    assert status.endpoint == ftj.EndpointStatus(
+    assert status.endpoint == jobstatus.EndpointStatus(
         base_url=fake.base_url, model=job["fine_tuned_model"], config_map="daoyan-endpoint"
     )
     assert status.remote is not None
@@ -171,12 +172,12 @@ def test_success_sets_fine_tuned_model_cost_progress_and_endpoint(
 
 
 def test_running_job_reports_progress_loss_and_eta(fake: FakeOpenAI, client: openai.OpenAI) -> None:
-    status, _, _ = drive(fake, client, make_spec(), until=ftj.Phase.RUNNING)
+    status, _, _ = drive(fake, client, make_spec(), until=jobstatus.Phase.RUNNING)
     fake.advance(3)
     res = tick(client, make_spec(), status)
 
     p = res.status.progress
-    assert res.status.phase == ftj.Phase.RUNNING and not res.finished
+    assert res.status.phase == jobstatus.Phase.RUNNING and not res.finished
     assert p is not None and p.total_steps and 0 < p.step < p.total_steps
     assert p.train_loss is not None and p.eta is not None and p.epoch is not None
     assert res.status.remote is not None and res.status.remote.estimated_finish == p.eta
@@ -203,7 +204,7 @@ def test_create_request_carries_method_hyperparameters_suffix_and_seed(
         hyperparameters={"nEpochs": 2, "batchSize": 4, "learningRateMultiplier": "0.5",
                          "beta": "0.2"},
     )  # fmt: skip
-    tick(client, spec, ftj.FineTuneJobStatus())
+    tick(client, spec, jobstatus.FineTuneJobStatus())
 
     job = next(iter(fake.jobs.values()))
     assert job["method"] == {
@@ -217,7 +218,7 @@ def test_create_request_carries_method_hyperparameters_suffix_and_seed(
 def test_supervised_auto_hyperparameters_are_sent_as_auto(
     fake: FakeOpenAI, client: openai.OpenAI
 ) -> None:
-    tick(client, make_spec(), ftj.FineTuneJobStatus())
+    tick(client, make_spec(), jobstatus.FineTuneJobStatus())
     created = json.loads(
         next(
             r
@@ -239,7 +240,7 @@ def test_supervised_auto_hyperparameters_are_sent_as_auto(
 def test_crash_after_create_adopts_the_job_instead_of_creating_another(
     fake: FakeOpenAI, client: openai.OpenAI
 ) -> None:
-    before = ftj.FineTuneJobStatus(phase=ftj.Phase.VALIDATING)
+    before = jobstatus.FineTuneJobStatus(phase=jobstatus.Phase.VALIDATING)
     first = tick(client, make_spec(), before)
     # The operator died before patching status: the next tick sees the old status again.
     second = tick(client, make_spec(), before)
@@ -256,12 +257,12 @@ def test_lost_create_answer_is_not_retried_and_the_job_is_adopted(
 ) -> None:
     fake.fail(500, method="POST", path="/v1/fine_tuning/jobs", after_handling=True)
     with pytest.raises(errors.TemporaryProviderError):
-        tick(client, make_spec(), ftj.FineTuneJobStatus())
+        tick(client, make_spec(), jobstatus.FineTuneJobStatus())
     assert fake.jobs_created() == 1
 
     status, _, _ = drive(fake, client, make_spec())
     assert fake.jobs_created() == 1
-    assert status.phase == ftj.Phase.SUCCEEDED
+    assert status.phase == jobstatus.Phase.SUCCEEDED
     assert status.remote is not None and status.remote.id == next(iter(fake.jobs))
 
 
@@ -271,7 +272,7 @@ def test_changed_dataset_before_creation_uploads_a_new_file(
     fake.fail(500, method="POST", path="/v1/fine_tuning/jobs", count=10)
     for data in (TRAINING, TRAINING, chat_jsonl(15)):
         with pytest.raises(errors.TemporaryProviderError):
-            tick(client, make_spec(), ftj.FineTuneJobStatus(), training=data)
+            tick(client, make_spec(), jobstatus.FineTuneJobStatus(), training=data)
     names = sorted(f["filename"] for f in fake.files.values())
     assert len(names) == 2 and all(n.startswith(f"kubetune-{OWNER.uid}-training-") for n in names)
 
@@ -279,7 +280,7 @@ def test_changed_dataset_before_creation_uploads_a_new_file(
 def test_datasets_are_not_read_once_files_are_recorded(
     fake: FakeOpenAI, client: openai.OpenAI
 ) -> None:
-    status = tick(client, make_spec(), ftj.FineTuneJobStatus()).status
+    status = tick(client, make_spec(), jobstatus.FineTuneJobStatus()).status
 
     def must_not_read() -> contextlib.AbstractContextManager[IO[bytes]]:
         raise AssertionError("dataset read after the upload was recorded")
@@ -306,7 +307,7 @@ def test_a_large_dataset_file_is_hashed_and_uploaded_in_chunks_never_whole(
             tracemalloc.start()
             try:
                 res = tick(
-                    c, make_spec(), ftj.FineTuneJobStatus(), training=lambda: path.open("rb")
+                    c, make_spec(), jobstatus.FineTuneJobStatus(), training=lambda: path.open("rb")
                 )
                 peak = tracemalloc.get_traced_memory()[1]
             finally:
@@ -330,7 +331,7 @@ def test_rate_limits_and_server_errors_are_retried_to_success(
 
     status, _, _ = drive(fake, client, make_spec())
 
-    assert status.phase == ftj.Phase.SUCCEEDED
+    assert status.phase == jobstatus.Phase.SUCCEEDED
     assert fake.jobs_created() == 1
     uploads = [r for r in fake.requests if r["method"] == "POST" and r["path"] == "/v1/files"]
     assert len(uploads) == 3  # two 429s, each retried on the next tick, then the upload
@@ -344,7 +345,7 @@ def test_retries_exhausted_become_a_temporary_error_with_the_servers_delay(
     fake.fail(429, count=5, retry_after="90")
     started = time.monotonic()
     with pytest.raises(errors.TemporaryProviderError) as caught:
-        tick(client, make_spec(), ftj.FineTuneJobStatus())
+        tick(client, make_spec(), jobstatus.FineTuneJobStatus())
     assert time.monotonic() - started < 3, "a long Retry-After must not be slept in-process"
     assert caught.value.delay == 90 and caught.value.reason == "RateLimited"
     assert len(fake.requests) == 1
@@ -352,7 +353,7 @@ def test_retries_exhausted_become_a_temporary_error_with_the_servers_delay(
     fake.failures.clear()
     fake.fail(500, count=5, retry_after_ms="10")
     with pytest.raises(errors.TemporaryProviderError) as caught:
-        tick(client, make_spec(), ftj.FineTuneJobStatus())
+        tick(client, make_spec(), jobstatus.FineTuneJobStatus())
     assert caught.value.reason == "ServerError" and caught.value.delay == 1.0
     assert len(fake.requests) == 1 + 1 + openai_client.MAX_RETRIES
 
@@ -360,14 +361,14 @@ def test_retries_exhausted_become_a_temporary_error_with_the_servers_delay(
 def test_unreachable_api_is_temporary() -> None:
     unreachable = openai_client.make_client(KEY, base_url="http://127.0.0.1:9/v1", max_retries=0)
     with unreachable as c, pytest.raises(errors.TemporaryProviderError) as caught:
-        tick(c, make_spec(), ftj.FineTuneJobStatus())
+        tick(c, make_spec(), jobstatus.FineTuneJobStatus())
     assert caught.value.reason == "ConnectionError"
 
 
 def test_wrong_key_fails_fast_and_permanently(fake: FakeOpenAI) -> None:
     started = time.monotonic()
     with client_for(fake, WRONG_KEY) as c, pytest.raises(errors.AuthProviderError) as caught:
-        tick(c, make_spec(), ftj.FineTuneJobStatus())
+        tick(c, make_spec(), jobstatus.FineTuneJobStatus())
     assert time.monotonic() - started < 2
     assert len(fake.requests) == 1, "401 must not be retried"
     assert "401" in str(caught.value) and "invalid_api_key" in str(caught.value)
@@ -387,7 +388,7 @@ def test_wrong_key_fails_fast_and_permanently(fake: FakeOpenAI) -> None:
 def test_account_errors_while_following_wait_long_and_following_resumes(
     fake: FakeOpenAI, client: openai.OpenAI, status: int, code: str | None, reason: str, fix: str
 ) -> None:
-    first = tick(client, make_spec(), ftj.FineTuneJobStatus())
+    first = tick(client, make_spec(), jobstatus.FineTuneJobStatus())
     assert first.status.remote is not None and first.status.remote.id
     job_id = first.status.remote.id
     fake.fail(status, code=code, path=f"/v1/fine_tuning/jobs/{job_id}")
@@ -400,7 +401,7 @@ def test_account_errors_while_following_wait_long_and_following_resumes(
     assert "Secret team-a/openai" in text or reason == "InsufficientQuota"
     # The key is fixed (the injected failure is spent): following resumes where it stopped.
     final, _, _ = drive(fake, client, make_spec(), first.status)
-    assert final.phase == ftj.Phase.SUCCEEDED and fake.jobs_created() == 1
+    assert final.phase == jobstatus.Phase.SUCCEEDED and fake.jobs_created() == 1
 
 
 @pytest.mark.parametrize(("status", "reason"), [(401, "Unauthorized"), (403, "Forbidden")])
@@ -409,7 +410,7 @@ def test_auth_errors_before_anything_was_created_stay_permanent(
 ) -> None:
     fake.fail(status, method="POST", path="/v1/files")
     with pytest.raises(errors.AuthProviderError) as caught:
-        tick(client, make_spec(), ftj.FineTuneJobStatus())
+        tick(client, make_spec(), jobstatus.FineTuneJobStatus())
     assert caught.value.reason == reason and fake.jobs_created() == 0
 
 
@@ -418,7 +419,7 @@ def test_insufficient_quota_is_permanent_not_a_rate_limit(
 ) -> None:
     fake.fail(429, code="insufficient_quota", count=5, retry_after="1")
     with pytest.raises(errors.PermanentProviderError) as caught:
-        tick(client, make_spec(), ftj.FineTuneJobStatus())
+        tick(client, make_spec(), jobstatus.FineTuneJobStatus())
 
     assert isinstance(caught.value, errors.QuotaProviderError)
     assert caught.value.reason == "InsufficientQuota"
@@ -433,13 +434,13 @@ def test_lost_upload_answer_is_not_retried_and_the_file_is_found_by_name(
 ) -> None:
     fake.fail(500, method="POST", path="/v1/files", after_handling=True)
     with pytest.raises(errors.TemporaryProviderError):
-        tick(client, make_spec(), ftj.FineTuneJobStatus())
+        tick(client, make_spec(), jobstatus.FineTuneJobStatus())
     uploads = [r for r in fake.requests if r["method"] == "POST" and r["path"] == "/v1/files"]
     assert len(uploads) == 1
 
     status, _, _ = drive(fake, client, make_spec())
     training = [f for f in fake.files.values() if "-training-" in f["filename"]]
-    assert len(training) == 1 and status.phase == ftj.Phase.SUCCEEDED
+    assert len(training) == 1 and status.phase == jobstatus.Phase.SUCCEEDED
     assert status.remote is not None and status.remote.training_file == training[0]["id"]
 
 
@@ -448,7 +449,7 @@ def test_bad_request_is_permanent_with_the_servers_message(
 ) -> None:
     spec = make_spec(model="gpt-2-mini")
     with pytest.raises(errors.PermanentProviderError) as caught:
-        tick(client, spec, ftj.FineTuneJobStatus())
+        tick(client, spec, jobstatus.FineTuneJobStatus())
     text = str(caught.value)
     assert "400 (model_not_available)" in text and "gpt-2-mini" in text and "param: model" in text
     assert caught.value.reason == "BadRequest" and fake.jobs_created() == 0
@@ -459,7 +460,7 @@ def test_remote_job_that_fails_validation_reports_code_message_and_param(
 ) -> None:
     status, _, _ = drive(fake, client, make_spec(), training=chat_jsonl(3))
 
-    assert status.phase == ftj.Phase.FAILED
+    assert status.phase == jobstatus.Phase.FAILED
     assert status.message is not None
     assert "invalid_training_file" in status.message
     assert "must have at least 10 examples" in status.message
@@ -475,7 +476,7 @@ def test_remote_job_that_fails_mid_run_keeps_its_progress(
     fake.fail_next_job("server_error", "Fine-tuning job failed due to an internal error.", None, 3)
     status, _, _ = drive(fake, client, make_spec())
 
-    assert status.phase == ftj.Phase.FAILED
+    assert status.phase == jobstatus.Phase.FAILED
     assert status.message == (
         "the OpenAI job failed: server_error: Fine-tuning job failed due to an internal error."
     )
@@ -502,7 +503,7 @@ def test_job_is_created_only_once_openai_has_processed_the_files(
     fake: FakeOpenAI, client: openai.OpenAI
 ) -> None:
     fake.timing = Timing(2, 2, 10, processing_s=5)
-    first = tick(client, make_spec(), ftj.FineTuneJobStatus(), validation=VALIDATION)
+    first = tick(client, make_spec(), jobstatus.FineTuneJobStatus(), validation=VALIDATION)
 
     assert fake.jobs_created() == 0 and not first.finished
     assert not [
@@ -538,7 +539,7 @@ def test_a_file_openai_could_not_process_fails_the_job_with_its_details(
 ) -> None:
     fake.fail_next_file('Invalid file format. Line 3, key "messages": missing')
     with pytest.raises(errors.PermanentProviderError) as caught:
-        tick(client, make_spec(), ftj.FineTuneJobStatus())
+        tick(client, make_spec(), jobstatus.FineTuneJobStatus())
 
     assert caught.value.reason == "FileProcessingFailed"
     assert "could not process the uploaded training file file-" in str(caught.value)
@@ -550,7 +551,7 @@ def test_a_recorded_file_that_is_gone_is_uploaded_again(
     fake: FakeOpenAI, client: openai.OpenAI
 ) -> None:
     fake.timing = Timing(2, 2, 10, processing_s=5)
-    first = tick(client, make_spec(), ftj.FineTuneJobStatus())
+    first = tick(client, make_spec(), jobstatus.FineTuneJobStatus())
     assert first.status.remote is not None and first.status.remote.training_file
     client.files.delete(first.status.remote.training_file)
 
@@ -559,17 +560,17 @@ def test_a_recorded_file_that_is_gone_is_uploaded_again(
     assert "gone" in (second.status.message or "")
     fake.advance(5)
     status, _, _ = drive(fake, client, make_spec(), second.status)
-    assert status.phase == ftj.Phase.SUCCEEDED and fake.jobs_created() == 1
+    assert status.phase == jobstatus.Phase.SUCCEEDED and fake.jobs_created() == 1
 
 
 # ----------------------------------------------------------------------------- cancel, cleanup
 
 
 def test_suspend_cancels_a_running_job(fake: FakeOpenAI, client: openai.OpenAI) -> None:
-    status, _, _ = drive(fake, client, make_spec(), until=ftj.Phase.RUNNING)
+    status, _, _ = drive(fake, client, make_spec(), until=jobstatus.Phase.RUNNING)
     res = tick(client, make_spec(suspend=True), status)
 
-    assert res.status.phase == ftj.Phase.CANCELLED and res.finished
+    assert res.status.phase == jobstatus.Phase.CANCELLED and res.finished
     assert fake.cancelled == [next(iter(fake.jobs))]
     assert "Cancelled" in [e.reason for e in res.events]
     assert res.status.completion_time is not None
@@ -580,18 +581,18 @@ def test_suspend_cancels_a_running_job(fake: FakeOpenAI, client: openai.OpenAI) 
 def test_suspend_before_creation_uploads_and_creates_nothing(
     fake: FakeOpenAI, client: openai.OpenAI
 ) -> None:
-    res = tick(client, make_spec(suspend=True), ftj.FineTuneJobStatus())
+    res = tick(client, make_spec(suspend=True), jobstatus.FineTuneJobStatus())
 
-    assert res.status.phase == ftj.Phase.QUEUED and not res.finished
+    assert res.status.phase == jobstatus.Phase.QUEUED and not res.finished
     assert "suspended" in (res.status.message or "")
     assert fake.jobs_created() == 0 and fake.files == {}
 
 
 def test_job_cancelled_elsewhere_ends_cancelled(fake: FakeOpenAI, client: openai.OpenAI) -> None:
-    status, _, _ = drive(fake, client, make_spec(), until=ftj.Phase.QUEUED)
+    status, _, _ = drive(fake, client, make_spec(), until=jobstatus.Phase.QUEUED)
     client.fine_tuning.jobs.cancel(next(iter(fake.jobs)))
     res = tick(client, make_spec(), status)
-    assert res.status.phase == ftj.Phase.CANCELLED and res.finished
+    assert res.status.phase == jobstatus.Phase.CANCELLED and res.finished
 
 
 @pytest.mark.parametrize("keep_files", [False, True])
@@ -599,7 +600,7 @@ def test_cleanup_cancels_the_job_and_deletes_files_unless_kept(
     fake: FakeOpenAI, client: openai.OpenAI, keep_files: bool
 ) -> None:
     spec = make_spec(keepFiles=keep_files)
-    status, _, _ = drive(fake, client, spec, until=ftj.Phase.RUNNING, validation=VALIDATION)
+    status, _, _ = drive(fake, client, spec, until=jobstatus.Phase.RUNNING, validation=VALIDATION)
     uploaded = (
         {status.remote.training_file, status.remote.validation_file} if status.remote else set()
     )
@@ -617,9 +618,9 @@ def test_cleanup_cancels_the_job_and_deletes_files_unless_kept(
 def test_cleanup_finds_a_job_the_status_never_recorded(
     fake: FakeOpenAI, client: openai.OpenAI
 ) -> None:
-    tick(client, make_spec(), ftj.FineTuneJobStatus())  # its status patch was lost
+    tick(client, make_spec(), jobstatus.FineTuneJobStatus())  # its status patch was lost
 
-    provider.cleanup(client, make_spec(), OWNER, ftj.FineTuneJobStatus())
+    provider.cleanup(client, make_spec(), OWNER, jobstatus.FineTuneJobStatus())
 
     assert fake.cancelled == [next(iter(fake.jobs))]
     assert [f for f in fake.files.values() if f["purpose"] == "fine-tune"] == []
@@ -643,14 +644,14 @@ def test_cleanup_of_a_finished_job_cancels_nothing_and_tolerates_gone_files(
 def test_unknown_remote_status_is_kept_as_a_condition(
     fake: FakeOpenAI, client: openai.OpenAI
 ) -> None:
-    status, _, _ = drive(fake, client, make_spec(), until=ftj.Phase.RUNNING)
+    status, _, _ = drive(fake, client, make_spec(), until=jobstatus.Phase.RUNNING)
     job_id = next(iter(fake.jobs))
     client.fine_tuning.jobs.pause(job_id)
 
     paused = tick(client, make_spec(), status)
     again = tick(client, make_spec(), paused.status)
 
-    assert paused.status.phase == ftj.Phase.RUNNING and not paused.finished
+    assert paused.status.phase == jobstatus.Phase.RUNNING and not paused.finished
     assert paused.status.remote is not None and paused.status.remote.status == "paused"
     cond = condition(paused.status, ostatus.UNKNOWN_STATUS_CONDITION)
     assert cond is not None and cond.status == "False" and "'paused'" in cond.message
@@ -661,16 +662,16 @@ def test_unknown_remote_status_is_kept_as_a_condition(
     resumed = tick(client, make_spec(), again.status)
     assert condition(resumed.status, ostatus.UNKNOWN_STATUS_CONDITION) is None
     final, _, _ = drive(fake, client, make_spec(), resumed.status)
-    assert final.phase == ftj.Phase.SUCCEEDED
+    assert final.phase == jobstatus.Phase.SUCCEEDED
 
 
 def test_forced_unknown_status_before_running_keeps_the_phase(
     fake: FakeOpenAI, client: openai.OpenAI
 ) -> None:
-    first = tick(client, make_spec(), ftj.FineTuneJobStatus())
+    first = tick(client, make_spec(), jobstatus.FineTuneJobStatus())
     fake.force_status(next(iter(fake.jobs)), "migrating")
     res = tick(client, make_spec(), first.status)
-    assert res.status.phase == ftj.Phase.VALIDATING
+    assert res.status.phase == jobstatus.Phase.VALIDATING
     assert "'migrating'" in (res.status.message or "")
 
 
@@ -698,7 +699,7 @@ def test_the_key_never_leaks(fake: FakeOpenAI, caplog: pytest.LogCaptureFixture)
         with client_for(fake, key) as c:
             fake.fail(401)
             try:
-                tick(c, make_spec(), ftj.FineTuneJobStatus())
+                tick(c, make_spec(), jobstatus.FineTuneJobStatus())
             except errors.ProviderError as exc:
                 record_error(exc)
     seen += [r.getMessage() for r in caplog.records]
@@ -755,9 +756,9 @@ def test_classified_outages_back_off_and_waits_chosen_on_purpose_do_not(
 ) -> None:
     fake.fail(503, count=3)
     with pytest.raises(errors.TemporaryProviderError) as caught:
-        tick(client, make_spec(), ftj.FineTuneJobStatus())
+        tick(client, make_spec(), jobstatus.FineTuneJobStatus())
     assert caught.value.backoff and errors.retry_delay(caught.value, 3) > caught.value.delay
-    first = tick(client, make_spec(), ftj.FineTuneJobStatus())
+    first = tick(client, make_spec(), jobstatus.FineTuneJobStatus())
     assert first.status.remote is not None and first.status.remote.id
     fake.fail(401, path=f"/v1/fine_tuning/jobs/{first.status.remote.id}")
     with pytest.raises(errors.TemporaryProviderError) as waiting:
@@ -776,7 +777,7 @@ def test_unknown_price_leaves_cost_unset_with_a_warning(
 ) -> None:
     spec = make_spec(model="gpt-4.1-nano-2025-04-14")
     status, results, _ = drive(fake, client, spec)
-    assert status.phase == ftj.Phase.SUCCEEDED and status.cost_usd is None
+    assert status.phase == jobstatus.Phase.SUCCEEDED and status.cost_usd is None
     assert "NoPrice" in [e.reason for r in results for e in r.events]
 
 

@@ -24,6 +24,7 @@ import pytest
 
 from fakes.openai_finetune import FakeOpenAI, Timing
 from kubetune.api import finetunejob as ftj
+from kubetune.api import jobstatus
 from kubetune.operator import checks, handlers, kube
 from kubetune.operator.settings import OperatorSettings
 
@@ -144,10 +145,10 @@ class Job:
         self.stopped = Flag()
 
     @property
-    def status(self) -> ftj.FineTuneJobStatus:
-        return ftj.FineTuneJobStatus.model_validate(self.raw["status"])
+    def status(self) -> jobstatus.FineTuneJobStatus:
+        return jobstatus.FineTuneJobStatus.model_validate(self.raw["status"])
 
-    def condition(self, type_: str) -> ftj.Condition | None:
+    def condition(self, type_: str) -> jobstatus.Condition | None:
         return next((c for c in self.status.conditions if c.type == type_), None)
 
     def tick(self, retry: int = 0) -> None:
@@ -188,7 +189,7 @@ class Job:
         )
 
 
-def run(fake: FakeOpenAI, job: Job, until: ftj.Phase, ticks: int = 40) -> None:
+def run(fake: FakeOpenAI, job: Job, until: jobstatus.Phase, ticks: int = 40) -> None:
     """Ticks like the timer (a temporary error is retried next tick) until ``until``."""
     for _ in range(ticks):
         with contextlib.suppress(kopf.TemporaryError):
@@ -240,7 +241,7 @@ def test_a_deletion_during_an_upload_leaves_no_paid_job_running(
     one whose last look came before the deletion has its job cancelled by the cleanup."""
     job = Job(fake)
     job.tick()  # Pending -> Validating, the estimate in status
-    assert job.status.phase == ftj.Phase.VALIDATING and fake.requests == [], job.raw["status"]
+    assert job.status.phase == jobstatus.Phase.VALIDATING and fake.requests == [], job.raw["status"]
     upload = fake.hold("POST", "/v1/files")
     tick = Background(job)
     assert upload.arrived.wait(10), "the tick never uploaded"
@@ -292,7 +293,7 @@ def test_success_is_kept_when_the_endpoint_configmap_cannot_be_written(
 ) -> None:
     cluster.taken.add(ENDPOINT)
     job = Job(fake)
-    run(fake, job, ftj.Phase.SUCCEEDED)
+    run(fake, job, jobstatus.Phase.SUCCEEDED)
 
     done = job.status
     assert done.fine_tuned_model and done.fine_tuned_model.startswith(f"ft:{MODEL}:")
@@ -322,7 +323,7 @@ def test_success_is_kept_when_the_endpoint_configmap_cannot_be_written(
     serving = job.condition("ServingReady")
     assert serving is not None and (serving.status, serving.reason) == ("True", "EndpointPublished")
     after = job.status
-    assert after.phase == ftj.Phase.SUCCEEDED and after.cost_usd == done.cost_usd
+    assert after.phase == jobstatus.Phase.SUCCEEDED and after.cost_usd == done.cost_usd
     assert after.message == f"fine-tuned model {done.fine_tuned_model} is ready"
     configmaps = dict(cluster.configmaps)
     job.tick()  # published: nothing more is done
@@ -344,13 +345,13 @@ def test_a_refusal_while_following_is_retried_not_failed(
     with pytest.raises(kopf.TemporaryError) as caught:
         job.tick()
     assert caught.value.delay is not None and caught.value.delay >= 60
-    assert job.status.phase != ftj.Phase.FAILED
+    assert job.status.phase != jobstatus.Phase.FAILED
     retrying = job.condition("Reconciled")
     assert retrying is not None and retrying.status == "False"
     assert "422" in retrying.message and job_id in retrying.message
     assert "may still be running" in retrying.message
 
-    run(fake, job, ftj.Phase.SUCCEEDED)  # the refusal passed: following resumed
+    run(fake, job, jobstatus.Phase.SUCCEEDED)  # the refusal passed: following resumed
     assert job.condition("Reconciled") is None and fake.jobs_created() == 1
 
 
@@ -366,9 +367,9 @@ def test_suspend_whose_cancel_is_refused_is_retried_until_cancelled(
     fake.fail(422, method="POST", path=f"/v1/fine_tuning/jobs/{job_id}/cancel")
     with pytest.raises(kopf.TemporaryError):
         job.tick()
-    assert job.status.phase != ftj.Phase.FAILED and fake.cancelled == []
+    assert job.status.phase != jobstatus.Phase.FAILED and fake.cancelled == []
     job.tick()
-    assert job.status.phase == ftj.Phase.CANCELLED and fake.cancelled == [job_id]
+    assert job.status.phase == jobstatus.Phase.CANCELLED and fake.cancelled == [job_id]
 
 
 # ----------------------------------------------------------------------------- failures
@@ -377,7 +378,7 @@ def test_suspend_whose_cancel_is_refused_is_retried_until_cancelled(
 def test_a_failed_job_names_the_providers_reason(cluster: Cluster, fake: FakeOpenAI) -> None:
     fake.fail(401, method="POST", path="/v1/files")
     job = Job(fake)
-    run(fake, job, ftj.Phase.FAILED)
+    run(fake, job, jobstatus.Phase.FAILED)
     ready = job.condition("Ready")
     assert ready is not None and (ready.status, ready.reason) == ("False", "Unauthorized")
     assert "401" in (job.status.message or "")
@@ -390,7 +391,7 @@ def test_a_key_with_a_line_break_inside_fails_naming_the_secret_never_the_key(
     broken = KEY[:20] + "\n" + KEY[20:]  # pasted across two lines
     cluster.secrets["openai"] = secret(**{"api-key": broken})
     job = Job(fake)
-    run(fake, job, ftj.Phase.FAILED, ticks=3)
+    run(fake, job, jobstatus.Phase.FAILED, ticks=3)
 
     message = job.status.message or ""
     assert "Secret team-a/openai" in message and "'api-key'" in message
@@ -416,12 +417,12 @@ def test_the_dataset_is_read_once_for_validation_and_once_for_the_upload(
     assert job.status.estimate is not None and cluster.dataset_reads == 1
     job.tick()  # validated again on the way (nothing uploaded yet), then uploaded
     assert job.status.remote is not None and job.status.remote.training_file
-    assert job.status.phase == ftj.Phase.VALIDATING and cluster.dataset_reads == 3
+    assert job.status.phase == jobstatus.Phase.VALIDATING and cluster.dataset_reads == 3
     for _ in range(4):  # waiting for OpenAI to process the file: nothing is read again
         fake.advance(1)
         job.tick()
         assert cluster.dataset_reads == 3
-    run(fake, job, ftj.Phase.SUCCEEDED)
+    run(fake, job, jobstatus.Phase.SUCCEEDED)
     assert cluster.dataset_reads == 3 and fake.jobs_created() == 1
 
 
@@ -440,4 +441,4 @@ def test_a_lasting_outage_is_retried_less_and_less_often(
             job.tick(retry=retry)
         delays.append(caught.value.delay)
     assert delays == [1.0, 2.0, 4.0, 8.0]
-    assert job.status.phase == ftj.Phase.VALIDATING and fake.jobs_created() == 0
+    assert job.status.phase == jobstatus.Phase.VALIDATING and fake.jobs_created() == 0

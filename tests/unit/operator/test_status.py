@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubetune.api.finetunejob import Phase
+from kubetune.api.jobstatus import Phase
 from kubetune.operator import status as st
 from kubetune.operator.kueue import Workload
 

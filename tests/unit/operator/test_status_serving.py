@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from kubetune.api import finetunejob as ftj
+from kubetune.api import jobstatus
 from kubetune.operator import kube, local_provider, manifests
 from kubetune.operator import status as st
 from kubetune.operator.settings import OperatorSettings
@@ -120,7 +121,7 @@ def test_the_refusal_reaches_the_jobs_status(monkeypatch: pytest.MonkeyPatch) ->
         }
     )
     owner = manifests.Owner(name="daoyan", namespace="team-a", uid="u")
-    status = ftj.FineTuneJobStatus(phase=ftj.Phase.SUCCEEDED)
+    status = jobstatus.FineTuneJobStatus(phase=jobstatus.Phase.SUCCEEDED)
     local_provider.serve(s, owner, status, local_provider.Children(), OperatorSettings(), 2)
     deploy = applied[-1]
     deploy["status"] = {"readyReplicas": 0}
@@ -132,5 +133,5 @@ def test_the_refusal_reaches_the_jobs_status(monkeypatch: pytest.MonkeyPatch) ->
     cond = {c.type: c for c in status.conditions}["ServingReady"]
     assert (cond.status, cond.reason) == ("False", "LaunchRefused")
     assert "LoRA rank 64 is too high" in cond.message
-    assert status.phase == ftj.Phase.SUCCEEDED
+    assert status.phase == jobstatus.Phase.SUCCEEDED
     assert status.message is not None and "waiting for vLLM" not in status.message
