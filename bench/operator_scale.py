@@ -3,11 +3,14 @@
 Applies N FineTuneJobs in one `kubectl apply` (N = 100 and 500 by default), then measures:
 - latency from the apply to each trainer Job appearing (seen through a watch, p50/p99),
 - the time until every FineTuneJob is Succeeded (kwok pods run for --run-seconds),
-- the operator process's peak RSS (VmHWM) and CPU time.
+- the operator process's peak RSS (VmHWM) and CPU time,
+- what its /metrics counted (jobs that entered Succeeded: N when no event was missed) and how
+  many lines it logged.
 Writes bench/results/operator_scale.json. Needs the cluster binaries (`make k8s-bin`); starts
 its own kwok cluster unless KUBETUNE_TEST_KUBECONFIG names one.
 
     python bench/operator_scale.py [--n 100 500] [--run-seconds 5] [--interval 2]
+                                   [--without-metrics]
 """
 
 from __future__ import annotations
@@ -79,7 +82,13 @@ Setup = Callable[[kcluster.Cluster, str], dict[str, Any]]
 
 
 def run_once(
-    c: kcluster.Cluster, n: int, run_seconds: float, interval: float, setup: Setup | None = None
+    c: kcluster.Cluster,
+    n: int,
+    run_seconds: float,
+    interval: float,
+    setup: Setup | None = None,
+    *,
+    metrics: bool = True,
 ) -> dict[str, Any]:
     ns = c.create_namespace(f"bench-{n}-")
     prepared = setup(c, ns) if setup is not None else {}
@@ -97,7 +106,7 @@ def run_once(
     created: dict[str, float] = {}
     stop = threading.Event()
     env = {"KUBETUNE_RECONCILE_INTERVAL": str(interval)}
-    with running_operator(c.kubeconfig, log, namespaces=(ns,), env=env) as op:
+    with running_operator(c.kubeconfig, log, namespaces=(ns,), env=env, metrics=metrics) as op:
         for kind, into in (("Job", seen), ("FineTuneJob", created)):
             threading.Thread(
                 target=watch_objects, args=(c.kubeconfig, ns, kind, into, stop), daemon=True
@@ -124,6 +133,13 @@ def run_once(
         stop.set()
         rss = peak_rss_mib(op.proc.pid) if op.proc else float("nan")
         cpu = cpu_seconds(op.proc.pid) if op.proc else float("nan")
+        # What the operator's /metrics saw: every job entering Succeeded, once.
+        local = {"namespace": ns, "provider": "local"}
+        succeeded = {"phase": "Succeeded", **local}
+        counted = (
+            op.metric("kubetune_finetunejob_transitions_total", **succeeded) if metrics else None
+        )
+        log_lines = len(op.logs().splitlines())
     # Each FineTuneJob from its own creation to its trainer Job: kubectl applies them one by
     # one, which for 500 takes minutes on this machine and is not the operator's doing.
     latencies = [
@@ -134,6 +150,7 @@ def run_once(
     c.kubectl("delete", "namespace", ns, "--wait=false", check=False)
     return {
         "n": n,
+        "metrics": metrics,
         "apply_seconds": round(applied, 2),
         "jobs_created": len(latencies),
         "ftj_created_to_job_p50_s": round(statistics.median(latencies), 2) if latencies else None,
@@ -141,6 +158,8 @@ def run_once(
         "all_succeeded_s": None if done_at is None else round(done_at, 1),
         "operator_peak_rss_mib": round(rss, 1),
         "operator_cpu_s": round(cpu, 1),
+        "metrics_succeeded_transitions": counted,
+        "operator_log_lines": log_lines,
         **prepared,
     }
 
@@ -155,17 +174,35 @@ def main() -> int:
     parser.add_argument(
         "--out", type=Path, default=ROOT / "bench" / "results" / "operator_scale.json"
     )
+    parser.add_argument(
+        "--without-metrics",
+        action="store_true",
+        help="run each size again with the operator's metrics off (--metrics ''), for their cost",
+    )
     args = parser.parse_args()
+    variants = [True, False] if args.without_metrics else [True]
     with kcluster.session_cluster() as c:
         ftj.install_crd(c)
-        runs = [run_once(c, n, args.run_seconds, args.interval) for n in args.n]
-    result = {
+        runs = [
+            run_once(c, n, args.run_seconds, args.interval, metrics=on)
+            for n in args.n
+            for on in variants
+        ]
+    result: dict[str, Any] = {
         "benchmark": "operator_scale",
         "machine": "2-core shared VM, kwok-simulated nodes (3 nodes x 110 pods)",
         "reconcile_interval_s": args.interval,
         "pod_run_seconds": args.run_seconds,
         "runs": runs,
     }
+    if args.without_metrics:
+        keys = ("operator_peak_rss_mib", "operator_cpu_s", "all_succeeded_s")
+        on = {r["n"]: r for r in runs if r["metrics"]}
+        off = {r["n"]: r for r in runs if not r["metrics"]}
+        result["ratios_metrics_on_over_off"] = {
+            str(n): {k: round(on[n][k] / off[n][k], 3) for k in keys if on[n][k] and off[n][k]}
+            for n in args.n
+        }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -82,16 +82,26 @@ def operator_scale(doc: Doc) -> list[str]:
     rows = [
         [
             r["n"],
+            "on" if r["metrics"] else "off",
             r["apply_seconds"],
             r["ftj_created_to_job_p50_s"],
             r["ftj_created_to_job_p99_s"],
             r["all_succeeded_s"],
             r["operator_peak_rss_mib"],
+            r["operator_cpu_s"],
+            "–"
+            if r["metrics_succeeded_transitions"] is None
+            else r["metrics_succeeded_transitions"],
+            r["operator_log_lines"],
         ]
         for r in doc["runs"]
     ]
-    header = ["FineTuneJobs", "kubectl apply (s)", "p50 to Job (s)", "p99 (s)"]
-    header += ["all Succeeded (s)", "operator peak RSS (MiB)"]
+    for n, ratio in (doc.get("ratios_metrics_on_over_off") or {}).items():
+        times = [f"{ratio[k]}×" for k in ("all_succeeded_s", "operator_peak_rss_mib")]
+        rows.append([n, "on / off", "", "", "", *times, f"{ratio['operator_cpu_s']}×", "", ""])
+    header = ["FineTuneJobs", "/metrics", "kubectl apply (s)", "p50 to Job (s)", "p99 (s)"]
+    header += ["all Succeeded (s)", "operator peak RSS (MiB)", "operator CPU (s)"]
+    header += ["Succeeded in /metrics", "operator log lines"]
     return [
         f"Operator at scale (`bench/operator_scale.py`): {doc['machine']}, reconcile interval "
         f"{doc['reconcile_interval_s']} s.",

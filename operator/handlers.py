@@ -141,9 +141,14 @@ def served_jobs(
     return {(namespace or "", server): model_server.member(dict(body))}
 
 
-@kopf.on.event(ftj.GROUP, ftj.VERSION, ftj.PLURAL)
-def count_jobs(type: str | None, body: kopf.Body, **_: Any) -> None:
-    """Feeds the Prometheus metrics (``--metrics``) from every watch event of a FineTuneJob."""
+def _metrics_on(**_: Any) -> bool:
+    return metrics.JOBS.enabled
+
+
+@kopf.on.event(ftj.GROUP, ftj.VERSION, ftj.PLURAL, when=_metrics_on)
+async def count_jobs(type: str | None, body: kopf.Body, **_: Any) -> None:
+    """Feeds the Prometheus metrics (``--metrics``) from every watch event of a FineTuneJob.
+    Async: it only counts, so it runs in kopf's loop instead of a worker thread."""
     metrics.JOBS.observe(type, body, datetime.datetime.now(datetime.UTC))
 
 

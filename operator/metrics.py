@@ -85,6 +85,8 @@ class JobMetrics:
     """The FineTuneJob metrics, registered in ``registry``; :meth:`observe` feeds them."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        self.enabled = False
+        """Whether the watch feeds :meth:`observe` (:func:`serve` turns it on)."""
         self._lock = threading.Lock()  # observe() runs in kopf's loop, collect() in the scrape's
         self._jobs: dict[str, _Job] = {}
         self.transitions = Counter(
@@ -176,5 +178,7 @@ metrics: CPU, memory, open files)."""
 
 
 def serve(host: str, port: int) -> None:
-    """Serve ``/metrics`` on ``host:port`` from a daemon thread."""
+    """Serve ``/metrics`` on ``host:port`` from a daemon thread, and start feeding them (an
+    operator that serves none spends nothing on them)."""
     prometheus_client.start_http_server(port, addr=host)
+    JOBS.enabled = True

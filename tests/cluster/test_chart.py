@@ -593,7 +593,7 @@ def test_the_charts_operator_pod_runs_from_the_operator_image(
                 url = f"http://127.0.0.1:{metrics['containerPort']}/metrics"
                 with urllib.request.urlopen(url, timeout=10) as response:
                     exposed = response.read().decode()
-                labels = f'namespace="{team}",phase="Succeeded",provider="local"'
+                labels = f'namespace="{team}",phase="Succeeded",provider="local"'  # sorted
                 assert f"kubetune_finetunejobs{{{labels}}} 1.0" in exposed, exposed
                 assert_no_permission_errors(op)
                 assert "Traceback" not in op.logs()

@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from kubetune.api.result import TrainingResult
 from kubetune.operator import kubelet_nudge
@@ -213,6 +214,21 @@ def test_kubectl_apply_of_the_demo_job_trains_and_serves_on_real_pods(
     answers = [next(m["content"] for m in ms if m["role"] == "assistant") for ms in examples]
     assert replies == answers
 
+    # Prometheus's view: the operator's metrics, from a pod, through the chart's Service.
+    url = f"http://{RELEASE}-metrics.{team.system}.svc:8081/metrics"
+    scrape = f"import urllib.request; print(urllib.request.urlopen({url!r}).read().decode())"
+    exposed = run_pod(
+        cluster, ns, "scraper", images["server-cpu"], {"command": ["python", "-c", scrape]}
+    )
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(exposed)
+        for sample in family.samples
+    }
+    job = (("namespace", ns), ("provider", "local"))
+    assert samples[("kubetune_finetunejobs", (job[0], ("phase", "Succeeded"), job[1]))] == 1
+    assert samples[("kubetune_trained_tokens_total", job)] == status["trainedTokens"]
+
 
 def test_one_model_server_loads_a_second_jobs_adapter_live_and_serves_both_on_real_pods(
     cluster: Cluster, team: Team, images: dict[str, str]
@@ -298,11 +314,23 @@ def run_app(
     cluster: Cluster, namespace: str, endpoint: str, image: str, questions: list[Any]
 ) -> list[str]:
     """Runs APP in a pod with the endpoint ConfigMap as its environment; its replies."""
-    cluster.kubectl("delete", "pod", "internal-app", "-n", namespace, "--ignore-not-found")
+    container = {
+        "command": ["python", "-c", APP, json.dumps(questions)],
+        "envFrom": [{"configMapRef": {"name": endpoint}}],
+    }
+    out = run_pod(cluster, namespace, "internal-app", image, container)
+    return [json.loads(line) for line in out.splitlines() if line.startswith('"')]
+
+
+def run_pod(
+    cluster: Cluster, namespace: str, name: str, image: str, container: dict[str, Any]
+) -> str:
+    """Runs one container to its end as a non-root pod; its log (the pod must succeed)."""
+    cluster.kubectl("delete", "pod", name, "-n", namespace, "--ignore-not-found")
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": "internal-app"},
+        "metadata": {"name": name},
         "spec": {
             "restartPolicy": "Never",
             "securityContext": {"runAsNonRoot": True, "runAsUser": 1000},
@@ -310,9 +338,8 @@ def run_app(
                 {
                     "name": "app",
                     "image": image,
-                    "command": ["python", "-c", APP, json.dumps(questions)],
-                    "envFrom": [{"configMapRef": {"name": endpoint}}],
                     "env": [{"name": "HOME", "value": "/tmp"}],
+                    **container,
                 }
             ],
         },
@@ -320,13 +347,13 @@ def run_app(
     cluster.apply(pod, namespace=namespace)
 
     def finished() -> str | None:
-        phase = cluster.get("pod", "internal-app", "-n", namespace)["status"].get("phase")
+        phase = cluster.get("pod", name, "-n", namespace)["status"].get("phase")
         return str(phase) if phase in ("Succeeded", "Failed") else None
 
-    phase = wait_until(finished, timeout=180, description="the internal app's pod to finish")
-    out = logs(cluster, namespace, "pod/internal-app")
+    phase = wait_until(finished, timeout=180, description=f"pod {name} to finish")
+    out = logs(cluster, namespace, f"pod/{name}")
     assert phase == "Succeeded", out[-4000:]
-    return [json.loads(line) for line in out.splitlines() if line.startswith('"')]
+    return out
 
 
 def test_an_evicted_trainer_pod_checkpoints_and_the_next_pod_resumes(

@@ -37,17 +37,18 @@ class OperatorProcess:
         *,
         namespaces: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
+        metrics: bool = True,
     ) -> None:
         self.kubeconfig = kubeconfig
         self.log_path = log_path
         self.namespaces = namespaces
         self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
-        self.metrics_port = free_port()
+        self.metrics_port = free_port() if metrics else None
 
     def start(self) -> OperatorProcess:
         args = [sys.executable, "-m", "kubetune.operator", "--liveness", ""]
-        args += ["--metrics", f"127.0.0.1:{self.metrics_port}"]
+        args += ["--metrics", f"127.0.0.1:{self.metrics_port}" if self.metrics_port else ""]
         for ns in self.namespaces:
             args += ["--namespace", ns]
         if not self.namespaces:
@@ -86,6 +87,7 @@ class OperatorProcess:
 
     def metric(self, name: str, **labels: str) -> float | None:
         """One sample of the operator's /metrics (None when it has no such sample)."""
+        assert self.metrics_port is not None, "this operator serves no metrics"
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=10) as response:
             text = response.read().decode()
@@ -114,8 +116,10 @@ def running_operator(
     *,
     namespaces: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
+    metrics: bool = True,
 ) -> Iterator[OperatorProcess]:
-    op = OperatorProcess(kubeconfig, log_path, namespaces=namespaces, env=env).start()
+    op = OperatorProcess(kubeconfig, log_path, namespaces=namespaces, env=env, metrics=metrics)
+    op.start()
     try:
         time.sleep(0.5)
         op.assert_alive()
