@@ -3,14 +3,14 @@ providers and status.
 
 One timer per FineTuneJob reconciles it level-triggered: parse the spec, validate the dataset
 (once, before anything is created), hand over to the provider, write the status it returns and
-post an Event when the phase changes. Children are read from watch indices (no GETs per tick),
-so hundreds of jobs cost little. kopf keeps its own bookkeeping in annotations, because the
-status schema is structural and would prune a ``status.kopf`` field.
+post an Event when the phase changes. Children are read from watch indices
+(:mod:`kubetune.operator.watch_indices`: no GETs per tick), so hundreds of jobs cost little.
+kopf keeps its own bookkeeping in annotations, because the status schema is structural and
+would prune a ``status.kopf`` field.
 """
 
 from __future__ import annotations
 
-import copy
 import datetime
 import logging
 from collections.abc import Callable
@@ -33,6 +33,7 @@ from kubetune.operator import (
     model_server,
     openai_errors,
     openai_handlers,
+    watch_indices,
 )
 from kubetune.operator import status as st
 from kubetune.operator.settings import OperatorSettings
@@ -41,15 +42,6 @@ from kubetune.server import launcher
 
 log = logging.getLogger(__name__)
 SETTINGS = OperatorSettings.from_env()
-MANAGED = {manifests.LABEL_MANAGED_BY: "kubetune"}
-CHILD_RESOURCES = (
-    ("batch", "v1", "jobs"),
-    ("v1", "pods"),
-    ("v1", "configmaps"),
-    ("apps", "v1", "deployments"),
-)
-"""The kinds of the job's children the operator watches (the indices below), as kopf selectors."""
-Key = tuple[str, str]
 
 
 @kopf.on.startup()
@@ -62,83 +54,16 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.peering.standalone = True
     settings.execution.max_workers = 32
     settings.watching.server_timeout = 300
-    # The indices below filter by label in the operator, after the API server has sent every
-    # Pod, Job, ConfigMap and Deployment of the cluster: on a shared cluster, most of it. The
-    # same selector on the watch itself makes the API server send only kubetune's children.
-    managed = ",".join(f"{k}={v}" for k, v in MANAGED.items())
-    for resource in CHILD_RESOURCES:
+    # The indices (watch_indices) filter by label in the operator, after the API server has
+    # sent every Pod, Job, ConfigMap and Deployment of the cluster: on a shared cluster, most of
+    # it. The same selector on the watch itself makes the API server send only kubetune's
+    # children.
+    managed = ",".join(f"{k}={v}" for k, v in watch_indices.MANAGED.items())
+    for resource in watch_indices.CHILD_RESOURCES:
         settings.watching.label_selectors[resource] = managed
 
 
-# ----------------------------------------------------------------------------- indices
-
-
-def _owner_key(namespace: str | None, labels: Any) -> Key:
-    return (namespace or "", str(labels.get(manifests.LABEL_JOB, "")))
-
-
-def _component(value: str) -> dict[str, str]:
-    return {**MANAGED, manifests.LABEL_COMPONENT: value}
-
-
-@kopf.index("batch", "v1", "jobs", labels=_component("trainer"))
-def trainer_jobs(namespace: str | None, labels: Any, body: Any, **_: Any) -> dict[Key, Any]:
-    return {_owner_key(namespace, labels): copy.deepcopy(dict(body))}
-
-
-@kopf.index("v1", "pods", labels=_component("trainer"))
-def trainer_pods(namespace: str | None, labels: Any, body: Any, **_: Any) -> dict[Key, Any]:
-    return {_owner_key(namespace, labels): copy.deepcopy(dict(body))}
-
-
-@kopf.index("v1", "configmaps", labels=_component("progress"))
-def progress_maps(namespace: str | None, labels: Any, body: Any, **_: Any) -> dict[Key, Any]:
-    return {_owner_key(namespace, labels): copy.deepcopy(dict(body))}
-
-
-@kopf.index("apps", "v1", "deployments", labels=_component("server"))
-def servers(namespace: str | None, labels: Any, body: Any, **_: Any) -> dict[Key, Any]:
-    return {_owner_key(namespace, labels): copy.deepcopy(dict(body))}
-
-
-@kopf.index("v1", "pods", labels=_component("server"))
-def server_pods(namespace: str | None, labels: Any, body: Any, **_: Any) -> dict[Key, Any]:
-    return {_owner_key(namespace, labels): copy.deepcopy(dict(body))}
-
-
-def _server_key(namespace: str | None, labels: Any) -> Key:
-    return (namespace or "", str(labels.get(manifests.LABEL_MODELSERVER, "")))
-
-
-@kopf.index("apps", "v1", "deployments", labels=_component("modelserver"))
-def model_server_deployments(
-    namespace: str | None, labels: Any, body: Any, **_: Any
-) -> dict[Key, Any]:
-    return {_server_key(namespace, labels): copy.deepcopy(dict(body))}
-
-
-@kopf.index("v1", "pods", labels=_component("modelserver"))
-def model_server_pods(namespace: str | None, labels: Any, body: Any, **_: Any) -> dict[Key, Any]:
-    return {_server_key(namespace, labels): copy.deepcopy(dict(body))}
-
-
-@kopf.index(ftj.GROUP, ftj.VERSION, ms.PLURAL)
-def model_servers(namespace: str | None, name: str, body: Any, **_: Any) -> dict[Key, Any]:
-    return {(namespace or "", name): copy.deepcopy(dict(body))}
-
-
-def _names_a_server(spec: kopf.Spec, **_: Any) -> bool:
-    return bool((spec.get("serve") or {}).get("server"))
-
-
-@kopf.index(ftj.GROUP, ftj.VERSION, ftj.PLURAL, when=_names_a_server)
-def served_jobs(
-    namespace: str | None, spec: kopf.Spec, body: Any, **_: Any
-) -> dict[Key, model_server.Member]:
-    """FineTuneJobs by the ModelServer they name (a filter, so a job that stops naming one
-    leaves the index)."""
-    server = str(spec["serve"]["server"])
-    return {(namespace or "", server): model_server.member(dict(body))}
+# ----------------------------------------------------------------------------- metrics
 
 
 def _metrics_on(**_: Any) -> bool:
@@ -150,43 +75,6 @@ async def count_jobs(type: str | None, body: kopf.Body, **_: Any) -> None:
     """Feeds the Prometheus metrics (``--metrics``) from every watch event of a FineTuneJob.
     Async: it only counts, so it runs in kopf's loop instead of a worker thread."""
     metrics.JOBS.observe(type, body, datetime.datetime.now(datetime.UTC))
-
-
-def _owned(items: Any, uid: str | None) -> list[dict[str, Any]]:
-    """The objects whose owner references name ``uid``.
-
-    Indices are keyed by namespace and job name; a job deleted and created again under the same
-    name can leave the old one's children there until the garbage collector removes them.
-    """
-    return [
-        obj
-        for obj in items
-        if any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences") or [])
-    ]
-
-
-def _one(index: kopf.Index[Key, Any], key: Key, uid: str | None) -> dict[str, Any] | None:
-    items = _owned(index.get(key, []), uid)
-    return items[-1] if items else None
-
-
-def _children(
-    indices: dict[str, kopf.Index[Key, Any]], key: Key, uid: str, server: str | None = None
-) -> local_provider.Children:
-    job = _one(indices["trainer_jobs"], key, uid)
-    servers = list(indices["model_servers"].get((key[0], server), [])) if server else []
-    return local_provider.Children(
-        job=job,
-        pods=_owned(
-            indices["trainer_pods"].get(key, []), (job or {}).get("metadata", {}).get("uid")
-        ),
-        progress=_one(indices["progress_maps"], key, uid),
-        deployment=_one(indices["servers"], key, uid),
-        # Owned by a ReplicaSet, not the job: a job deleted and made again under the same name
-        # may show the old one's pods here until they are gone (they only explain a wait).
-        server_pods=list(indices["server_pods"].get(key, [])),
-        model_server=servers[-1] if servers else None,
-    )
 
 
 # ----------------------------------------------------------------------------- status
@@ -282,7 +170,7 @@ def reconcile(
     retry: int = 0,
     **kwargs: Any,
 ) -> None:
-    indices: dict[str, kopf.Index[Key, Any]] = kwargs  # kopf passes each index by its name
+    indices: watch_indices.Indices = kwargs  # kopf passes each index by its name
     namespace = namespace or "default"
     stored = {k: v for k, v in dict(status).items() if k != "kopf"}
     old = jobstatus.FineTuneJobStatus.model_validate(stored)
@@ -319,7 +207,7 @@ def reconcile(
                 parsed, owner, new, SETTINGS, generation, stopping=_stopping(stopped, meta)
             )
         else:
-            children = _children(indices, key, uid, parsed.serve.server)
+            children = watch_indices.children(indices, key, uid, parsed.serve.server)
             new = local_provider.reconcile(parsed, owner, new, children, SETTINGS, generation)
     except (
         checks.InvalidJob,
@@ -383,7 +271,7 @@ def reconcile_model_server(
     **kwargs: Any,
 ) -> None:
     """One timer per ModelServer: its adapters are those of the jobs that name it (index)."""
-    indices: dict[str, kopf.Index[Key, Any]] = kwargs
+    indices: watch_indices.Indices = kwargs
     namespace = namespace or "default"
     stored = {k: v for k, v in dict(status).items() if k != "kopf"}
     old = ms.ModelServerStatus.model_validate(stored)
@@ -406,7 +294,7 @@ def reconcile_model_server(
             parsed,
             owner,
             indices["served_jobs"].get(key, []),
-            _one(indices["model_server_deployments"], key, uid),
+            watch_indices.one(indices["model_server_deployments"], key, uid),
             pods,
             old,
             SETTINGS,
@@ -479,7 +367,7 @@ def delete_output(
     if parsed is None:
         return
     owner = manifests.Owner(name=name, namespace=namespace or "default", uid=uid)
-    job = _children(kwargs, (owner.namespace, name), uid).job
+    job = watch_indices.children(kwargs, (owner.namespace, name), uid).job
     try:
         if job is not None:
             if not job["metadata"].get("deletionTimestamp"):

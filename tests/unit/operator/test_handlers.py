@@ -11,7 +11,7 @@ import pytest
 
 from kubetune.api import finetunejob as ftj
 from kubetune.api import jobstatus
-from kubetune.operator import checks, handlers, kube, local_provider
+from kubetune.operator import checks, handlers, kube, local_provider, watch_indices
 
 UID = "0123456789abcdef"
 SPEC: dict[str, Any] = {
@@ -44,7 +44,7 @@ def indices(job: dict[str, Any] | None, *pods: dict[str, Any], **more: Any) -> d
 def test_children_of_an_earlier_job_of_the_same_name_are_not_this_ones() -> None:
     old_job = owned("daoyan-trainer", "earlier-uid", uid="old-job")
     new_job = owned("daoyan-trainer", UID, uid="new-job")
-    found = handlers._children(
+    found = watch_indices.children(
         {
             "trainer_jobs": {KEY: [new_job, old_job]},
             "trainer_pods": {KEY: [pod("old-job", "Running"), pod("new-job", "Pending")]},
