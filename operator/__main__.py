@@ -61,7 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     openai_client.quiet_http_logs()  # their DEBUG records carry the API key's header
     if not args.verbose:
         log_filters.quiet_successes(
-            handlers.count_jobs, handlers.reconcile, handlers.reconcile_model_server
+            handlers.count_jobs,
+            handlers.count_servers,
+            handlers.reconcile,
+            handlers.reconcile_model_server,
         )
     if args.metrics is not None:
         metrics.serve(*args.metrics)

@@ -77,6 +77,12 @@ async def count_jobs(type: str | None, body: kopf.Body, **_: Any) -> None:
     metrics.JOBS.observe(type, body, datetime.datetime.now(datetime.UTC))
 
 
+@kopf.on.event(ftj.GROUP, ftj.VERSION, ms.PLURAL, when=_metrics_on)
+async def count_servers(type: str | None, body: kopf.Body, **_: Any) -> None:
+    """Feeds the ModelServer gauges from every watch event of a ModelServer."""
+    metrics.SERVERS.observe(type, body)
+
+
 # ----------------------------------------------------------------------------- status
 
 

@@ -1,5 +1,5 @@
 """Prometheus metrics of the operator: FineTuneJobs by phase, how long jobs waited for the pool
-and how long they ran, and the tokens each namespace trained.
+and how long they ran, and the tokens each namespace trained; each ModelServer's adapters.
 
 Read from the FineTuneJobs themselves as the watch delivers them (one ``kopf.on.event`` handler
 calls :meth:`JobMetrics.observe`), so the figures are those of ``kubectl get ftj``. The gauge is
@@ -9,7 +9,8 @@ nothing, so a restarted operator counts nothing twice (``rate()`` and ``increase
 counter reset); a change made while no operator ran is not counted.
 
 Labels are the namespace, the provider and the phase only: never a job's name (unbounded), a
-message, or anything read from a Secret. Nothing here calls the API server or blocks a handler.
+message, or anything read from a Secret. ModelServers (a few per team, each made by hand) are
+labelled by name. Nothing here calls the API server or blocks a handler.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from kubetune.api import finetunejob as ftj
 from kubetune.api import jobstatus
+from kubetune.api import modelserver as ms
 from kubetune.operator import status as st
 
 PREFIX = "kubetune_finetunejob"
@@ -172,9 +174,99 @@ class JobMetrics:
         yield gauge
 
 
+@dataclass(frozen=True)
+class ServerSighting:
+    """What the metrics need of one ModelServer's status."""
+
+    namespace: str
+    name: str
+    adapters: int
+    refused: int
+    ready: bool
+
+
+def server_sighting(body: Mapping[str, Any]) -> tuple[str, ServerSighting] | None:
+    meta = body.get("metadata") or {}
+    uid = meta.get("uid")
+    if not uid:
+        return None
+    status = body.get("status") or {}
+    ready = any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in status.get("conditions") or []
+        if isinstance(c, dict)
+    )
+    return uid, ServerSighting(
+        namespace=str(meta.get("namespace") or ""),
+        name=str(meta.get("name") or ""),
+        adapters=len(status.get("adapters") or []),
+        refused=len(status.get("refused") or []),
+        ready=ready,
+    )
+
+
+class ServerMetrics:
+    """Gauges of the ModelServers that exist now; :meth:`observe` feeds them."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._lock = threading.Lock()
+        self._servers: dict[str, ServerSighting] = {}
+        registry.register(self)
+
+    def observe(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        """One watch event of a ModelServer (``event_type`` None: the initial listing)."""
+        seen = server_sighting(body)
+        if seen is None:
+            return
+        uid, server = seen
+        with self._lock:
+            if event_type == "DELETED":
+                self._servers.pop(uid, None)
+            else:
+                self._servers[uid] = server
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(self._families())
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            servers = sorted(self._servers.values(), key=lambda s: (s.namespace, s.name))
+        adapters, refused, ready = self._families()
+        for s in servers:
+            labels = [s.namespace, s.name]
+            adapters.add_metric(labels, s.adapters)
+            refused.add_metric(labels, s.refused)
+            ready.add_metric(labels, 1 if s.ready else 0)
+        yield from (adapters, refused, ready)
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+        labels = ["namespace", "modelserver"]
+        return (
+            GaugeMetricFamily(
+                "kubetune_modelserver_adapters",
+                "Adapters the ModelServer serves (status.adapters).",
+                labels=labels,
+            ),
+            GaugeMetricFamily(
+                "kubetune_modelserver_refused",
+                "FineTuneJobs naming the ModelServer whose adapters it refuses (status.refused; "
+                f"at most {ms.MAX_LISTED} are listed).",
+                labels=labels,
+            ),
+            GaugeMetricFamily(
+                "kubetune_modelserver_ready",
+                "1 while the ModelServer's Ready condition is True (every replica serves the "
+                "current adapter set), else 0.",
+                labels=labels,
+            ),
+        )
+
+
 JOBS = JobMetrics(prometheus_client.REGISTRY)
 """The operator's one instance (the process-wide registry also carries Python's process
 metrics: CPU, memory, open files)."""
+SERVERS = ServerMetrics(prometheus_client.REGISTRY)
 
 
 def serve(host: str, port: int) -> None:

@@ -142,6 +142,15 @@ def test_jobs_share_one_server_and_leave_it_when_deleted(
     assert cond["status"] == "False" and "this server serves" in cond["message"]
     assert ftj.get_ftj(cluster, team, "other-base")["status"]["phase"] == "Running"
 
+    # The operator's /metrics: two adapters served, two refused, Ready.
+    labels = {"namespace": team, "modelserver": "shared"}
+
+    def gauges() -> tuple[float | None, ...]:
+        names = ("adapters", "refused", "ready")
+        return tuple(operator.metric(f"kubetune_modelserver_{n}", **labels) for n in names)
+
+    wait_until(lambda: gauges() == (2, 2, 1), timeout=30, description="2 served, 2 refused, Ready")
+
     # A deleted job's adapter leaves the server; the other stays served.
     cluster.kubectl("delete", "finetunejob", "alpha", "-n", team)
     wait_server(cluster, team, ["beta"])
@@ -160,6 +169,7 @@ def test_jobs_share_one_server_and_leave_it_when_deleted(
         timeout=60,
         description="the shared server's Deployment collected",
     )
+    assert gauges() == (None, None, None)  # a deleted server leaves the metrics
 
 
 def test_a_job_moves_from_its_own_server_to_a_model_server(

@@ -191,3 +191,31 @@ def test_a_bad_metrics_flag_is_refused_naming_it(
         operator_main.main(["--metrics", flag])
     assert exit_.value.code == 2
     assert "--metrics" in capsys.readouterr().err
+
+
+def server(uid: str = "s1", ready: str = "True", **status: Any) -> dict[str, Any]:
+    conditions = [{"type": "Ready", "status": ready, "reason": "AllReplicasServe"}]
+    return {
+        "metadata": {"name": "qwen", "namespace": NS, "uid": uid},
+        "status": {"conditions": conditions, **status},
+    }
+
+
+def test_model_server_gauges_follow_its_status(registry: CollectorRegistry) -> None:
+    servers = metrics.ServerMetrics(registry)
+    refused = [{"name": "other-base", "message": "trained on another model"}]
+    servers.observe(None, server(adapters=["alpha", "beta"], refused=refused))
+    labels = {"namespace": NS, "modelserver": "qwen"}
+    assert value(registry, "kubetune_modelserver_adapters", **labels) == 2
+    assert value(registry, "kubetune_modelserver_refused", **labels) == 1
+    assert value(registry, "kubetune_modelserver_ready", **labels) == 1
+    exposed = generate_latest(registry).decode()
+    assert "alpha" not in exposed and "other-base" not in exposed  # counts, not job names
+
+    servers.observe("MODIFIED", server(ready="False", adapters=["beta"]))
+    assert value(registry, "kubetune_modelserver_adapters", **labels) == 1
+    assert value(registry, "kubetune_modelserver_refused", **labels) == 0
+    assert value(registry, "kubetune_modelserver_ready", **labels) == 0
+
+    servers.observe("DELETED", server())
+    assert value(registry, "kubetune_modelserver_adapters", **labels) is None
