@@ -222,6 +222,8 @@ def reconcile(
     ) as exc:
         new = _fail(old, str(exc), generation, _failure_reason(exc))
     except (kube.TemporaryKubeError, openai_errors.TemporaryProviderError) as exc:
+        api = "openai" if isinstance(exc, openai_errors.TemporaryProviderError) else "kubernetes"
+        metrics.RETRIES.labels(ftj.KIND, api).inc()
         # Shown in status (timers apply the patch on every attempt), then retried after delay.
         retrying = old.model_copy(deep=True)
         retrying.conditions = st.set_condition(
@@ -308,6 +310,7 @@ def reconcile_model_server(
             adapter_reports.read(pods) if parsed.live else None,
         )
     except kube.TemporaryKubeError as exc:
+        metrics.RETRIES.labels(ms.KIND, "kubernetes").inc()
         raise kopf.TemporaryError(str(exc), delay=exc.delay) from None
     changes = _status_patch(stored, new)
     if changes:

@@ -267,6 +267,15 @@ JOBS = JobMetrics(prometheus_client.REGISTRY)
 """The operator's one instance (the process-wide registry also carries Python's process
 metrics: CPU, memory, open files)."""
 SERVERS = ServerMetrics(prometheus_client.REGISTRY)
+RETRIES = Counter(
+    "kubetune_reconcile_retries",
+    "Reconcile steps retried after a passing failure (an API answering 429 or 5xx, a full "
+    "ResourceQuota, OpenAI unavailable), by kind and by whose API failed.",
+    ["kind", "api"],
+    registry=prometheus_client.REGISTRY,
+)
+"""A rate that stays above zero means a job or server is stuck retrying: its ``Reconciled``
+condition says why."""
 
 
 def serve(host: str, port: int) -> None:

@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 import kopf
+import prometheus_client
 import pytest
 
 from kubetune.api import finetunejob as ftj
@@ -20,6 +21,7 @@ SPEC: dict[str, Any] = {
     "output": {"keepOnDelete": False},
 }
 KEY = ("team-a", "daoyan")
+RETRIES = "kubetune_reconcile_retries_total"
 
 
 def owned(name: str, owner_uid: str, uid: str = "", **extra: Any) -> dict[str, Any]:
@@ -167,8 +169,15 @@ def test_a_step_being_retried_is_shown_in_status_until_it_succeeds(
 
     monkeypatch.setattr(local_provider, "reconcile", busy)
     patch = kopf.Patch()
+
+    def retries() -> float:
+        sample = {"kind": "FineTuneJob", "api": "kubernetes"}
+        return prometheus_client.REGISTRY.get_sample_value(RETRIES, sample) or 0.0
+
+    before = retries()
     with pytest.raises(kopf.TemporaryError):
         reconcile(running.to_wire(), patch)
+    assert retries() == before + 1
     conditions = {c["type"]: c for c in patch["status"]["conditions"]}
     assert conditions["Reconciled"]["status"] == "False"
     assert "503" in conditions["Reconciled"]["message"]
