@@ -75,12 +75,19 @@ class _Job:
     """Its trained tokens are counted, by this process or (met with them) before it started."""
 
 
-def _seconds_between(start: Any, end: Any) -> float | None:
+def _time(text: Any) -> datetime.datetime | None:
     try:
-        seconds = (st.parse_time(str(end)) - st.parse_time(str(start))).total_seconds()
+        return st.parse_time(str(text)) if text else None
     except ValueError:
         return None
-    return seconds if seconds >= 0 else None
+
+
+def _seconds_between(
+    start: datetime.datetime | None, end: datetime.datetime | None
+) -> float | None:
+    if start is None or end is None or end < start:
+        return None
+    return (end - start).total_seconds()
 
 
 class JobMetrics:
@@ -149,11 +156,13 @@ class JobMetrics:
         self.transitions.labels(new.namespace, new.provider, new.phase).inc()
         if new.phase == jobstatus.Phase.RUNNING and not old.ran:
             meta = body.get("metadata") or {}
-            waited = _seconds_between(meta.get("creationTimestamp"), st.rfc3339(now))
+            waited = _seconds_between(_time(meta.get("creationTimestamp")), now)
             if waited is not None:
                 self.wait.labels(new.namespace, new.provider).observe(waited)
         if new.phase in FINISHED:
-            ran = _seconds_between(status.get("startTime"), status.get("completionTime"))
+            ran = _seconds_between(
+                _time(status.get("startTime")), _time(status.get("completionTime"))
+            )
             if ran is not None:
                 self.run.labels(new.namespace, new.provider, new.phase).observe(ran)
 
