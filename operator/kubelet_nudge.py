@@ -54,18 +54,11 @@ def due(
         if name not in serving or not isinstance(report, Report) or report.digest == digest:
             continue
         notes = meta.get("annotations") or {}
-        asked = _time(notes.get(ASKED_AT)) if notes.get(ADAPTER_SET) == digest else None
+        asked = st.read_time(notes.get(ASKED_AT)) if notes.get(ADAPTER_SET) == digest else None
         if asked is not None and now - asked < RETRY_AFTER:
             continue
         out[name] = {ADAPTER_SET: digest, ASKED_AT: st.rfc3339(now)}
     return out
-
-
-def _time(text: Any) -> datetime.datetime | None:
-    try:
-        return st.parse_time(str(text))
-    except ValueError:
-        return None
 
 
 def nudge(namespace: str, annotations: dict[str, dict[str, str]]) -> list[str]:

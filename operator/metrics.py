@@ -75,13 +75,6 @@ class _Job:
     """Its trained tokens are counted, by this process or (met with them) before it started."""
 
 
-def _time(text: Any) -> datetime.datetime | None:
-    try:
-        return st.parse_time(str(text)) if text else None
-    except ValueError:
-        return None
-
-
 def _seconds_between(
     start: datetime.datetime | None, end: datetime.datetime | None
 ) -> float | None:
@@ -156,12 +149,12 @@ class JobMetrics:
         self.transitions.labels(new.namespace, new.provider, new.phase).inc()
         if new.phase == jobstatus.Phase.RUNNING and not old.ran:
             meta = body.get("metadata") or {}
-            waited = _seconds_between(_time(meta.get("creationTimestamp")), now)
+            waited = _seconds_between(st.read_time(meta.get("creationTimestamp")), now)
             if waited is not None:
                 self.wait.labels(new.namespace, new.provider).observe(waited)
         if new.phase in FINISHED:
             ran = _seconds_between(
-                _time(status.get("startTime")), _time(status.get("completionTime"))
+                st.read_time(status.get("startTime")), st.read_time(status.get("completionTime"))
             )
             if ran is not None:
                 self.run.labels(new.namespace, new.provider, new.phase).observe(ran)

@@ -39,6 +39,17 @@ def parse_time(text: str) -> datetime:
     return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
+def read_time(value: Any) -> datetime | None:
+    """An RFC 3339 time read from an object (an annotation, a status field): None when it is
+    missing or unreadable."""
+    if not value:
+        return None
+    try:
+        return parse_time(str(value))
+    except ValueError:
+        return None
+
+
 def now() -> str:
     return rfc3339(datetime.now(UTC))
 
