@@ -67,7 +67,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 
 def _metrics_on(**_: Any) -> bool:
-    return metrics.JOBS.enabled
+    return metrics.served()
 
 
 @kopf.on.event(ftj.GROUP, ftj.VERSION, ftj.PLURAL, when=_metrics_on)

@@ -87,8 +87,6 @@ class JobMetrics:
     """The FineTuneJob metrics, registered in ``registry``; :meth:`observe` feeds them."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.enabled = False
-        """Whether the watch feeds :meth:`observe` (:func:`serve` turns it on)."""
         self._lock = threading.Lock()  # observe() runs in kopf's loop, collect() in the scrape's
         self._jobs: dict[str, _Job] = {}
         self.transitions = Counter(
@@ -193,11 +191,7 @@ def server_sighting(body: Mapping[str, Any]) -> tuple[str, ServerSighting] | Non
     if not uid:
         return None
     status = body.get("status") or {}
-    ready = any(
-        c.get("type") == "Ready" and c.get("status") == "True"
-        for c in status.get("conditions") or []
-        if isinstance(c, dict)
-    )
+    ready = st.conditions_by_type(dict(body)).get("Ready", {}).get("status") == "True"
     return uid, ServerSighting(
         namespace=str(meta.get("namespace") or ""),
         name=str(meta.get("name") or ""),
@@ -280,8 +274,17 @@ RETRIES = Counter(
 condition says why."""
 
 
+_served = False
+
+
+def served() -> bool:
+    """Whether :func:`serve` runs: only then does the watch feed :data:`JOBS` and
+    :data:`SERVERS` (an operator that serves no metrics spends nothing on them)."""
+    return _served
+
+
 def serve(host: str, port: int) -> None:
-    """Serve ``/metrics`` on ``host:port`` from a daemon thread, and start feeding them (an
-    operator that serves none spends nothing on them)."""
+    """Serve ``/metrics`` on ``host:port`` from a daemon thread, and start feeding them."""
+    global _served
     prometheus_client.start_http_server(port, addr=host)
-    JOBS.enabled = True
+    _served = True
