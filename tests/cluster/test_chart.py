@@ -13,7 +13,6 @@ import json
 import re
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ import yaml
 
 from support import ftj, images
 from support.cluster import Cluster, ensure_binaries, wait_until
-from support.operator import OperatorProcess, running_operator
+from support.operator import OperatorProcess, metric_sample, running_operator, scrape
 
 pytestmark = pytest.mark.cluster
 
@@ -590,11 +589,9 @@ def test_the_charts_operator_pod_runs_from_the_operator_image(
                     description="the endpoint ConfigMap",
                 )
                 metrics = next(p for p in container["ports"] if p["name"] == "metrics")
-                url = f"http://127.0.0.1:{metrics['containerPort']}/metrics"
-                with urllib.request.urlopen(url, timeout=10) as response:
-                    exposed = response.read().decode()
-                labels = f'namespace="{team}",phase="Succeeded",provider="local"'  # sorted
-                assert f"kubetune_finetunejobs{{{labels}}} 1.0" in exposed, exposed
+                exposed = scrape(f"http://127.0.0.1:{metrics['containerPort']}/metrics")
+                succeeded = {"namespace": team, "phase": "Succeeded", "provider": "local"}
+                assert metric_sample(exposed, "kubetune_finetunejobs", **succeeded) == 1, exposed
                 assert_no_permission_errors(op)
                 assert "Traceback" not in op.logs()
                 grace = int(pod.get("terminationGracePeriodSeconds", 30))

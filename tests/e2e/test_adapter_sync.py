@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ import yaml
 from kubetune.api.serveconfig import ServeConfig
 from kubetune.server.adapters import AdapterClient
 from kubetune.sync_report import Report
+from support.net import free_port
 
 if TYPE_CHECKING:
     from conftest import VllmServer
@@ -41,12 +41,6 @@ pytestmark = pytest.mark.e2e
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 SYNC_TIMEOUT = 180.0
 """A load reads the adapter and warms it up on two busy cores: seconds, rarely more."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def copy_adapter(src: Path, dst: Path, rank: int | None = None) -> Path:

@@ -24,12 +24,12 @@ from typing import Any
 
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from kubetune.api.result import TrainingResult
 from kubetune.operator import kubelet_nudge
 from support import ftj
 from support.cluster import REAL_NODE, Cluster, wait_until
+from support.operator import metric_sample
 
 pytestmark = [pytest.mark.pods, pytest.mark.slow]
 
@@ -220,14 +220,10 @@ def test_kubectl_apply_of_the_demo_job_trains_and_serves_on_real_pods(
     exposed = run_pod(
         cluster, ns, "scraper", images["server-cpu"], {"command": ["python", "-c", scrape]}
     )
-    samples = {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(exposed)
-        for sample in family.samples
-    }
-    job = (("namespace", ns), ("provider", "local"))
-    assert samples[("kubetune_finetunejobs", (job[0], ("phase", "Succeeded"), job[1]))] == 1
-    assert samples[("kubetune_trained_tokens_total", job)] == status["trainedTokens"]
+    job = {"namespace": ns, "provider": "local"}
+    assert metric_sample(exposed, "kubetune_finetunejobs", phase="Succeeded", **job) == 1
+    tokens = metric_sample(exposed, "kubetune_trained_tokens_total", **job)
+    assert tokens == status["trainedTokens"]
 
 
 def test_one_model_server_loads_a_second_jobs_adapter_live_and_serves_both_on_real_pods(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from support.net import free_port
 
 FAST_SETTINGS = {
     "KUBETUNE_RECONCILE_INTERVAL": "1",
@@ -88,14 +89,9 @@ class OperatorProcess:
     def metric(self, name: str, **labels: str) -> float | None:
         """One sample of the operator's /metrics (None when it has no such sample)."""
         assert self.metrics_port is not None, "this operator serves no metrics"
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            text = response.read().decode()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and sample.labels == labels:
-                    return float(sample.value)
-        return None
+        return metric_sample(
+            scrape(f"http://127.0.0.1:{self.metrics_port}/metrics"), name, **labels
+        )
 
     def assert_alive(self) -> None:
         assert self.proc is not None and self.proc.poll() is None, (
@@ -103,10 +99,20 @@ class OperatorProcess:
         )
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def scrape(url: str) -> str:
+    """The text a Prometheus /metrics endpoint answers."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return str(response.read().decode())
+
+
+def metric_sample(exposition: str, name: str, **labels: str) -> float | None:
+    """The value of the sample ``name`` with exactly ``labels`` in a Prometheus text exposition
+    (None when it has no such sample)."""
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return None
 
 
 @contextmanager

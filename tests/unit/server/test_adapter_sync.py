@@ -29,6 +29,7 @@ from kubetune.server import adapter_sync, adapters
 from kubetune.server.adapter_sync import Refusals, sync_once
 from kubetune.server.adapters import ServedModel
 from kubetune.sync_report import Report
+from support.net import free_port
 
 BASE = "tiny"
 
@@ -392,12 +393,6 @@ def test_from_dict_refuses_anything_but_an_object(data: Any) -> None:
 
 
 # ------------------------------------------------------------------------------ the process
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def get_report(port: int, path: str = "/") -> httpx.Response:
