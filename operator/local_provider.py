@@ -303,7 +303,7 @@ def serve(
     )
     if ready:
         new.message = "serving"
-    elif reason in ("ScaledToZero", "LaunchRefused", "ReplicaFailure"):
+    elif reason in ("ScaledToZero", "LaunchRefused", st.NOT_STARTING, "ReplicaFailure"):
         new.message = f"training finished; {why}"
     else:
         new.message = f"training finished; waiting for vLLM: {why}"

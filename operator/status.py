@@ -110,6 +110,32 @@ def pending_reason(pods: list[dict[str, Any]]) -> str | None:
     return None
 
 
+STARTING = frozenset({"ContainerCreating", "PodInitializing"})
+"""The kubelet's waiting reasons of a container on its way up; any other one (a missing Secret
+or ConfigMap key, an image it cannot pull) holds the pod until someone changes something."""
+
+NOT_STARTING = "PodNotStarting"
+
+
+def container_waiting(pods: list[dict[str, Any]]) -> str | None:
+    """Why a scheduled pod's container does not start, in the kubelet's words (newest pod
+    first): ``CreateContainerConfigError: secret "hf-token" not found``, ``ImagePullBackOff:
+    ...``; None while every container is starting normally."""
+    for pod in _newest(pods):
+        status = pod.get("status") or {}
+        for cs in [
+            *(status.get("initContainerStatuses") or []),
+            *(status.get("containerStatuses") or []),
+        ]:
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            reason = waiting.get("reason")
+            if reason and reason not in STARTING:
+                said = " ".join(str(waiting.get("message") or "").split())[:500]
+                where = f"pod {pod['metadata'].get('name', '?')}, container {cs.get('name', '?')}"
+                return f"{reason}: {said} ({where})" if said else f"{reason} ({where})"
+    return None
+
+
 SUSPENDED_BEFORE_START = "suspended (spec.suspend): the trainer Job is queued when resumed"
 
 
@@ -163,6 +189,9 @@ def observe_trainer(
         return Observation(
             Phase.QUEUED, f"trainer pod cannot be scheduled yet: {unschedulable}", "Unschedulable"
         )
+    stuck = container_waiting(active)
+    if stuck:
+        return Observation(Phase.QUEUED, f"trainer pod cannot start: {stuck}", NOT_STARTING)
     if active:
         return Observation(Phase.QUEUED, "trainer pod is starting", "PodPending")
     return Observation(Phase.QUEUED, "waiting for the trainer pod", "JobCreated")
@@ -271,8 +300,10 @@ def serving_state(deploy: dict[str, Any] | None, pods: list[dict[str, Any]]) -> 
 
     In order: zero replicas asked for (``ScaledToZero``); the launcher refused to start
     (``LaunchRefused``, with its message: e.g. an adapter rank too high or another base
-    model); the Deployment cannot create pods (``ReplicaFailure``: a quota or an admission
-    policy, in the API server's words); else not ready yet, counted in replicas.
+    model); a pod's container cannot start (``PodNotStarting``, in the kubelet's words: a
+    missing Secret, an image it cannot pull, a crash loop); the Deployment cannot create pods
+    (``ReplicaFailure``: a quota or an admission policy, in the API server's words); else not
+    ready yet, counted in replicas.
     """
     if deploy is None:
         return ServingState(False, "DeploymentNotReady", "serving Deployment not created yet")
@@ -283,9 +314,15 @@ def serving_state(deploy: dict[str, Any] | None, pods: list[dict[str, Any]]) -> 
         return ServingState(
             False, "ScaledToZero", "serving is scaled to zero (`spec.serve.replicas: 0`)"
         )
-    refusal = launcher_refusal(_current_pods(deploy, pods))
+    current = _current_pods(deploy, pods)
+    refusal = launcher_refusal(current)
     if refusal is not None:
         return ServingState(False, "LaunchRefused", f"the server refuses to start: {refusal}")
+    stuck = container_waiting(
+        [p for p in current if (p.get("status") or {}).get("phase") in ("Pending", "Running")]
+    )
+    if stuck is not None:
+        return ServingState(False, NOT_STARTING, f"{counted}; a server pod cannot start: {stuck}")
     failure = conditions_by_type(deploy).get("ReplicaFailure") or {}
     if failure.get("status") == "True":
         why = failure.get("message") or failure.get("reason") or "pods cannot be created"

@@ -117,3 +117,33 @@ def test_a_queued_job_says_what_its_kueue_workload_says() -> None:
     off = st.observe_trainer(job(suspend=True), [], wl(False, False, quota))
     assert off.reason == "Suspended" and "deactivated" in off.message
     assert st.observe_trainer(job(suspend=True), [], wl(True, True)).reason == "Admitted"
+
+
+def waiting(reason: str, message: str = "", name: str = "trainer") -> dict[str, Any]:
+    return {"name": name, "state": {"waiting": {"reason": reason, "message": message}}}
+
+
+def test_a_container_that_cannot_start_says_why_in_the_kubelets_words() -> None:
+    p = pod(
+        "Pending",
+        containerStatuses=[waiting("CreateContainerConfigError", 'secret "hf-token" not found')],
+    )
+    p["metadata"]["name"] = "daoyan-trainer-x7k2p"
+    seen = st.observe_trainer(job(), [p])
+    assert seen.phase == Phase.QUEUED and seen.reason == st.NOT_STARTING
+    assert seen.message == (
+        'trainer pod cannot start: CreateContainerConfigError: secret "hf-token" not found '
+        "(pod daoyan-trainer-x7k2p, container trainer)"
+    )
+
+
+def test_an_image_pull_back_off_is_reported_and_a_container_being_created_is_not() -> None:
+    pulling = pod(
+        "Pending", containerStatuses=[waiting("ImagePullBackOff", "Back-off pulling\n image")]
+    )
+    assert (
+        "ImagePullBackOff: Back-off pulling image" in st.observe_trainer(job(), [pulling]).message
+    )
+    creating = pod("Pending", containerStatuses=[waiting("ContainerCreating")])
+    seen = st.observe_trainer(job(), [creating])
+    assert (seen.reason, seen.message) == ("PodPending", "trainer pod is starting")

@@ -135,3 +135,16 @@ def test_the_refusal_reaches_the_jobs_status(monkeypatch: pytest.MonkeyPatch) ->
     assert "LoRA rank 64 is too high" in cond.message
     assert status.phase == jobstatus.Phase.SUCCEEDED
     assert status.message is not None and "waiting for vLLM" not in status.message
+
+
+def test_a_server_pod_whose_image_cannot_be_pulled_says_so() -> None:
+    state = {"waiting": {"reason": "ErrImagePull", "message": "pull access denied"}}
+    old = server_pod("daoyan-server-old", state=state, config_hash="older")
+    seen = st.serving_state(deployment(), [old])
+    assert seen.reason == "DeploymentNotReady"  # a pod of an older config is not the server's
+    seen = st.serving_state(deployment(), [server_pod("daoyan-server-abc", state=state)])
+    assert seen.reason == st.NOT_STARTING and not seen.ready
+    assert seen.message == (
+        "0/1 replicas ready; a server pod cannot start: ErrImagePull: pull access denied "
+        "(pod daoyan-server-abc, container vllm)"
+    )
