@@ -274,6 +274,23 @@ def cache_volume(settings: OperatorSettings) -> dict[str, Any]:
     return {"name": "cache", "emptyDir": {}}
 
 
+def hub_env(model: ftj.ModelRef | None, settings: OperatorSettings) -> list[dict[str, Any]]:
+    """How trainer and server pods reach the Hugging Face Hub: the chart's mirror
+    (``HF_ENDPOINT``) and the model's access token (``HF_TOKEN``), the latter as a reference
+    the kubelet resolves, so the token shows in no pod spec and the operator never reads it."""
+    if model is None or model.id is None:
+        return []
+    # huggingface_hub fetches a registry from the Hub on a process's first request otherwise.
+    env: list[dict[str, Any]] = [{"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"}]
+    if settings.hf_endpoint:
+        env.append({"name": "HF_ENDPOINT", "value": settings.hf_endpoint})
+    ref = model.token_secret_ref
+    if ref is not None:
+        secret = {"name": ref.name, "key": ref.key}
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": secret}})
+    return env
+
+
 def shm_volume(res: ftj.Resources) -> dict[str, Any]:
     # PyTorch data loaders and NCCL use /dev/shm; the container default (64 MiB) is too small.
     return {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": res.memory or "8Gi"}}
@@ -394,6 +411,7 @@ def trainer_job(
                     # Multi-GPU pods give their workers this long, less a margin, to
                     # checkpoint after SIGTERM (kubetune.trainer.launch.shutdown_timeout).
                     {"name": GRACE_ENV, "value": str(TRAINER_GRACE_SECONDS)},
+                    *hub_env(spec.model, settings),
                 ],
                 "resources": resource_requirements(res),
                 "volumeMounts": mounts,

@@ -247,7 +247,12 @@ def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
     }
 
 
-def _env(serve: ftj.ServerSettings, res: ftj.Resources) -> list[dict[str, Any]]:
+def _env(
+    serve: ftj.ServerSettings,
+    res: ftj.Resources,
+    base_model: ftj.ModelRef,
+    settings: OperatorSettings,
+) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": "HF_HOME", "value": f"{manifests.CACHE_DIR}/huggingface"},
         # vLLM's torch.compile cache: on the cache volume, a restarted pod skips recompiling.
@@ -261,7 +266,7 @@ def _env(serve: ftj.ServerSettings, res: ftj.Resources) -> list[dict[str, Any]]:
     ]
     if serve.engine == "vllm-cpu":
         env.append({"name": "VLLM_CPU_KVCACHE_SPACE", "value": str(cpu_kv_cache_gib(res))})
-    return env + _api_key_env(serve)
+    return env + manifests.hub_env(base_model, settings) + _api_key_env(serve)
 
 
 def _api_key_env(serve: ftj.ServerSettings) -> list[dict[str, Any]]:
@@ -337,7 +342,7 @@ def deployment(
             "image": server_image(serve, settings),
             "command": ["python", "-m", "kubetune.server", "--config", CONFIG_PATH],
             "ports": [{"name": "http", "containerPort": SERVER_PORT, "protocol": "TCP"}],
-            "env": _env(serve, res),
+            "env": _env(serve, res, base_model, settings),
             "resources": manifests.resource_requirements(res),
             "volumeMounts": mounts,
             "securityContext": manifests.container_security_context(),

@@ -45,6 +45,10 @@ class OperatorSettings:
     model_cache_claim: str | None = None
     """PVC mounted as HF_HOME in trainer and server pods; an emptyDir when unset."""
 
+    hf_endpoint: str | None = None
+    """Hugging Face Hub (or mirror) that trainer and server pods download hub models from
+    (chart value ``huggingface.endpoint``, set as ``HF_ENDPOINT``); unset: huggingface.co."""
+
     reconcile_interval: float = 10.0
     """Seconds between two looks at a running job (lower in tests)."""
 
@@ -85,6 +89,7 @@ class OperatorSettings:
             server_cpu_image=_env("KUBETUNE_SERVER_CPU_IMAGE", default.server_cpu_image),
             output_claim=_env("KUBETUNE_OUTPUT_CLAIM", default.output_claim),
             model_cache_claim=os.environ.get("KUBETUNE_MODEL_CACHE_CLAIM") or None,
+            hf_endpoint=os.environ.get("KUBETUNE_HF_ENDPOINT") or None,
             reconcile_interval=float(
                 _env("KUBETUNE_RECONCILE_INTERVAL", str(default.reconcile_interval))
             ),

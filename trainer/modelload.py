@@ -19,6 +19,7 @@ from typing import Any
 
 from kubetune.api.finetunejob import LoraSpec, Method
 from kubetune.api.jobconfig import TrainerConfig
+from kubetune.trainer import hub
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,8 @@ def load_tokenizer(config: TrainerConfig) -> Any:
     from transformers import AutoTokenizer
 
     source, kwargs = model_source(config)
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    with hub.access(config):
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"{source}: a fast tokenizer is needed (offsets locate assistant tokens)")
     if tokenizer.pad_token_id is None:
@@ -209,7 +211,8 @@ def load_model(config: TrainerConfig, placement: Placement, *, local_rank: int =
             bnb_4bit_compute_dtype=dtype,
         )
         kwargs["device_map"] = {"": local_rank}
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    with hub.access(config):
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     model.config.use_cache = False
     if qlora:
         import peft

@@ -25,7 +25,16 @@ from typing import Any
 from kubetune.api.jobconfig import TrainerConfig
 from kubetune.api.result import RESULT_FILE, DataCounts, TrainingResult
 from kubetune.progress import ProgressRecord
-from kubetune.trainer import chat, checkpoints, dataset, launch, modelload, plan, reporting
+from kubetune.trainer import (
+    chat,
+    checkpoints,
+    dataset,
+    hub,
+    launch,
+    modelload,
+    plan,
+    reporting,
+)
 from kubetune.trainer.launch import EXIT_FAILED, EXIT_INVALID, EXIT_OK, EXIT_PREEMPTED
 from kubetune.trainer.preemption import Preemption
 
@@ -45,6 +54,7 @@ PERMANENT = (
     dataset.DataError,
     plan.PlanError,
     modelload.QLoraUnavailable,
+    hub.ModelAccessError,
     chat.TemplateError,
     OutputConflict,
 )

@@ -111,6 +111,12 @@ class ModelRef(ApiModel):
     pvc: PVCPath | None = Field(
         default=None, description="A folder on a PVC holding the model in Hugging Face layout."
     )
+    token_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description="Secret key holding a Hugging Face access token, for gated or private "
+        "models such as `meta-llama/*`: the trainer and server pods get it as `HF_TOKEN` "
+        "from the kubelet; the operator never reads it. Only with `id`.",
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ModelRef:
@@ -118,6 +124,8 @@ class ModelRef(ApiModel):
             raise ValueError("set exactly one of `id` or `pvc`")
         if self.revision is not None and self.id is None:
             raise ValueError("`revision` applies only to `id`")
+        if self.token_secret_ref is not None and self.id is None:
+            raise ValueError("`tokenSecretRef` applies only to `id`")
         return self
 
     @property
@@ -487,6 +495,10 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
         {
             "rule": "!has(self.revision) || has(self.id)",
             "message": "`revision` applies only to `id`",
+        },
+        {
+            "rule": "!has(self.tokenSecretRef) || has(self.id)",
+            "message": "`tokenSecretRef` applies only to `id`",
         },
     ],
     "PVCPath": [

@@ -95,6 +95,7 @@ def test_helm_lint_passes(helm_bin: Path, namespaces: list[str]) -> None:
         ("openai.prices.gpt-4o=free", "gpt-4o"),
         ("reconcileInterval=0", "reconcileInterval"),
         ("operator.metrics.port=8080", "port"),  # kopf's liveness port
+        ("jobDefaults.hfEndpoint=hf-mirror.internal", "hfEndpoint"),  # no scheme
     ],
 )
 def test_helm_lint_rejects_mistyped_values(helm_bin: Path, value: str, field: str) -> None:
@@ -160,6 +161,7 @@ def test_operator_deployment_is_locked_down_and_takes_its_settings_from_values(
         "--set", "trainer.image.tag=1.2.3",
         "--set", "jobDefaults.outputClaim=adapters",
         "--set", "jobDefaults.modelCacheClaim=hf-cache",
+        "--set", "jobDefaults.hfEndpoint=https://hf-mirror.internal",
         "--set", "reconcileInterval=2.5",
         "--set", "openai.prices.gpt-4o=27.5",
     )  # fmt: skip
@@ -194,12 +196,15 @@ def test_operator_deployment_is_locked_down_and_takes_its_settings_from_values(
     assert env["KUBETUNE_SERVER_CPU_IMAGE"] == "ghcr.io/kubetune/server-cpu:0.1.0"
     assert env["KUBETUNE_OUTPUT_CLAIM"] == "adapters"
     assert env["KUBETUNE_MODEL_CACHE_CLAIM"] == "hf-cache"
+    assert env["KUBETUNE_HF_ENDPOINT"] == "https://hf-mirror.internal"
     assert float(env["KUBETUNE_RECONCILE_INTERVAL"]) == 2.5
     prices = json.loads(env["KUBETUNE_OPENAI_PRICES"])
     assert prices == {"gpt-4o": 27.5, "gpt-4o-mini": 3, "gpt-4.1-mini": 5}
 
     clusterwide = the(render(helm_bin, "kubetune-system"), "Deployment")
-    assert "--all-namespaces" in clusterwide["spec"]["template"]["spec"]["containers"][0]["args"]
+    (default,) = clusterwide["spec"]["template"]["spec"]["containers"]
+    assert "--all-namespaces" in default["args"]
+    assert "KUBETUNE_HF_ENDPOINT" not in {e["name"] for e in default["env"]}  # huggingface.co
 
 
 def test_the_metrics_service_selects_the_operator_pod_and_can_be_switched_off(

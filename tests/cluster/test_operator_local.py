@@ -111,6 +111,16 @@ def test_api_server_rejects_invalid_specs_naming_the_field(
         )
         assert proc.returncode != 0 and "metadata.name must start with a letter" in proc.stderr
 
+    token_for_a_folder = ftj.local_job("pvctoken")
+    token_for_a_folder["spec"]["model"] = {
+        "pvc": {"claimName": "weights", "path": "llama"},
+        "tokenSecretRef": {"name": "hf-token", "key": "token"},
+    }
+    proc = cluster.kubectl(
+        "apply", "-n", team, "-f", "-", input=json.dumps(token_for_a_folder), check=False
+    )
+    assert proc.returncode != 0 and "`tokenSecretRef` applies only to `id`" in proc.stderr
+
     gpu_server_without_gpus = ftj.local_job("nogpu")
     gpu_server_without_gpus["spec"]["serve"]["engine"] = "vllm"
     proc = cluster.kubectl(

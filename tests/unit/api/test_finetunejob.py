@@ -88,7 +88,17 @@ def test_int_or_auto_accepts_both_and_rejects_other_strings() -> None:
             "exactly one of `id` or `pvc`",
         ),
         (
-            {**LOCAL, "output": {"pvc": {"claimName": "out", "path": "../other"}}},
+            {
+                **LOCAL,
+                "model": {"pvc": {"claimName": "m"}, "tokenSecretRef": {"name": "t", "key": "k"}},
+            },
+            "`tokenSecretRef` applies only to `id`",
+        ),
+        (
+            {
+                **LOCAL,
+                "output": {"pvc": {"claimName": "out", "path": "../other"}},
+            },
             "must not contain `..`",
         ),
         ({**LOCAL, "lora": {"r": 0}}, "lora.r"),

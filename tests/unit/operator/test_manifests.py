@@ -223,3 +223,39 @@ def test_the_trainer_is_told_its_grace_period() -> None:
     env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
     assert manifests.GRACE_ENV == launch.GRACE_ENV
     assert env[launch.GRACE_ENV] == str(pod["terminationGracePeriodSeconds"])
+
+
+def env_of(j: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container(j)["env"]}
+
+
+def test_a_gated_models_token_reaches_the_trainer_as_a_secret_reference_only() -> None:
+    ref = {"name": "hf-token", "key": "token"}
+    s = spec(model={"id": "meta-llama/Llama-3.1-8B-Instruct", "tokenSecretRef": ref})
+    env = env_of(job(s))
+    assert env["HF_TOKEN"] == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": ref}}
+    assert "HF_ENDPOINT" not in env  # huggingface.co unless the chart names a mirror
+    # The resolved config (a ConfigMap any reader of the namespace sees) names no Secret.
+    config = manifests.trainer_configmap(manifests.trainer_config(s, OWNER), OWNER)
+    assert "hf-token" not in str(config)
+
+
+def test_the_charts_hub_mirror_is_the_trainers_hf_endpoint_for_hub_models_only() -> None:
+    mirror = OperatorSettings(hf_endpoint="https://hf-mirror.internal")
+    s = spec()
+    env = env_of(manifests.trainer_job(s, OWNER, mirror, manifests.trainer_config(s, OWNER)))
+    assert env["HF_ENDPOINT"]["value"] == "https://hf-mirror.internal"
+    assert env["HF_HUB_DISABLE_TELEMETRY"]["value"] == "1"
+    assert "HF_TOKEN" not in env
+    on_pvc = spec(model={"pvc": {"claimName": "weights", "path": "llama"}})
+    env = env_of(
+        manifests.trainer_job(on_pvc, OWNER, mirror, manifests.trainer_config(on_pvc, OWNER))
+    )
+    assert not env.keys() & {"HF_ENDPOINT", "HF_TOKEN", "HF_HUB_DISABLE_TELEMETRY"}
+
+
+def test_settings_read_the_hub_mirror_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KUBETUNE_HF_ENDPOINT", "https://hf-mirror.internal")
+    assert OperatorSettings.from_env().hf_endpoint == "https://hf-mirror.internal"
+    monkeypatch.setenv("KUBETUNE_HF_ENDPOINT", "")
+    assert OperatorSettings.from_env().hf_endpoint is None

@@ -296,3 +296,16 @@ def test_the_jobs_rank_caps_the_server_at_that_rank_rounded_up_to_one_vllm_suppo
     adapter_checks.check_adapter(info(16), config)
     with pytest.raises(adapter_checks.AdapterRankTooHigh, match="accepts at most 16"):
         adapter_checks.check_adapter(info(17), config)
+
+
+def test_the_server_downloads_a_gated_base_model_with_the_models_token_and_mirror() -> None:
+    ref = {"name": "hf-token", "key": "token"}
+    mirror = OperatorSettings(hf_endpoint="https://hf-mirror.internal")
+    objs = objects(model={"id": "meta-llama/Llama-3.1-8B", "tokenSecretRef": ref}, settings=mirror)
+    env = {e["name"]: e for e in container(objs)["env"]}
+    assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": ref}
+    assert env["HF_ENDPOINT"]["value"] == "https://hf-mirror.internal"
+    assert "hf-token" not in str(objs["ConfigMap"])
+    on_pvc = objects(model={"pvc": {"claimName": "weights", "path": "llama"}}, settings=mirror)
+    names = {e["name"] for e in container(on_pvc)["env"]}
+    assert not names & {"HF_TOKEN", "HF_ENDPOINT"}
