@@ -48,7 +48,7 @@ from typing import Any
 from kubetune.api import finetunejob as ftj
 from kubetune.api.serveconfig import AdapterSource, ServeConfig
 from kubetune.api.types import quantity_value
-from kubetune.operator import manifests
+from kubetune.operator import manifests, pod_parts
 from kubetune.operator.settings import OperatorSettings
 from kubetune.sync_report import SYNC_PORT
 
@@ -266,7 +266,7 @@ def _env(
     ]
     if serve.engine == "vllm-cpu":
         env.append({"name": "VLLM_CPU_KVCACHE_SPACE", "value": str(cpu_kv_cache_gib(res))})
-    return env + manifests.hub_env(base_model, settings) + _api_key_env(serve)
+    return env + pod_parts.hub_env(base_model, settings) + _api_key_env(serve)
 
 
 def _api_key_env(serve: ftj.ServerSettings) -> list[dict[str, Any]]:
@@ -294,7 +294,7 @@ def deployment(
     """vLLM behind the launcher: probes, GPUs, /dev/shm, cache, read-only adapters, non-root;
     with ``adapter_sync``, the sidecar that loads adapter-set changes into the running vLLM
     (the pods' config hash then leaves the adapters out: a new set does not roll them)."""
-    res = manifests.effective_resources(engine_resources(serve), settings, "server")
+    res = pod_parts.effective_resources(engine_resources(serve), settings, "server")
     claims = list(dict.fromkeys(a.claim for a in adapters))
     volume = {c: "adapter" if i == 0 else f"adapter-{i}" for i, c in enumerate(claims)}
     volumes: list[dict[str, Any]] = [
@@ -303,8 +303,8 @@ def deployment(
             {"name": volume[c], "persistentVolumeClaim": {"claimName": c, "readOnly": True}}
             for c in claims
         ),
-        manifests.cache_volume(settings),
-        manifests.shm_volume(res),
+        pod_parts.cache_volume(settings),
+        pod_parts.shm_volume(res),
         {"name": "tmp", "emptyDir": {}},
     ]
     config_and_adapters: list[dict[str, Any]] = [
@@ -343,9 +343,9 @@ def deployment(
             "command": ["python", "-m", "kubetune.server", "--config", CONFIG_PATH],
             "ports": [{"name": "http", "containerPort": SERVER_PORT, "protocol": "TCP"}],
             "env": _env(serve, res, base_model, settings),
-            "resources": manifests.resource_requirements(res),
+            "resources": pod_parts.resource_requirements(res),
             "volumeMounts": mounts,
-            "securityContext": manifests.container_security_context(),
+            "securityContext": pod_parts.container_security_context(),
             # Model download and loading: /health answers only once the engine is up.
             "startupProbe": _probe("/health", PROBE_PERIOD, STARTUP_SECONDS // PROBE_PERIOD),
             "readinessProbe": _probe("/health", 5, 3),
@@ -356,11 +356,11 @@ def deployment(
     if adapter_sync:
         containers.append(sync_container(serve, settings, [*config_and_adapters, tmp]))
     pod_spec: dict[str, Any] = {
-        "securityContext": manifests.pod_security_context(settings),
+        "securityContext": pod_parts.pod_security_context(settings),
         "automountServiceAccountToken": False,
         "containers": containers,
         "volumes": volumes,
-        "tolerations": manifests.tolerations(res),
+        "tolerations": pod_parts.tolerations(res),
     }
     if res.node_selector:
         pod_spec["nodeSelector"] = dict(res.node_selector)
@@ -429,7 +429,7 @@ def sync_container(
         "env": env,
         "resources": {"requests": dict(SYNC_RESOURCES), "limits": dict(SYNC_RESOURCES)},
         "volumeMounts": mounts,
-        "securityContext": manifests.container_security_context(),
+        "securityContext": pod_parts.container_security_context(),
     }
 
 
