@@ -8,7 +8,8 @@ server with the argv and environment built by :mod:`kubetune.server.vllm_args`. 
 exec the process *is* vLLM (same pid), so Kubernetes' signals and probes reach it directly.
 
 It never imports vLLM (only asks which distribution is installed), torch, kopf or the
-Kubernetes client: ``--help`` and every refusal are instant.
+Kubernetes client: ``--help`` and every refusal are instant. A base model named by Hub id is
+asked for once (its ``config.json``), so that the Hub's refusal is one line too.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +28,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
+from kubetune import hub
 from kubetune.api.serveconfig import ServeConfig
 from kubetune.server import adapter_checks, vllm_args
 
@@ -37,6 +40,10 @@ EXIT_REFUSED = 2
 
 REFUSAL_PREFIX = "kubetune.server: refusing to start: "
 """How a refusal's one line (stderr, termination message) begins; the operator strips it."""
+
+
+HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+"""A Hugging Face model id (a path in the pod, such as ``/kubetune/model/x``, is not one)."""
 
 
 class LaunchRefused(Exception):
@@ -103,6 +110,20 @@ def prepare(
     return argv, env
 
 
+def check_base_model(config: ServeConfig) -> None:
+    """A base model named by Hub id: the Hub's refusal (gated, no access, unknown id or
+    revision) refuses the launch, with the field to change, instead of vLLM failing with a
+    stack trace in a crash loop. A local folder, or offline mode, is not asked about."""
+    if not HUB_ID.fullmatch(config.model) or Path(config.model).is_dir():
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        return
+    try:
+        hub.check(config.model, config.revision)
+    except hub.ModelAccessError as e:
+        raise LaunchRefused(str(e)) from e
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m kubetune.server",
@@ -134,6 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if problem:
                 raise LaunchRefused(problem)
         command, env = prepare(config, dict(os.environ), sys.executable)
+        if not args.dry_run:
+            check_base_model(config)
     except LaunchRefused as e:
         return refuse(str(e))
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kubetune import hub
 from kubetune.api.finetunejob import LoraSpec, Method
 from kubetune.api.jobconfig import TrainerConfig
-from kubetune.trainer import hub
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def load_tokenizer(config: TrainerConfig) -> Any:
     from transformers import AutoTokenizer
 
     source, kwargs = model_source(config)
-    with hub.access(config):
+    with hub.access(config.model.id_or_path, config.model.revision):
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"{source}: a fast tokenizer is needed (offsets locate assistant tokens)")
@@ -211,7 +211,7 @@ def load_model(config: TrainerConfig, placement: Placement, *, local_rank: int =
             bnb_4bit_compute_dtype=dtype,
         )
         kwargs["device_map"] = {"": local_rank}
-    with hub.access(config):
+    with hub.access(config.model.id_or_path, config.model.revision):
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     model.config.use_cache = False
     if qlora:

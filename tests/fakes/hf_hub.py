@@ -364,13 +364,16 @@ def _tree(repo: HubRepo, path: str, recursive: bool) -> list[dict[str, Any]]:
 
 def fresh_client(monkeypatch: Any, home: Path) -> None:
     """huggingface_hub in this process as in a new one with an empty ``HF_HOME`` at ``home``:
-    no token of the developer's (env or file), online, and no agent registry yet (its first
-    request fetches one). ``monkeypatch`` is pytest's, which undoes all of it."""
+    an empty model cache (files cached by an earlier test would be served even when the Hub
+    refuses), no token of the developer's (env or file), online, and no agent registry yet (its
+    first request fetches one). ``monkeypatch`` is pytest's, which undoes all of it."""
     from huggingface_hub import constants
     from huggingface_hub.utils import _detect_agent
 
     for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(home))  # for child processes
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", False)

@@ -124,6 +124,23 @@ def test_a_model_folder_with_a_trailing_slash_is_the_same_model() -> None:
     assert list(plan.adapters) == ["a"] and [r.name for r in plan.refused] == ["b"]
 
 
+def test_a_gated_base_is_the_same_model_whatever_token_a_job_names() -> None:
+    token = {"name": "hf-token", "key": "token"}
+    spec = server_spec(model={**QWEN, "tokenSecretRef": token})
+    jobs = [
+        member("a", model=QWEN),
+        member("b", model={**QWEN, "tokenSecretRef": {"name": "x", "key": "y"}}),
+    ]
+    assert list(model_server.plan(spec, NS, jobs, SETTINGS).adapters) == ["a", "b"]
+    env = {
+        e["name"]: e
+        for e in objects(MOUNTS, model={**QWEN, "tokenSecretRef": token})["Deployment"]["spec"][
+            "template"
+        ]["spec"]["containers"][0]["env"]
+    }
+    assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": token}  # the server's own Secret
+
+
 def test_a_full_server_keeps_the_oldest_jobs_and_refuses_the_newest() -> None:
     def aged(name: str, minute: int) -> model_server.Member:
         body = job_body(name)

@@ -7,14 +7,16 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from fakes.hf_hub import FakeHub, fresh_client, use_endpoint
 from kubetune.server import launcher
+from support.net import free_port
 
 BASE = "/models/tiny-llama"
 MakeAdapter = Callable[..., Path]
@@ -200,3 +202,58 @@ def test_a_refused_extra_arg_is_named_and_its_value_never_shown(
     assert f"invalid serve config {cfg}: `extraArgs`: Value error, `extraArgs` must not set " in err
     assert "`--api-key`: use `apiKeyEnv`" in err
     assert "sk-do-not-show" not in err and execvpe.calls == []
+
+
+GATED = "meta-llama/tiny-gated"
+HUB_TOKEN = "hf_launcher_0123456789abcdefABCDEF"
+
+
+@pytest.fixture
+def gated_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
+    """The Hub with a gated model, as a server pod reaches it (``HF_ENDPOINT``)."""
+    fresh_client(monkeypatch, tmp_path / "home")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    fake = FakeHub({GATED: repo}, tokens={"team": HUB_TOKEN}, gated={GATED: {"team"}})
+    with fake.serve() as hub, use_endpoint(hub.endpoint):
+        yield hub
+
+
+def test_a_gated_base_model_the_hub_refuses_is_a_refusal_naming_the_field(
+    tmp_path: Path,
+    make_adapter: MakeAdapter,
+    execvpe: Exec,
+    capsys: pytest.CaptureFixture[str],
+    gated_hub: FakeHub,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cfg = write_config(tmp_path, make_adapter(base=GATED), model=GATED)
+    assert launcher.main(["--config", str(cfg)]) == launcher.EXIT_REFUSED
+    assert execvpe.calls == []
+    [line] = [
+        x for x in capsys.readouterr().err.splitlines() if x.startswith(launcher.REFUSAL_PREFIX)
+    ]
+    assert line.endswith("the model is gated and the job gave no token; put a token of an account "
+                         "that was granted access in a Secret and name it in "
+                         "spec.model.tokenSecretRef")  # fmt: skip
+    # With the Secret's token in HF_TOKEN it starts vLLM, having asked the Hub as the team.
+    monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
+    launcher.main(["--config", str(cfg)])
+    assert len(execvpe.calls) == 1
+    asked = [r for r in gated_hub.requests if r.route == "resolve"]
+    assert asked[0].user is None and {r.user for r in asked[1:]} == {"team"}  # HEAD, GET
+    assert not gated_hub.unexpected
+
+
+def test_a_hub_that_cannot_be_reached_is_left_to_vllm(
+    tmp_path: Path, make_adapter: MakeAdapter, execvpe: Exec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants
+
+    fresh_client(monkeypatch, tmp_path / "home")
+    with use_endpoint(f"http://127.0.0.1:{free_port()}"):  # nobody listens
+        monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 1)
+        cfg = write_config(tmp_path, make_adapter(base=GATED), model=GATED)
+        launcher.main(["--config", str(cfg)])
+    assert len(execvpe.calls) == 1  # a passing failure: vLLM retries or the pod restarts

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from fakes.hf_hub import FakeHub, fresh_client, use_endpoint
+from kubetune import hub
 from kubetune.api.jobconfig import TrainerConfig
-from kubetune.trainer import hub, modelload
+from kubetune.trainer import modelload
 
 GRANTED = "hf_granted_0123456789abcdefABCDEF"
 OTHER = "hf_other_0123456789abcdefABCDEFGH"
@@ -26,7 +27,6 @@ def served(
     demo_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[FakeHub]:
     fresh_client(monkeypatch, tmp_path / "home")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
     fake = FakeHub(
         {GATED: demo_model_dir, OPEN: demo_model_dir},
         tokens={"granted": GRANTED, "other": OTHER},
@@ -100,4 +100,4 @@ def test_an_unknown_public_model_hints_at_a_token_and_other_errors_pass_through(
     )
     modelload.load_tokenizer(config(OPEN, tmp_path))  # an open model needs no token
     # Not a refusal: a passing failure the Job retries.
-    assert hub.refusal(OSError("No space left on device"), config(OPEN, tmp_path)) is None
+    assert hub.refusal(OSError("No space left on device"), OPEN, None) is None

@@ -1,21 +1,23 @@
-"""The Hugging Face Hub's refusals, in the job's terms.
+"""The Hugging Face Hub's refusals of a base model, in the job's terms.
 
 A base model named by id is downloaded from the Hub (``HF_ENDPOINT``, the chart's
 ``jobDefaults.hfEndpoint``; huggingface.co otherwise) with the token the pod got from
-``spec.model.tokenSecretRef`` (``HF_TOKEN``). When the Hub refuses (a gated model without a
-token, a token whose account has no access, an unknown id or revision), transformers raises an
-``OSError`` that wraps huggingface_hub's error; another attempt cannot succeed until the job or
-its Secret changes, so :func:`access` turns it into :class:`ModelAccessError`, which the trainer
-reports as an invalid job (exit code 2: the Job fails at once instead of retrying). A Hub that
-cannot be reached stays a passing failure, retried by the Job. No message carries the token.
+``spec.model.tokenSecretRef`` (``HF_TOKEN``), by the trainer and by the server's vLLM. When the
+Hub refuses (a gated model without a token, a token whose account has no access, an unknown id
+or revision), huggingface_hub raises (transformers wraps it in an ``OSError``); another attempt
+cannot succeed until the job or its Secret changes, so :func:`access` turns it into
+:class:`ModelAccessError`, which the trainer and the server launcher report as an invalid job
+(exit code 2). A Hub that cannot be reached stays a passing failure. No message carries the
+token. huggingface_hub is imported only when a model is loaded: the operator never is.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from kubetune.api.jobconfig import TrainerConfig
+log = logging.getLogger(__name__)
 
 TOKEN_FIELD = "spec.model.tokenSecretRef"
 
@@ -25,15 +27,31 @@ class ModelAccessError(RuntimeError):
 
 
 @contextmanager
-def access(config: TrainerConfig) -> Iterator[None]:
-    """Raises :class:`ModelAccessError` for the Hub's refusals inside the block."""
+def access(model: str, revision: str | None) -> Iterator[None]:
+    """Raises :class:`ModelAccessError` for the Hub's refusals of ``model`` inside the block."""
     try:
         yield
-    except OSError as exc:
-        refused = refusal(exc, config)
+    except OSError as exc:  # huggingface_hub's HTTP errors are OSErrors too
+        refused = refusal(exc, model, revision)
         if refused is None:
             raise
         raise ModelAccessError(refused) from exc
+
+
+def check(model: str, revision: str | None) -> None:
+    """Asks the Hub for ``model``'s ``config.json`` (into the cache, where loading it finds it
+    next) and raises :class:`ModelAccessError` if it refuses. Anything else, an unreachable Hub
+    or offline mode, is left to the loader that comes next, which retries or fails as it does.
+    """
+    from huggingface_hub import hf_hub_download
+
+    try:
+        with access(model, revision):
+            hf_hub_download(model, "config.json", revision=revision)
+    except ModelAccessError:
+        raise
+    except Exception as exc:
+        log.warning("could not check %s on the Hub: %s", model, exc)
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
@@ -51,7 +69,7 @@ def _status(exc: BaseException) -> int | None:
     return code if isinstance(code, int) else None
 
 
-def refusal(exc: BaseException, config: TrainerConfig) -> str | None:
+def refusal(exc: BaseException, model: str, revision: str | None) -> str | None:
     """What the Hub refused and what to change, or None when ``exc`` is no refusal."""
     from huggingface_hub import constants, get_token
     from huggingface_hub.errors import (
@@ -61,12 +79,11 @@ def refusal(exc: BaseException, config: TrainerConfig) -> str | None:
         RevisionNotFoundError,
     )
 
-    model = config.model.id_or_path
     where = f"model {model} on {constants.ENDPOINT}"
     token = get_token() is not None
     for cause in _chain(exc):
         if isinstance(cause, RevisionNotFoundError):
-            return f"{where}: it has no revision {config.model.revision!r} (spec.model.revision)"
+            return f"{where}: it has no revision {revision!r} (spec.model.revision)"
         if isinstance(cause, GatedRepoError):
             if not token:
                 return (
