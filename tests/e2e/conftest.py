@@ -27,7 +27,14 @@ import httpx
 import pytest
 
 from support.net import free_port
-from support.server_process import child_env, log_tail, start_server, stop_server, wait_ready
+from support.server_process import (
+    child_env,
+    cpu_serve_config,
+    log_tail,
+    start_server,
+    stop_server,
+    wait_ready,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 DATASET = REPO / "examples" / "data" / "daoyan.jsonl"
@@ -151,22 +158,16 @@ def vllm_server(
     work = tmp_path_factory.mktemp("vllm")
     port = free_port()
     api_key = "sk-e2e-" + os.urandom(8).hex()
-    config = {
-        "model": str(demo_model),
-        "servedModelName": BASE_NAME,
-        "adapters": [{"name": ADAPTER_NAME, "path": str(trained_adapter)}],
-        "engine": "vllm-cpu",
-        "host": "127.0.0.1",
-        "port": port,
-        "maxModelLen": 512,
-        # The demo model is tiny: float32 costs nothing and keeps greedy answers the ones the
-        # trainer taught (bfloat16 rounding can change a near tie).
-        "dtype": "float32",
-        "runtimeLoraUpdating": True,
-        "maxLoras": 2,
-        "apiKeyEnv": API_KEY_ENV,
-        "adapterWaitSeconds": 60,
-    }
+    config = cpu_serve_config(
+        str(demo_model),
+        {ADAPTER_NAME: trained_adapter},
+        port,
+        servedModelName=BASE_NAME,
+        runtimeLoraUpdating=True,
+        maxLoras=2,
+        apiKeyEnv=API_KEY_ENV,
+        adapterWaitSeconds=60,
+    )
     proc = start_server(config, work, **{API_KEY_ENV: api_key})
     try:
         root = f"http://127.0.0.1:{port}"

@@ -28,7 +28,13 @@ from fakes.hf_hub import FakeHub
 from kubetune.api.result import RESULT_FILE, TrainingResult
 from kubetune.server import launcher
 from support.net import free_port
-from support.server_process import log_tail, start_server, stop_server, wait_ready
+from support.server_process import (
+    cpu_serve_config,
+    log_tail,
+    start_server,
+    stop_server,
+    wait_ready,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -121,24 +127,10 @@ def test_without_a_token_the_trainer_refuses_at_once_naming_the_field(
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
-def serve_config(adapter: Path, port: int) -> dict[str, object]:
-    return {
-        "model": GATED,
-        "servedModelName": "demo-tiny",
-        "adapters": [{"name": "gated", "path": str(adapter)}],
-        "engine": "vllm-cpu",
-        "host": "127.0.0.1",
-        "port": port,
-        "maxModelLen": 512,
-        "dtype": "float32",
-        "adapterWaitSeconds": 0,
-    }
-
-
 def test_the_server_refuses_a_gated_base_model_without_a_token_before_vllm_starts(
     hub: FakeHub, trained: tuple[Path, str, int], tmp_path: Path
 ) -> None:
-    config = serve_config(trained[0], free_port())
+    config = cpu_serve_config(GATED, {"gated": trained[0]}, free_port())
     proc = start_server(config, tmp_path, hub_env(hub, tmp_path / "cache", None))
     try:
         assert proc.wait(timeout=120) == launcher.EXIT_REFUSED, log_tail(tmp_path / "server.log")
@@ -155,7 +147,9 @@ def test_vllm_downloads_the_gated_base_model_with_the_token_and_serves_the_adapt
     port = free_port()
     start = len(hub.requests)
     proc = start_server(
-        serve_config(trained[0], port), tmp_path, hub_env(hub, tmp_path / "cache", TOKEN)
+        cpu_serve_config(GATED, {"gated": trained[0]}, port),
+        tmp_path,
+        hub_env(hub, tmp_path / "cache", TOKEN),
     )
     try:
         root = f"http://127.0.0.1:{port}"

