@@ -60,7 +60,7 @@ import openai
 
 from kubetune import data
 from kubetune.api import finetunejob as ftj
-from kubetune.api import jobstatus
+from kubetune.api import jobstatus, openai_spec
 from kubetune.operator import checks, kube, manifests, openai_client
 from kubetune.operator import openai_errors as errors
 from kubetune.operator import openai_provider as provider
@@ -83,7 +83,7 @@ def _normal_url(url: str) -> str:
     return out + (f"?{parts.query}" if parts.query else "")
 
 
-def allowed_base_url(spec: ftj.OpenAISpec, allowed: Iterable[str]) -> str:
+def allowed_base_url(spec: openai_spec.OpenAISpec, allowed: Iterable[str]) -> str:
     """The base URL to call; raises RefusedProviderError when the allowlist lacks it."""
     url = spec.base_url or DEFAULT_OPENAI_BASE_URL
     allowed = tuple(allowed)
@@ -109,7 +109,7 @@ class Credentials:
 
 
 def credentials(
-    secret: Mapping[str, Any] | None, ref: ftj.OpenAIKeyRef, namespace: str
+    secret: Mapping[str, Any] | None, ref: openai_spec.OpenAIKeyRef, namespace: str
 ) -> Credentials:
     """The key (and organization/project) from ``secret``, if it opts in with the label.
 
@@ -153,7 +153,9 @@ def credentials(
     )
 
 
-def client_for(spec: ftj.OpenAISpec, namespace: str, settings: OperatorSettings) -> openai.OpenAI:
+def client_for(
+    spec: openai_spec.OpenAISpec, namespace: str, settings: OperatorSettings
+) -> openai.OpenAI:
     """A client with the job's credentials, for an allowed base URL and an opted-in Secret."""
     base_url = allowed_base_url(spec, settings.openai_allowed_base_urls)
     ref = spec.api_key_secret_ref
@@ -272,7 +274,7 @@ def _reader(
 
 
 def _client_or_wait(
-    spec: ftj.OpenAISpec, owner: manifests.Owner, status: jobstatus.FineTuneJobStatus,
+    spec: openai_spec.OpenAISpec, owner: manifests.Owner, status: jobstatus.FineTuneJobStatus,
     settings: OperatorSettings,
 ) -> openai.OpenAI:  # fmt: skip
     """client_for; once a remote job exists, a credentials problem is a long wait, not Failed."""
@@ -409,7 +411,7 @@ def cleanup(
 
 
 def _cleanup(
-    oa: ftj.OpenAISpec,
+    oa: openai_spec.OpenAISpec,
     spec: ftj.FineTuneJobSpec,
     owner: manifests.Owner,
     status: jobstatus.FineTuneJobStatus,

@@ -68,7 +68,7 @@ from openai.types.fine_tuning import (
 )
 
 from kubetune.api import finetunejob as ftj
-from kubetune.api import jobstatus
+from kubetune.api import jobstatus, openai_spec
 from kubetune.operator import manifests
 from kubetune.operator import openai_errors as errors
 from kubetune.operator import openai_status as ostatus
@@ -138,7 +138,7 @@ def file_name(uid: str, role: str, sha256: str) -> str:
     return f"{FILE_PREFIX}{uid}-{role}-{sha256[:16]}.jsonl"
 
 
-def _openai_spec(spec: ftj.FineTuneJobSpec) -> ftj.OpenAISpec:
+def _openai_spec(spec: ftj.FineTuneJobSpec) -> openai_spec.OpenAISpec:
     if spec.openai is None:
         raise errors.PermanentProviderError(
             "`openai` is required when `provider` is `openai`", reason="InvalidSpec"
@@ -274,7 +274,7 @@ def _number_or_auto(value: str) -> float | Literal["auto"]:
     return "auto" if value == "auto" else float(value)
 
 
-def create_params(oa: ftj.OpenAISpec) -> job_create_params.Method:
+def create_params(oa: openai_spec.OpenAISpec) -> job_create_params.Method:
     """The ``method`` object of the create request, from the spec's method and hyperparameters."""
     hp = oa.hyperparameters
     epochs: int | Literal["auto"] = hp.n_epochs
@@ -302,7 +302,10 @@ def create_params(oa: ftj.OpenAISpec) -> job_create_params.Method:
 
 
 def _create_job(
-    client: openai.OpenAI, oa: ftj.OpenAISpec, owner: manifests.Owner, remote: jobstatus.RemoteJob
+    client: openai.OpenAI,
+    oa: openai_spec.OpenAISpec,
+    owner: manifests.Owner,
+    remote: jobstatus.RemoteJob,
 ) -> FineTuningJob:
     assert remote.training_file is not None
     metadata = {META_UID: owner.uid, META_NAMESPACE: owner.namespace, META_NAME: owner.name}
@@ -432,7 +435,7 @@ def _while_following(
     exc: errors.PermanentProviderError,
     job_id: str,
     owner: manifests.Owner,
-    oa: ftj.OpenAISpec,
+    oa: openai_spec.OpenAISpec,
 ) -> errors.TemporaryProviderError:
     return errors.while_following(exc, job_id, f"{owner.namespace}/{oa.api_key_secret_ref.name}")
 

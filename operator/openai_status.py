@@ -21,8 +21,7 @@ from typing import Any
 
 from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
 
-from kubetune.api import finetunejob as ftj
-from kubetune.api import jobstatus
+from kubetune.api import jobstatus, openai_spec
 from kubetune.operator import manifests
 from kubetune.operator import openai_errors as errors
 from kubetune.operator import status as st
@@ -120,7 +119,7 @@ def apply(
     job: FineTuningJob,
     events: list[FineTuningJobEvent],
     *,
-    oa: ftj.OpenAISpec,
+    oa: openai_spec.OpenAISpec,
     owner: manifests.Owner,
     prices: Mapping[str, float],
     generation: int | None,
@@ -182,7 +181,7 @@ def apply(
 def _succeeded(
     new: jobstatus.FineTuneJobStatus,
     job: FineTuningJob,
-    oa: ftj.OpenAISpec,
+    oa: openai_spec.OpenAISpec,
     owner: manifests.Owner,
     prices: Mapping[str, float],
     out: list[Event],

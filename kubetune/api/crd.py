@@ -119,7 +119,7 @@ FINETUNEJOB = Resource(
     rules=ftj.CEL_RULES,
     root_rules=[*ftj.NAME_RULES, ftj.immutability_rule()],
     columns=ftj.PRINTER_COLUMNS,
-    source="kubetune/api/finetunejob.py and jobstatus.py",
+    source="kubetune/api/finetunejob.py, openai_spec.py and jobstatus.py",
 )
 MODELSERVER = Resource(
     kind=ms.KIND,

@@ -9,7 +9,7 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from kubetune.api import finetunejob as ftj
-from kubetune.api import jobstatus
+from kubetune.api import jobstatus, openai_spec
 from kubetune.api.jobconfig import TrainerConfig
 
 LOCAL: dict[str, Any] = {
@@ -52,7 +52,7 @@ def test_the_server_is_queued_where_the_job_is_unless_serve_queue_says() -> None
         ftj.Resources,
         ftj.ServeSpec,
         ftj.OutputSpec,
-        ftj.OpenAIHyperparameters,
+        openai_spec.OpenAIHyperparameters,
     ],
 )
 def test_round_trip_through_wire_form(model: type[BaseModel]) -> None:

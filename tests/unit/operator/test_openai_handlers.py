@@ -18,7 +18,7 @@ import pytest
 
 from fakes.openai_finetune import FakeOpenAI, Timing
 from kubetune.api import finetunejob as ftj
-from kubetune.api import jobstatus
+from kubetune.api import jobstatus, openai_spec
 from kubetune.operator import checks, kube, manifests
 from kubetune.operator import openai_errors as errors
 from kubetune.operator import openai_handlers as handlers
@@ -102,7 +102,7 @@ def settings_for(fake: FakeOpenAI, **kw: Any) -> OperatorSettings:
 # ----------------------------------------------------------------------------- base URL
 
 
-def openai_of(spec: ftj.FineTuneJobSpec) -> ftj.OpenAISpec:
+def openai_of(spec: ftj.FineTuneJobSpec) -> openai_spec.OpenAISpec:
     assert spec.openai is not None
     return spec.openai
 
@@ -215,7 +215,7 @@ def test_a_secret_value_that_cannot_be_a_header_is_refused_by_name(
 
 
 def test_a_missing_secret_or_key_names_it() -> None:
-    ref = ftj.OpenAIKeyRef(name="openai", key="api-key", projectKey="proj")
+    ref = openai_spec.OpenAIKeyRef(name="openai", key="api-key", projectKey="proj")
     with pytest.raises(kube.PermanentKubeError, match="Secret team-a/openai not found"):
         handlers.credentials(None, ref, NAMESPACE)
     with pytest.raises(kube.PermanentKubeError, match="has no key 'proj'"):
