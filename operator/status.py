@@ -118,11 +118,13 @@ NOT_STARTING = "PodNotStarting"
 
 
 def container_waiting(pods: list[dict[str, Any]]) -> str | None:
-    """Why a scheduled pod's container does not start, in the kubelet's words (newest pod
-    first): ``CreateContainerConfigError: secret "hf-token" not found``, ``ImagePullBackOff:
-    ...``; None while every container is starting normally."""
+    """Why a pod's container does not start, in the kubelet's words (newest pod first, pods
+    that ended left out): ``CreateContainerConfigError: secret "hf-token" not found``,
+    ``ImagePullBackOff: ...``; None while every container is starting normally."""
     for pod in _newest(pods):
         status = pod.get("status") or {}
+        if status.get("phase") not in ("Pending", "Running"):
+            continue
         for cs in [
             *(status.get("initContainerStatuses") or []),
             *(status.get("containerStatuses") or []),
@@ -318,9 +320,7 @@ def serving_state(deploy: dict[str, Any] | None, pods: list[dict[str, Any]]) -> 
     refusal = launcher_refusal(current)
     if refusal is not None:
         return ServingState(False, "LaunchRefused", f"the server refuses to start: {refusal}")
-    stuck = container_waiting(
-        [p for p in current if (p.get("status") or {}).get("phase") in ("Pending", "Running")]
-    )
+    stuck = container_waiting(current)
     if stuck is not None:
         return ServingState(False, NOT_STARTING, f"{counted}; a server pod cannot start: {stuck}")
     failure = conditions_by_type(deploy).get("ReplicaFailure") or {}
