@@ -29,6 +29,7 @@ import yaml
 from pydantic import ValidationError
 
 from kubetune import hub
+from kubetune.api.finetunejob import MODEL_ID_PATTERN
 from kubetune.api.serveconfig import ServeConfig
 from kubetune.server import adapter_checks, vllm_args
 
@@ -40,10 +41,6 @@ EXIT_REFUSED = 2
 
 REFUSAL_PREFIX = "kubetune.server: refusing to start: "
 """How a refusal's one line (stderr, termination message) begins; the operator strips it."""
-
-
-HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
-"""A Hugging Face model id (a path in the pod, such as ``/kubetune/model/x``, is not one)."""
 
 
 class LaunchRefused(Exception):
@@ -114,7 +111,7 @@ def check_base_model(config: ServeConfig) -> None:
     """A base model named by Hub id: the Hub's refusal (gated, no access, unknown id or
     revision) refuses the launch, with the field to change, instead of vLLM failing with a
     stack trace in a crash loop. A local folder, or offline mode, is not asked about."""
-    if not HUB_ID.fullmatch(config.model) or Path(config.model).is_dir():
+    if not re.match(MODEL_ID_PATTERN, config.model) or Path(config.model).is_dir():
         return
     if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
         return

@@ -95,13 +95,18 @@ class DatasetSource(ApiModel):
         return self
 
 
+MODEL_ID_PATTERN = r"^[A-Za-z0-9][-._A-Za-z0-9]*(/[-._A-Za-z0-9]+)?$"
+"""A Hugging Face model id, ``name`` or ``org/name`` (a path, such as ``/kubetune/model/x``, is
+not one)."""
+
+
 class ModelRef(ApiModel):
     """The open base model: a Hugging Face id (with optional revision) or a folder on a PVC."""
 
     id: str | None = Field(
         default=None,
         max_length=256,
-        pattern=r"^[A-Za-z0-9][-._A-Za-z0-9]*(/[-._A-Za-z0-9]+)?$",
+        pattern=MODEL_ID_PATTERN,
         description="Hugging Face model id, e.g. `Qwen/Qwen2.5-0.5B-Instruct`; downloaded "
         "into the model cache (HF_HOME).",
     )
