@@ -47,7 +47,7 @@ class OperatorSettings:
 
     hf_endpoint: str | None = None
     """Hugging Face Hub (or mirror) that trainer and server pods download hub models from
-    (chart value ``huggingface.endpoint``, set as ``HF_ENDPOINT``); unset: huggingface.co."""
+    (chart value ``jobDefaults.hfEndpoint``, set as ``HF_ENDPOINT``); unset: huggingface.co."""
 
     reconcile_interval: float = 10.0
     """Seconds between two looks at a running job (lower in tests)."""
