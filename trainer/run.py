@@ -13,11 +13,9 @@ Exit codes: 0 finished (or already finished), 1 failed, 2 invalid job, 143 preem
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,21 +24,23 @@ from kubetune import hub
 from kubetune.api.jobconfig import TrainerConfig
 from kubetune.api.result import RESULT_FILE, DataCounts, TrainingResult
 from kubetune.progress import ProgressRecord
-from kubetune.trainer import chat, checkpoints, dataset, launch, modelload, plan, reporting
+from kubetune.trainer import (
+    chat,
+    checkpoints,
+    dataset,
+    launch,
+    modelload,
+    ownership,
+    plan,
+    reporting,
+)
 from kubetune.trainer.launch import EXIT_FAILED, EXIT_INVALID, EXIT_OK, EXIT_PREEMPTED
 from kubetune.trainer.preemption import Preemption
 
 log = logging.getLogger(__name__)
 
-JOB_FILE = "trainer-job.json"
-"""Which job owns the output folder; a different job is refused."""
 ADAPTER_FILES_LAST = "adapter_config.json"
 """Moved into place last: the server treats a folder without it as not ready yet."""
-
-
-class OutputConflict(RuntimeError):
-    """The output folder belongs to another job or to another config of this job."""
-
 
 PERMANENT = (
     dataset.DataError,
@@ -48,99 +48,8 @@ PERMANENT = (
     modelload.QLoraUnavailable,
     hub.ModelAccessError,
     chat.TemplateError,
-    OutputConflict,
+    ownership.OutputConflict,
 )
-
-
-def config_sha256(config: TrainerConfig) -> str:
-    canonical = json.dumps(config.to_wire(), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
-def claim_output(config: TrainerConfig, output_dir: Path, sha: str, *, write: bool = True) -> None:
-    """Take ownership of ``output_dir`` for this job and config, before anything is written there.
-
-    Only the main process writes (``write``); every process reads the same answer.
-    """
-    owner_path = output_dir / JOB_FILE
-    mine = {"job": f"{config.job.namespace}/{config.job.name}", "uid": config.job.uid}
-    if owner_path.exists():
-        owner = json.loads(owner_path.read_text(encoding="utf-8"))
-        if (owner.get("job"), owner.get("uid")) != (mine["job"], mine["uid"]):
-            raise OutputConflict(
-                f"{output_dir} belongs to job {owner.get('job')} (uid {owner.get('uid')}); "
-                "refusing to overwrite another job's outputs"
-            )
-        if owner.get("config_sha256") != sha:
-            raise OutputConflict(
-                f"{output_dir} holds a run of this job with a different config; "
-                "resuming it with this one would mix two trainings"
-            )
-    elif write:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(owner_path, {**mine, "config_sha256": sha})
-
-
-@dataclass(frozen=True)
-class DataDigests:
-    """SHA-256 of the files as read: the config names them, only this says what they hold."""
-
-    dataset_sha256: str
-    validation_sha256: str | None
-
-    def changed_from(self, dataset_sha256: Any, validation_sha256: Any) -> str | None:
-        """Which file differs from the recorded digests, if any."""
-        if dataset_sha256 != self.dataset_sha256:
-            return "the training file"
-        if validation_sha256 != self.validation_sha256:
-            return "the validation file"
-        return None
-
-
-def claim_data(output_dir: Path, data: DataDigests, *, write: bool = True) -> None:
-    """Record the data's digests with the folder's owner, or refuse data that changed since:
-    a resumed run would replay another dataset's sample order from the checkpoint."""
-    owner_path = output_dir / JOB_FILE
-    if not owner_path.exists():  # a worker that read before the main process wrote
-        return
-    owner = json.loads(owner_path.read_text(encoding="utf-8"))
-    if "dataset_sha256" not in owner:
-        if write:
-            _write_json(owner_path, {**owner, **asdict(data)})
-        return
-    changed = data.changed_from(owner["dataset_sha256"], owner.get("validation_sha256"))
-    if changed is not None:
-        raise OutputConflict(
-            f"{output_dir} holds a run of this job on different data: {changed} changed since "
-            "it started; resuming it would mix two trainings (use a new output folder)"
-        )
-
-
-def already_finished(output_dir: Path, sha: str, data: DataDigests) -> bool:
-    """True if ``result.json`` is this config's, trained on this data; refused if the data
-    changed (it would be reported done for data it never saw)."""
-    result_path = output_dir / RESULT_FILE
-    if not result_path.exists():
-        return False
-    try:
-        result = TrainingResult.load(result_path)
-    except ValueError:
-        return False
-    if result.config_sha256 != sha:
-        return False
-    changed = data.changed_from(result.dataset_sha256, result.validation_sha256)
-    if changed is not None:
-        raise OutputConflict(
-            f"{output_dir} holds this job's finished result, but {changed} changed since it "
-            "was trained; it is not the result of this data (use a new output folder)"
-        )
-    return True
 
 
 @dataclass
@@ -166,7 +75,7 @@ class DataFiles:
     train: list[chat.Conversation]
     valid_path: Path | None
     valid: list[chat.Conversation]
-    digests: DataDigests
+    digests: ownership.DataDigests
 
 
 def read_data(config: TrainerConfig, output_dir: Path) -> DataFiles:
@@ -177,7 +86,7 @@ def read_data(config: TrainerConfig, output_dir: Path) -> DataFiles:
     if config.validation is not None:
         valid_path = dataset.localize(config.validation, output_dir / "data", "validation.jsonl")
         valid = dataset.read_conversations(valid_path)
-    digests = DataDigests(
+    digests = ownership.DataDigests(
         dataset_sha256=dataset.sha256_file(train_path),
         validation_sha256=None if valid_path is None else dataset.sha256_file(valid_path),
     )
@@ -289,8 +198,8 @@ def train(config: TrainerConfig) -> int:
     """The run itself; raises the :data:`PERMANENT` errors for invalid jobs."""
     proc = launch.process_info()
     output_dir = Path(config.output_dir)
-    sha = config_sha256(config)
-    claim_output(config, output_dir, sha, write=proc.is_main)
+    sha = ownership.config_sha256(config)
+    ownership.claim_output(config, output_dir, sha, write=proc.is_main)
 
     # Installed first: a SIGTERM while the data or model loads must not kill the process
     # before it can say it was preempted. Kept until result.json is written: a SIGTERM
@@ -312,8 +221,8 @@ def _train(
     preemption: Preemption,
 ) -> int:
     files = read_data(config, output_dir)  # bad data stops here, before torch is imported
-    claim_data(output_dir, files.digests, write=proc.is_main)
-    if already_finished(output_dir, sha, files.digests):
+    ownership.claim_data(output_dir, files.digests, write=proc.is_main)
+    if ownership.already_finished(output_dir, sha, files.digests):
         log.info("%s already holds the finished result of this job; nothing to do", output_dir)
         return EXIT_OK
 
