@@ -156,6 +156,12 @@ def retry_delay(exc: TemporaryProviderError, retry: int) -> float:
     return max(exc.delay, min(grown, MAX_BACKOFF_DELAY))
 
 
+def client_secrets(client: openai.OpenAI) -> tuple[str, ...]:
+    """What must never appear in a message made from this client's errors: its API key."""
+    key = client.api_key
+    return (key,) if isinstance(key, str) and key else ()
+
+
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
     """``text`` without the given secrets, key-like tokens or bearer credentials."""
     for secret in secrets:

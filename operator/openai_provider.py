@@ -49,17 +49,12 @@ or raised (see that module).
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import io
 import logging
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import IO, Any, Literal
+from typing import Any, Literal
 
 import openai
-from openai.types import FileObject
 from openai.types.fine_tuning import (
     DpoHyperparametersParam,
     FineTuningJob,
@@ -71,6 +66,7 @@ from kubetune.api import finetunejob as ftj
 from kubetune.api import jobstatus, openai_spec
 from kubetune.operator import manifests
 from kubetune.operator import openai_errors as errors
+from kubetune.operator import openai_files as uploads
 from kubetune.operator import openai_status as ostatus
 from kubetune.operator import status as st
 from kubetune.operator.openai_status import TERMINAL
@@ -81,19 +77,9 @@ log = logging.getLogger(__name__)
 META_UID = "kubetune.io/uid"
 META_NAMESPACE = "kubetune.io/namespace"
 META_NAME = "kubetune.io/name"
-FILE_PREFIX = "kubetune-"
-
-CHUNK_BYTES = 1 << 20
-"""Read size when hashing a dataset."""
-
 EVENT_PAGE_SIZE = 100
 MAX_EVENT_PAGES = 10
 """Events are read newest first; older ones past 1,000 are not needed for the status."""
-
-
-Dataset = bytes | Callable[[], AbstractContextManager[IO[bytes]]]
-"""The JSONL bytes, or a function that opens them as a binary file (called only when an upload
-is needed). A file is hashed and uploaded as a stream: memory does not grow with its size."""
 
 
 @dataclass(frozen=True)
@@ -114,30 +100,6 @@ class StepResult:
 # ----------------------------------------------------------------------------- helpers
 
 
-@contextlib.contextmanager
-def _opened(data: Dataset) -> Iterator[IO[bytes]]:
-    if isinstance(data, bytes):
-        yield io.BytesIO(data)
-    else:
-        with data() as f:
-            yield f
-
-
-def _sha256(f: IO[bytes]) -> tuple[str, int]:
-    """The hex digest and size of ``f`` from where it is; leaves it there again."""
-    start, digest, size = f.tell(), hashlib.sha256(), 0
-    while chunk := f.read(CHUNK_BYTES):
-        digest.update(chunk)
-        size += len(chunk)
-    f.seek(start)
-    return digest.hexdigest(), size
-
-
-def file_name(uid: str, role: str, sha256: str) -> str:
-    """Deterministic upload name: the FineTuneJob, the role and the content's digest decide it."""
-    return f"{FILE_PREFIX}{uid}-{role}-{sha256[:16]}.jsonl"
-
-
 def _openai_spec(spec: ftj.FineTuneJobSpec) -> openai_spec.OpenAISpec:
     if spec.openai is None:
         raise errors.PermanentProviderError(
@@ -146,29 +108,15 @@ def _openai_spec(spec: ftj.FineTuneJobSpec) -> openai_spec.OpenAISpec:
     return spec.openai
 
 
-def _secrets(client: openai.OpenAI) -> tuple[str, ...]:
-    key = client.api_key
-    return (key,) if isinstance(key, str) and key else ()
-
-
 # ----------------------------------------------------------------------------- lookups
 
 
 def jobs_of(client: openai.OpenAI, uid: str) -> list[FineTuningJob]:
     """Every remote job created for this FineTuneJob UID, newest first."""
-    with errors.translated("listing fine-tuning jobs", _secrets(client)):
+    with errors.translated("listing fine-tuning jobs", errors.client_secrets(client)):
         page = client.fine_tuning.jobs.list(metadata={META_UID: uid}, limit=100)
         found = [j for j in page if (j.metadata or {}).get(META_UID) == uid]
     return sorted(found, key=lambda j: j.created_at, reverse=True)
-
-
-def files_of(client: openai.OpenAI, uid: str) -> list[FileObject]:
-    """Every ``purpose=fine-tune`` file uploaded for this FineTuneJob UID, newest first."""
-    prefix = f"{FILE_PREFIX}{uid}-"
-    with errors.translated("listing files", _secrets(client)):
-        page = client.files.list(purpose="fine-tune", order="desc", limit=10000)
-        found = [f for f in page if f.filename.startswith(prefix)]
-    return sorted(found, key=lambda f: f.created_at, reverse=True)
 
 
 def _find_job(client: openai.OpenAI, uid: str, events: list[Event]) -> FineTuningJob | None:
@@ -184,90 +132,6 @@ def _find_job(client: openai.OpenAI, uid: str, events: list[Event]) -> FineTunin
     job = (live or found)[0]
     log.info("adopting OpenAI job %s found by its metadata (uid %s)", job.id, uid)
     return job
-
-
-def _ensure_files(
-    client: openai.OpenAI,
-    uid: str,
-    remote: jobstatus.RemoteJob,
-    training: Dataset,
-    validation: Dataset | None,
-) -> dict[str, FileObject]:
-    """Fills ``remote.training_file`` / ``validation_file``: found by name, else uploaded.
-
-    Returns the file objects seen on the way (by id), for :func:`_files_waiting`. An upload is
-    sent once (client retries off): OpenAI has no idempotency key for files, so a retry after a
-    lost answer would store the file twice; the next tick finds the first one by its name.
-    """
-    wanted: list[tuple[str, Dataset]] = []
-    if remote.training_file is None:
-        wanted.append(("training", training))
-    if validation is not None and remote.validation_file is None:
-        wanted.append(("validation", validation))
-    if not wanted:
-        return {}
-    existing: dict[str, FileObject] = {}
-    for f in files_of(client, uid):
-        if f.status != "error":
-            existing.setdefault(f.filename, f)
-    seen: dict[str, FileObject] = {}
-    once = client.with_options(max_retries=0)
-    for role, dataset in wanted:
-        with _opened(dataset) as body:
-            digest, size = _sha256(body)
-            name = file_name(uid, role, digest)
-            found = existing.get(name)
-            if found is None:
-                with errors.translated(f"uploading the {role} file", _secrets(client)):
-                    # a file object goes out in chunks (httpx's multipart), never whole
-                    found = once.files.create(
-                        file=(name, body, "application/jsonl"), purpose="fine-tune"
-                    )
-                log.info("uploaded %s file %s (%d bytes) for uid %s", role, found.id, size, uid)
-        seen[found.id] = found
-        if role == "training":
-            remote.training_file = found.id
-        else:
-            remote.validation_file = found.id
-    return seen
-
-
-def _files_waiting(
-    client: openai.OpenAI, remote: jobstatus.RemoteJob, seen: Mapping[str, FileObject]
-) -> str | None:
-    """None when every recorded file is ``processed``; else what creation waits for.
-
-    OpenAI processes an upload after answering it (status ``uploaded``, then ``processed`` or
-    ``error``) and refuses to create a job on a file it has not processed yet. A file not
-    known to be processed is looked at once more now (it usually is by then). A file in
-    ``error`` fails the FineTuneJob with OpenAI's ``status_details``; a recorded file that is
-    gone is forgotten, so the next tick uploads it again.
-    """
-    waiting: list[str] = []
-    for role in ("training", "validation"):
-        file_id = remote.training_file if role == "training" else remote.validation_file
-        if file_id is None:
-            continue
-        f = seen.get(file_id)
-        status = getattr(f, "status", None)  # None too from a server without the deprecated field
-        if f is None or status != "processed":
-            try:
-                with errors.translated(f"reading the {role} file {file_id}", _secrets(client)):
-                    f = client.files.retrieve(file_id)
-            except errors.NotFoundProviderError:
-                setattr(remote, f"{role}_file", None)
-                waiting.append(f"the {role} file {file_id} is gone; uploading it again")
-                continue
-            status = getattr(f, "status", None)
-        if status == "error":
-            details = errors.redact(str(f.status_details or "no details given"), _secrets(client))
-            raise errors.PermanentProviderError(
-                f"OpenAI could not process the uploaded {role} file {file_id}: {details}",
-                reason="FileProcessingFailed",
-            )
-        if status not in (None, "processed"):
-            waiting.append(f"OpenAI is processing the {role} file {file_id} (status {status})")
-    return "; ".join(waiting) or None
 
 
 def _number_or_auto(value: str) -> float | Literal["auto"]:
@@ -310,7 +174,7 @@ def _create_job(
     assert remote.training_file is not None
     metadata = {META_UID: owner.uid, META_NAMESPACE: owner.namespace, META_NAME: owner.name}
     once = client.with_options(max_retries=0)  # a retried create could make a second paid job
-    with errors.translated("creating the fine-tuning job", _secrets(client)):
+    with errors.translated("creating the fine-tuning job", errors.client_secrets(client)):
         job = once.fine_tuning.jobs.create(
             model=oa.model,
             training_file=remote.training_file,
@@ -329,7 +193,7 @@ def new_events(
 ) -> list[FineTuningJobEvent]:
     """The job's events after ``last_event_id``, oldest first (the API lists newest first)."""
     out: list[FineTuningJobEvent] = []
-    with errors.translated(f"reading the events of job {job_id}", _secrets(client)):
+    with errors.translated(f"reading the events of job {job_id}", errors.client_secrets(client)):
         page = client.fine_tuning.jobs.list_events(job_id, limit=EVENT_PAGE_SIZE)
         for n, current in enumerate(page.iter_pages()):
             for ev in current.data:
@@ -344,14 +208,14 @@ def new_events(
 def _cancel(client: openai.OpenAI, job_id: str) -> FineTuningJob | None:
     """Cancels the job; None when it no longer exists. A job that ended meanwhile is kept."""
     try:
-        with errors.translated(f"cancelling job {job_id}", _secrets(client)):
+        with errors.translated(f"cancelling job {job_id}", errors.client_secrets(client)):
             return client.fine_tuning.jobs.cancel(job_id)
     except errors.NotFoundProviderError:
         return None
     except errors.PermanentProviderError as exc:
         if exc.reason != "BadRequest":  # 400 is "already finished"; look before giving up
             raise
-        with errors.translated(f"reading job {job_id}", _secrets(client)):
+        with errors.translated(f"reading job {job_id}", errors.client_secrets(client)):
             job = client.fine_tuning.jobs.retrieve(job_id)
         if job.status in TERMINAL:
             return job
@@ -367,8 +231,8 @@ def step(
     owner: manifests.Owner,
     status: jobstatus.FineTuneJobStatus,
     *,
-    training: Dataset,
-    validation: Dataset | None = None,
+    training: uploads.Dataset,
+    validation: uploads.Dataset | None = None,
     prices: Mapping[str, float],
     generation: int | None = None,
     stopping: Callable[[], str | None] | None = None,
@@ -390,7 +254,7 @@ def step(
     out: list[Event] = []
     if remote.id:
         try:
-            with errors.translated(f"reading job {remote.id}", _secrets(client)):
+            with errors.translated(f"reading job {remote.id}", errors.client_secrets(client)):
                 recorded = client.fine_tuning.jobs.retrieve(remote.id)
             return _follow(
                 client, spec, owner, status, new, remote, recorded, out, prices, generation
@@ -413,8 +277,8 @@ def step(
         why = stopping() if stopping is not None else None
         if why is not None:
             return _stopped(status, new, remote, why, out)
-        seen = _ensure_files(client, owner.uid, remote, training, validation)
-        waiting = _files_waiting(client, remote, seen)
+        seen = uploads.ensure(client, owner.uid, remote, training, validation)
+        waiting = uploads.waiting(client, remote, seen)
         if waiting is not None:
             # Recorded, so the next tick neither reads the dataset nor lists the files again.
             new.remote, new.message, new.observed_generation = remote, waiting, generation
@@ -468,7 +332,7 @@ def _follow(
 ) -> StepResult:
     """Cancels ``job`` if suspended, then reads it and its new events into the status."""
     oa = _openai_spec(spec)
-    secrets = _secrets(client)
+    secrets = errors.client_secrets(client)
     if spec.suspend and job.status not in TERMINAL:
         job = _cancel(client, job.id) or job
         out.append(Event("Normal", "Cancelled", f"spec.suspend: cancelled OpenAI job {job.id}"))
@@ -504,7 +368,7 @@ def cleanup(
     recorded = status.remote.id if status.remote else None
     if recorded and recorded not in jobs:
         try:
-            with errors.translated(f"reading job {recorded}", _secrets(client)):
+            with errors.translated(f"reading job {recorded}", errors.client_secrets(client)):
                 jobs[recorded] = client.fine_tuning.jobs.retrieve(recorded)
         except errors.NotFoundProviderError:
             pass
@@ -513,12 +377,12 @@ def cleanup(
             out.append(Event("Normal", "Cancelled", f"cancelled OpenAI job {job.id}"))
     if oa.keep_files:
         return out
-    ids = {f.id for f in files_of(client, owner.uid)}
+    ids = {f.id for f in uploads.files_of(client, owner.uid)}
     if status.remote is not None:
         ids |= {i for i in (status.remote.training_file, status.remote.validation_file) if i}
     for file_id in sorted(ids):
         try:
-            with errors.translated(f"deleting file {file_id}", _secrets(client)):
+            with errors.translated(f"deleting file {file_id}", errors.client_secrets(client)):
                 client.files.delete(file_id)
             out.append(Event("Normal", "FileDeleted", f"deleted uploaded file {file_id}"))
         except errors.NotFoundProviderError:
