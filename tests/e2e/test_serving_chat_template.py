@@ -9,11 +9,8 @@ and the adapter must answer with its training answers through the chat API.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,15 +19,13 @@ import openai
 import pytest
 import yaml
 
-from kubetune import localproc
 from kubetune.demo_model import CHAT_TEMPLATE
 from support.net import free_port
-from support.server_process import cpu_serve_config
+from support.server_process import cpu_serve_config, start_server, stop_server, wait_ready
 
 pytestmark = pytest.mark.e2e
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-READY_TIMEOUT = 900.0
 
 
 def base_without_template(demo_model: Path, dst: Path) -> Path:
@@ -68,31 +63,21 @@ def test_the_adapters_template_is_served_when_the_base_model_has_none(
     adapter = adapter_with_template(trained_adapter, tmp_path / "adapter", base)
     port = free_port()
     config = cpu_serve_config(str(base), {"daoyan": adapter}, port)
-    config_path = tmp_path / "serve.yaml"
+    config_path = tmp_path / "dry-run.yaml"
     config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    command = [sys.executable, "-m", "kubetune.server", "--config", str(config_path)]
-
     dry = subprocess.run(
-        [*command, "--dry-run"], capture_output=True, text=True, env=launcher_env, check=False
-    )
+        [sys.executable, "-m", "kubetune.server", "--config", str(config_path), "--dry-run"],
+        capture_output=True, text=True, env=launcher_env, check=False,
+    )  # fmt: skip
     assert dry.returncode == 0, dry.stderr
     argv = json.loads(dry.stdout)["argv"]
     assert argv[argv.index("--chat-template") + 1] == str(adapter / "chat_template.jinja")
 
-    log = tmp_path / "server.log"
-    env = {**launcher_env, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, env=env,
-            start_new_session=True,
-        )  # fmt: skip
+    proc = start_server(config, tmp_path, launcher_env)
     try:
-        root = f"http://127.0.0.1:{port}/v1"
-        try:
-            localproc.wait_ready(proc, root, "daoyan", log, READY_TIMEOUT)
-        except RuntimeError as exc:
-            pytest.fail(f"vLLM: {exc}")
-        client = openai.OpenAI(base_url=root, api_key="EMPTY", max_retries=0, timeout=120)
+        root = f"http://127.0.0.1:{port}"
+        wait_ready(proc, root, "daoyan", tmp_path / "server.log", None)
+        client = openai.OpenAI(base_url=f"{root}/v1", api_key="EMPTY", max_retries=0, timeout=120)
         example = daoyan_examples[0]
         messages: list[dict[str, str]] = [m for m in example if m["role"] != "assistant"]
         reply = client.chat.completions.create(
@@ -105,9 +90,4 @@ def test_the_adapters_template_is_served_when_the_base_model_has_none(
         trained = next(m["content"] for m in example if m["role"] == "assistant")
         assert reply.choices[0].message.content == trained
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=20)
-                break
+        stop_server(proc)
