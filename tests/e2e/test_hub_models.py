@@ -4,8 +4,9 @@
 environment and an empty ``HF_HOME`` each, against the fake Hub serving the demo model as a gated
 repo (``tests/fakes/hf_hub.py``).
 
-- Trainer: with a granted token it trains, every download carries the token, and the token is in
-  no output file and no line of the log. Without a token it stops before training with exit
+- Trainer: with a granted token it trains, every request to the Hub carries the token, the
+  weights come from the Hub's CDN on signed URLs without it, and the token is in no output file
+  and no line of the log. Without a token it stops before training with exit
   code 2 (the Job fails at once) and says which field to set.
 - Server: without a token the launcher refuses (exit 2, one line naming the field) before vLLM
   starts; with it, vLLM downloads the gated base model itself and serves the adapter trained
@@ -103,9 +104,11 @@ def test_a_gated_model_trains_with_the_token_and_the_token_leaks_nowhere(
     assert result.base_model == GATED and result.steps > 0
     downloads = [r for r in hub.requests[start:] if r.route == "resolve"]
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
-        r.path.rsplit("/", 1)[-1] for r in downloads if r.status == 200
+        r.path.rsplit("/", 1)[-1] for r in downloads if r.status in (200, 302)
     }
-    assert {r.user for r in downloads} == {"team-a"}  # every download carried the token
+    assert {r.user for r in downloads} == {"team-a"}  # every Hub request carried the token
+    from_cdn = [r for r in hub.requests[start:] if r.route == "cdn"]
+    assert from_cdn and not any(r.authorization for r in from_cdn)  # weights: signed, no token
     assert not hub.unexpected
     assert TOKEN not in log
     for path in out.rglob("*"):
@@ -170,5 +173,7 @@ def test_vllm_downloads_the_gated_base_model_with_the_token_and_serves_the_adapt
     downloads = [r for r in hub.requests[start:] if r.route == "resolve"]
     assert "model.safetensors" in {r.path.rsplit("/", 1)[-1] for r in downloads}
     assert {r.user for r in downloads} == {"team-a"}
+    from_cdn = [r for r in hub.requests[start:] if r.route == "cdn"]
+    assert from_cdn and not any(r.authorization for r in from_cdn)
     assert not hub.unexpected, hub.unexpected
     assert TOKEN not in (tmp_path / "server.log").read_text()

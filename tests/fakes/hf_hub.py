@@ -10,8 +10,13 @@ Routes (point ``HF_ENDPOINT`` at :attr:`FakeHub.endpoint`):
 
 - ``HEAD|GET /{repo_id}/resolve/{revision}/{path}``: the file with ``X-Repo-Commit``, a quoted
   ``ETag`` (the git blob sha1; the sha256 for LFS-style files, which also carry ``X-Linked-Etag``
-  and ``X-Linked-Size``), ``Content-Length``, and ``Range`` (206). Served in place, never
-  redirected to a CDN, so the token reaches every download.
+  and ``X-Linked-Size``), ``Content-Length``, and ``Range`` (206). As on the Hub, an LFS-style
+  file is not served there but redirected (302, those headers on the redirect) to a signed URL
+  of the fake's CDN, another origin (:attr:`FakeHub.cdn`), so the client does not send the token
+  there; ``cdn=False`` serves LFS files in place too.
+- CDN: ``HEAD|GET /blobs/{sha256}?expires=..&signature=..``: the blob, for a signature the Hub
+  made that has not expired; any other URL is refused with 403, a token or not (a CDN knows
+  none). Logged with ``route="cdn"``.
 - ``GET /api/models/{repo_id}[/revision/{revision}]``: model info (``sha``, ``siblings``,
   ``gated``: ``False`` or ``"manual"``); ``?blobs=true`` adds sizes and LFS data, ``?expand=``
   keeps only the named properties.
@@ -47,15 +52,18 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import hmac
 import re
+import secrets
 import sys
 import threading
+import time
 from collections.abc import Collection, Iterator, Mapping
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlencode
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -73,6 +81,8 @@ LFS_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5",
                           ".onnx", ".gguf", ".model", ".npz", ".zip"})  # fmt: skip
 """The Hub's default ``.gitattributes`` stores these in LFS; it refuses plain files over 10 MB."""
 LFS_MIN_SIZE = 10 * 1024 * 1024
+CDN_URL_SECONDS = 3600
+"""How long a signed CDN URL the Hub hands out stays valid."""
 DATE = "2024-01-01T00:00:00.000Z"
 """``lastModified``/``createdAt``: fixed, so that answers are deterministic."""
 REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -112,8 +122,8 @@ class HubRequest:
     """Decoded URL path (``%2F`` in a tree path shows as ``/``)."""
     query: str
     route: str | None
-    """``resolve``, ``model_info``, ``tree`` or ``agent_harnesses``; None for a route the fake
-    does not serve."""
+    """``resolve``, ``model_info``, ``tree``, ``agent_harnesses``, or ``cdn`` (a request to the
+    CDN); None for a route the fake does not serve."""
     status: int
     authorization: bool
     """Whether an ``Authorization`` header came with it."""
@@ -201,9 +211,11 @@ class FakeHub:
         *,
         tokens: Mapping[str, str] | None = None,
         gated: Mapping[str, Collection[str]] | None = None,
+        cdn: bool = True,
     ) -> None:
         """``tokens`` maps account names to their tokens; ``gated`` maps each gated repo to the
-        accounts granted access to it. Accounts, not tokens, are what the log names."""
+        accounts granted access to it. Accounts, not tokens, are what the log names. ``cdn``:
+        LFS files are redirected to the CDN, as the Hub does."""
         self.repos = {repo_id: load_repo(repo_id, Path(p)) for repo_id, p in repos.items()}
         self._accounts = {token: user for user, token in (tokens or {}).items()}
         self.gated = {repo_id: frozenset(users) for repo_id, users in (gated or {}).items()}
@@ -214,6 +226,12 @@ class FakeHub:
                 raise ValueError(f"`gated[{repo_id!r}]`: no account {sorted(unknown)} in `tokens`")
         self.endpoint = ""
         """``http://127.0.0.1:PORT`` while :meth:`serve` runs: the ``HF_ENDPOINT`` value."""
+        self.cdn = ""
+        """The CDN's root URL while :meth:`serve` runs with ``cdn`` (same host, another port)."""
+        self._use_cdn = cdn
+        self._blobs = {f.sha256: f for r in self.repos.values() for f in r.files.values()
+                       if f.sha256}  # fmt: skip
+        self._signing_key = secrets.token_bytes(32)
         self._log: list[HubRequest] = []
         self._lock = threading.Lock()
 
@@ -234,12 +252,58 @@ class FakeHub:
         methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
         return Starlette(routes=[Route("/{rest:path}", self._endpoint, methods=methods)])
 
+    def cdn_app(self) -> Starlette:
+        return Starlette(routes=[Route("/{rest:path}", self._cdn, methods=["GET", "HEAD"])])
+
     @contextmanager
     def serve(self, host: str = "127.0.0.1", port: int = 0) -> Iterator[FakeHub]:
-        """Serves the fake from a thread until the block ends; sets :attr:`endpoint`."""
-        with serve_app(self.app(), host, port, "the fake Hugging Face Hub") as root:
-            self.endpoint = root
+        """Serves the fake (and its CDN) from threads until the block ends; sets
+        :attr:`endpoint` and :attr:`cdn`."""
+        cdn: AbstractContextManager[str] = nullcontext("")
+        if self._use_cdn:
+            cdn = serve_app(self.cdn_app(), host, 0, "the fake Hub's CDN")
+        with (
+            cdn as cdn_root,
+            serve_app(self.app(), host, port, "the fake Hugging Face Hub") as root,
+        ):
+            self.endpoint, self.cdn = root, cdn_root
             yield self
+
+    def _log_request(
+        self, request: Request, route: str | None, status: int, user: str | None
+    ) -> None:
+        entry = HubRequest(request.method, request.url.path, request.url.query, route, status,
+                           "authorization" in request.headers, user)  # fmt: skip
+        with self._lock:
+            self._log.append(entry)
+
+    def _signature(self, sha256: str, expires: str) -> str:
+        return hmac.new(self._signing_key, f"{sha256}:{expires}".encode(), "sha256").hexdigest()
+
+    def _cdn_url(self, sha256: str) -> str:
+        expires = str(int(time.time()) + CDN_URL_SECONDS)
+        query = urlencode({"expires": expires, "signature": self._signature(sha256, expires)})
+        return f"{self.cdn}/blobs/{sha256}?{query}"
+
+    def _signed(self, sha256: str, query: Mapping[str, str]) -> bool:
+        expires, signature = query.get("expires", ""), query.get("signature", "")
+        return (
+            expires.isdigit()
+            and int(expires) > time.time()
+            and hmac.compare_digest(self._signature(sha256, expires), signature)
+        )
+
+    async def _cdn(self, request: Request) -> Response:
+        parts = request.url.path.split("/")[1:]
+        blob = self._blobs.get(parts[1]) if len(parts) == 2 and parts[0] == "blobs" else None
+        response: Response
+        if blob is not None and self._signed(parts[1], request.query_params):
+            response = FileResponse(blob.disk, headers={"ETag": f'"{parts[1]}"'})
+        else:
+            response = Response("<Error><Code>AccessDenied</Code></Error>", 403,
+                                media_type="application/xml")  # fmt: skip
+        self._log_request(request, "cdn", response.status_code, None)
+        return response
 
     async def _endpoint(self, request: Request) -> Response:
         raw = request.scope.get("raw_path") or request.url.path.encode()
@@ -256,11 +320,7 @@ class FakeHub:
             response = self._answer(call, user, request)
         except HubError as exc:
             response = exc.response()
-        route = call.route if call else None
-        entry = HubRequest(request.method, request.url.path, request.url.query, route,
-                           response.status_code, header is not None, user)  # fmt: skip
-        with self._lock:
-            self._log.append(entry)
+        self._log_request(request, call.route if call else None, response.status_code, user)
         return response
 
     def _answer(self, call: _Call, user: str | None, request: Request) -> Response:
@@ -292,6 +352,9 @@ class FakeHub:
         headers = {"X-Repo-Commit": repo.commit, "ETag": f'"{file.etag}"'}
         if file.sha256:
             headers |= {"X-Linked-Etag": f'"{file.sha256}"', "X-Linked-Size": str(file.size)}
+            if self.cdn:
+                headers["Location"] = self._cdn_url(file.sha256)
+                return Response(status_code=302, headers=headers)
         return FileResponse(file.disk, headers=headers)
 
     def _model_info(self, repo: HubRepo, request: Request) -> dict[str, Any]:
@@ -408,6 +471,7 @@ def main(argv: list[str] | None = None) -> None:
         help="an account's token (repeat); accounts are user1, user2... unless named")  # fmt: skip
     add("--gated", action="append", default=[], metavar="ID[=USER,...]",
         help="a gated repo and the accounts granted access (default: all)")  # fmt: skip
+    add("--no-cdn", action="store_true", help="serve LFS files in place, not from the CDN")
     args = parser.parse_args(argv)
     repos = {i: Path(p) for i, _, p in (r.partition("=") for r in args.repo)}
     tokens: dict[str, str] = {}
@@ -416,7 +480,7 @@ def main(argv: list[str] | None = None) -> None:
         tokens.update({user: token} if named else {f"user{n}": arg})
     gated = {i: u.split(",") if u else list(tokens)
              for i, _, u in (g.partition("=") for g in args.gated)}  # fmt: skip
-    fake = FakeHub(repos, tokens=tokens, gated=gated)
+    fake = FakeHub(repos, tokens=tokens, gated=gated, cdn=not args.no_cdn)
     with fake.serve(args.host, args.port):
         print(f"fake Hugging Face Hub listening on {fake.endpoint}", flush=True)
         with suppress(KeyboardInterrupt):

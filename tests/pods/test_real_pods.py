@@ -281,7 +281,9 @@ def test_a_gated_model_waits_for_its_token_secret_then_trains_from_the_hub_mirro
     assert done["status"]["adapter"]["baseModel"] == GATED
     downloads = [r for r in hub.requests[start:] if r.route == "resolve"]
     assert "model.safetensors" in {r.path.rsplit("/", 1)[-1] for r in downloads}
-    assert {r.user for r in downloads} == {"team"}  # every download with the Secret's token
+    assert {r.user for r in downloads} == {"team"}  # every Hub request with the Secret's token
+    from_cdn = [r for r in hub.requests[start:] if r.route == "cdn"]
+    assert from_cdn and not any(r.authorization for r in from_cdn)  # weights: signed, no token
 
     (pod,) = cluster.get("pods", "-n", ns, "-l", "job-name=gated-trainer")["items"]
     seen = [

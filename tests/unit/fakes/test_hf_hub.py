@@ -1,9 +1,10 @@
 """The fake Hugging Face Hub behaves like the real one where kubetune's model loading depends on it.
 
 Checked through the real ``huggingface_hub`` client (and transformers' ``from_pretrained``): the
-cache layout under the served commit, snapshots, gated access and its three refusals, the error
-classes for unknown revisions, files and repos, the listing APIs, a request log that names
-accounts but never holds a token, and the script mode configured only by ``HF_ENDPOINT``.
+cache layout under the served commit, snapshots, gated access and its three refusals, LFS files
+from a CDN on signed URLs that the token never reaches, the error classes for unknown revisions,
+files and repos, the listing APIs, a request log that names accounts but never holds a token, and
+the script mode configured only by ``HF_ENDPOINT``.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import httpx
 import pytest
@@ -101,13 +104,49 @@ def test_commit_is_a_function_of_names_and_contents(folder: Path) -> None:
 
 
 def test_range_requests_resume_a_download(hub: FakeHub) -> None:
-    url = f"{hub.endpoint}/{PUBLIC}/resolve/main/model.safetensors"
-    response = httpx.get(url, headers={"Range": "bytes=1000-"})
-    assert response.status_code == 206 and response.content == WEIGHTS[1000:]
-    assert response.headers["Content-Range"] == f"bytes 1000-{len(WEIGHTS) - 1}/{len(WEIGHTS)}"
+    url = f"{hub.endpoint}/{PUBLIC}/resolve/main/config.json"
+    size = (hub.repos[PUBLIC].files["config.json"]).size
+    response = httpx.get(url, headers={"Range": "bytes=3-"})
+    assert response.status_code == 206 and response.headers["Content-Range"] == (
+        f"bytes 3-{size - 1}/{size}"
+    )
     head = httpx.head(url)
-    assert head.headers["X-Linked-Size"] == head.headers["Content-Length"] == str(len(WEIGHTS))
+    assert head.headers["Content-Length"] == str(size)
     assert head.headers["X-Repo-Commit"] == hub.commit(PUBLIC)
+    lfs = httpx.head(f"{hub.endpoint}/{PUBLIC}/resolve/main/model.safetensors")
+    resumed = httpx.get(lfs.headers["Location"], headers={"Range": "bytes=1000-"})
+    assert resumed.status_code == 206 and resumed.content == WEIGHTS[1000:]
+
+
+def test_lfs_files_come_from_the_cdn_on_signed_urls_without_the_token(
+    hub: FakeHub, folder: Path, tmp_path: Path
+) -> None:
+    resolve = f"{hub.endpoint}/{GATED}/resolve/main/model.safetensors"
+    assert httpx.head(resolve).status_code == 401  # the Hub checks access before it signs
+    redirect = httpx.head(resolve, headers={"Authorization": f"Bearer {ALICE}"})
+    assert redirect.status_code == 302
+    assert redirect.headers["X-Linked-Size"] == str(len(WEIGHTS))
+    assert redirect.headers["X-Linked-Etag"] == f'"{hashlib.sha256(WEIGHTS).hexdigest()}"'
+    location = urlparse(redirect.headers["Location"])
+    assert location.port != urlparse(hub.endpoint).port  # another origin: the token stays home
+    signed = redirect.headers["Location"]
+    assert httpx.get(signed).content == WEIGHTS
+    tampered = signed.replace("signature=", "signature=0")
+    expired = signed.replace("expires=", "expires=1")  # 1x…: seconds after 1970, long gone
+    unknown = signed.replace(location.path, "/blobs/" + "0" * 64)
+    assert [httpx.get(url).status_code for url in (tampered, expired, unknown)] == [403] * 3
+
+    start = len(hub.requests)
+    weights = download(tmp_path / "cache", "model.safetensors", GATED, token=ALICE)
+    assert weights.read_bytes() == WEIGHTS
+    log = [(r.route, r.method, r.status, r.authorization, r.user) for r in hub.requests[start:]
+           if r.route != "agent_harnesses"]  # fmt: skip
+    assert log == [("resolve", "HEAD", 302, True, "alice"), ("cdn", "GET", 200, False, None)]
+
+    in_place = FakeHub({PUBLIC: folder}, cdn=False)
+    with in_place.serve() as served:
+        got = httpx.get(f"{served.endpoint}/{PUBLIC}/resolve/main/model.safetensors")
+    assert (got.status_code, got.content, served.cdn) == (200, WEIGHTS, "")
 
 
 def test_snapshot_download_copies_every_file(hub: FakeHub, folder: Path, tmp_path: Path) -> None:
@@ -120,8 +159,8 @@ def test_snapshot_download_copies_every_file(hub: FakeHub, folder: Path, tmp_pat
     assert got == want
     # huggingface_hub 2.x first fetches its agent registry (unauthenticated, once per HF_HOME).
     routes = [r.route for r in hub.requests if r.route != "agent_harnesses"]
-    assert routes[:2] == ["model_info", "tree"]  # then HEAD+GET per file
-    assert routes[2:] == ["resolve"] * 6 and not hub.unexpected
+    assert routes[:2] == ["model_info", "tree"]  # then HEAD+GET per file, LFS GETs on the CDN
+    assert Counter(routes[2:]) == {"resolve": 5, "cdn": 1} and not hub.unexpected
 
 
 def test_gated_repo_refusals_and_access(hub: FakeHub, tmp_path: Path) -> None:
@@ -226,10 +265,12 @@ def test_transformers_loads_a_gated_model_through_the_fake(
     assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
     assert not hub.unexpected
     loads = hub.requests[refused_count:]
-    assert {r.user for r in loads} == {"alice"}  # every call carried the job's token
-    gets = [r.path for r in loads if r.method == "GET" and r.route == "resolve"]
-    served = {path.rsplit("/", 1)[-1] for path in gets}
-    assert {"config.json", "tokenizer.json", "model.safetensors"} <= served
+    on_hub = [r for r in loads if r.route != "cdn"]
+    assert {r.user for r in on_hub} == {"alice"}  # every call to the Hub carried the job's token
+    gets = [r.path for r in on_hub if r.method == "GET" and r.route == "resolve"]
+    assert {"config.json", "tokenizer.json"} <= {path.rsplit("/", 1)[-1] for path in gets}
+    from_cdn = [r for r in loads if r.route == "cdn"]  # the weights, on a signed URL
+    assert [(r.method, r.status, r.authorization) for r in from_cdn] == [("GET", 200, False)]
 
 
 def test_script_serves_a_process_configured_by_env_only(folder: Path, tmp_path: Path) -> None:
