@@ -15,7 +15,7 @@ Never a second paid job
 2. Only when no job exists: find the uploaded files by their deterministic names
    (``kubetune-<uid>-<role>-<sha256 prefix>.jsonl``, so an edited dataset is a new file), upload
    what is missing, wait (tick by tick, ids recorded in ``status.remote``) until OpenAI has
-   processed them, then create the job with that metadata.
+   processed them (:mod:`openai_files`), then create the job with that metadata.
 3. Uploads and create are sent once (client retries off for them): OpenAI has no idempotency
    key, so a retry after a lost answer would store a second file or start a second paid job.
    The error goes to the handler as temporary; the next tick finds the file by its name, or
