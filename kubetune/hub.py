@@ -9,17 +9,29 @@ cannot succeed until the job or its Secret changes, so :func:`access` turns it i
 :class:`ModelAccessError`, which the trainer and the server launcher report as an invalid job
 (exit code 2). A Hub that cannot be reached stays a passing failure. No message carries the
 token. huggingface_hub is imported only when a model is loaded: the operator never is.
+
+Access is the job's own: :func:`check` asks the Hub with the job's token before a model is
+loaded, even one already in the cache. huggingface_hub itself serves cached files when the Hub
+refuses, so without it a cache shared by a namespace's pods (``jobDefaults.modelCacheClaim``)
+would hand one job's access to a gated model to every other job there.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+
+from kubetune.api.finetunejob import MODEL_ID_PATTERN
 
 log = logging.getLogger(__name__)
 
 TOKEN_FIELD = "spec.model.tokenSecretRef"
+OFFLINE_VALUES = frozenset({"1", "ON", "YES", "TRUE"})
+"""What huggingface_hub takes as true in ``HF_HUB_OFFLINE``."""
 
 
 class ModelAccessError(RuntimeError):
@@ -38,16 +50,28 @@ def access(model: str, revision: str | None) -> Iterator[None]:
         raise ModelAccessError(refused) from exc
 
 
+def on_the_hub(model: str) -> bool:
+    """Whether loading ``model`` asks the Hub: an id (``spec.model.id``'s pattern) that is no
+    local folder, outside offline mode (``HF_HUB_OFFLINE``)."""
+    if not re.match(MODEL_ID_PATTERN, model) or Path(model).is_dir():
+        return False
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() not in OFFLINE_VALUES
+
+
 def check(model: str, revision: str | None) -> None:
-    """Asks the Hub for ``model``'s ``config.json`` (into the cache, where loading it finds it
-    next) and raises :class:`ModelAccessError` if it refuses. Anything else, an unreachable Hub
-    or offline mode, is left to the loader that comes next, which retries or fails as it does.
+    """Asks the Hub whether this process's token (``HF_TOKEN``) may read ``model`` at
+    ``revision`` (a HEAD of its ``config.json``, cached or not) and raises
+    :class:`ModelAccessError` if it refuses. A model that is not on the Hub is not asked about;
+    anything else, such as a Hub that cannot be reached, is left to the loader that comes next,
+    which uses the cache, retries or fails as it does.
     """
-    from huggingface_hub import hf_hub_download
+    if not on_the_hub(model):
+        return
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
     try:
         with access(model, revision):
-            hf_hub_download(model, "config.json", revision=revision)
+            get_hf_file_metadata(hf_hub_url(model, "config.json", revision=revision))
     except ModelAccessError:
         raise
     except Exception as exc:

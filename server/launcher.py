@@ -20,7 +20,6 @@ import importlib.metadata
 import json
 import logging
 import os
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +28,6 @@ import yaml
 from pydantic import ValidationError
 
 from kubetune import hub
-from kubetune.api.finetunejob import MODEL_ID_PATTERN
 from kubetune.api.serveconfig import ServeConfig
 from kubetune.server import adapter_checks, vllm_args
 
@@ -110,11 +108,8 @@ def prepare(
 def check_base_model(config: ServeConfig) -> None:
     """A base model named by Hub id: the Hub's refusal (gated, no access, unknown id or
     revision) refuses the launch, with the field to change, instead of vLLM failing with a
-    stack trace in a crash loop. A local folder, or offline mode, is not asked about."""
-    if not re.match(MODEL_ID_PATTERN, config.model) or Path(config.model).is_dir():
-        return
-    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
-        return
+    stack trace in a crash loop (:func:`hub.check`: a local folder, or offline mode, is not
+    asked about)."""
     try:
         hub.check(config.model, config.revision)
     except hub.ModelAccessError as e:

@@ -158,6 +158,8 @@ def load_tokenizer(config: TrainerConfig) -> Any:
     from transformers import AutoTokenizer
 
     source, kwargs = model_source(config)
+    # The job's own access, before the cache is used (a namespace's cache is shared).
+    hub.check(config.model.id_or_path, config.model.revision)
     with hub.access(config.model.id_or_path, config.model.revision):
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     if not getattr(tokenizer, "is_fast", False):

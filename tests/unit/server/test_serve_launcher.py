@@ -241,9 +241,25 @@ def test_a_gated_base_model_the_hub_refuses_is_a_refusal_naming_the_field(
     monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
     launcher.main(["--config", str(cfg)])
     assert len(execvpe.calls) == 1
-    asked = [r for r in gated_hub.requests if r.route == "resolve"]
-    assert asked[0].user is None and {r.user for r in asked[1:]} == {"team"}  # HEAD, GET
+    asked = [(r.method, r.user) for r in gated_hub.requests if r.route == "resolve"]
+    assert asked == [("HEAD", None), ("HEAD", "team")]
     assert not gated_hub.unexpected
+
+
+def test_a_gated_model_in_the_cache_is_refused_to_a_server_without_access(
+    tmp_path: Path,
+    make_adapter: MakeAdapter,
+    execvpe: Exec,
+    gated_hub: FakeHub,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from huggingface_hub import hf_hub_download
+
+    # Another server of the namespace, with access, filled the shared cache.
+    hf_hub_download(GATED, "config.json", token=HUB_TOKEN)
+    cfg = write_config(tmp_path, make_adapter(base=GATED), model=GATED)
+    assert launcher.main(["--config", str(cfg)]) == launcher.EXIT_REFUSED
+    assert execvpe.calls == []
 
 
 def test_a_hub_that_cannot_be_reached_is_left_to_vllm(

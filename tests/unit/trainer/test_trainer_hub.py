@@ -7,6 +7,7 @@ Through the real transformers and huggingface_hub code against the fake Hub
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from fakes.hf_hub import FakeHub, fresh_client, use_endpoint
 from kubetune import hub
 from kubetune.api.jobconfig import TrainerConfig
 from kubetune.trainer import modelload
+from support.net import free_port
 
 GRANTED = "hf_granted_0123456789abcdefABCDEF"
 OTHER = "hf_other_0123456789abcdefABCDEFGH"
@@ -101,3 +103,24 @@ def test_an_unknown_public_model_hints_at_a_token_and_other_errors_pass_through(
     modelload.load_tokenizer(config(OPEN, tmp_path))  # an open model needs no token
     # Not a refusal: a passing failure the Job retries.
     assert hub.refusal(OSError("No space left on device"), OPEN, None) is None
+
+
+def test_a_cached_gated_model_is_refused_to_a_job_without_access(
+    served: FakeHub,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A namespace's model cache is shared: a job with access fills it, and the next job is
+    still asked for its own (huggingface_hub alone would serve the cached files)."""
+    monkeypatch.setenv("HF_TOKEN", GRANTED)
+    modelload.load_tokenizer(config(GATED, tmp_path))
+    monkeypatch.delenv("HF_TOKEN")
+    assert "the job gave no token" in refusal(GATED, tmp_path)
+    monkeypatch.setenv("HF_TOKEN", OTHER)
+    assert "has not been granted access" in refusal(GATED, tmp_path)
+    # A Hub that cannot be reached refuses nothing: the cache serves, with a warning.
+    with use_endpoint(f"http://127.0.0.1:{free_port()}"), caplog.at_level(logging.WARNING):
+        assert modelload.load_tokenizer(config(GATED, tmp_path)).is_fast
+    assert f"could not check {GATED} on the Hub" in caplog.text
+    assert not served.unexpected
