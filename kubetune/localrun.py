@@ -249,6 +249,12 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         model_path = str(lp.claim_path(job, spec.model.pvc, claims))
     else:
         model_path = str(spec.model.id)
+        if spec.model.token_secret_ref is not None:
+            secret = spec.model.token_secret_ref.name
+            out.write(
+                f"model.tokenSecretRef names Secret {secret} of a cluster; a local run downloads "
+                "with your own Hugging Face login (HF_TOKEN or `hf auth login`)\n"
+            )
     config = lp.trainer_config(
         job,
         output_dir=run,

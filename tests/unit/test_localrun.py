@@ -11,6 +11,7 @@ import errno
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -455,3 +456,25 @@ def test_only_a_second_ctrl_c_cuts_the_trainers_checkpoint_short(second: int, ki
         localproc._stop_group(child, grace=30)
     timer.join()
     assert child.returncode == (-signal.SIGKILL if killed else 0)
+
+
+def test_a_hub_token_secret_is_named_as_not_read_locally(tmp_path: Path) -> None:
+    spec = (
+        "  model: {id: meta-llama/Llama-3.2-1B, tokenSecretRef: {name: hf-token, key: token}}\n"
+        "  dataset: {pvc: {claimName: data, path: train.jsonl}}\n"
+    )
+    manifest = write_manifest(tmp_path, spec, name="gated")
+    shutil.copy(ROOT / "examples" / "data" / "daoyan.jsonl", tmp_path / "train.jsonl")
+    state = tmp_path / "state"
+    lock = localplan.lock_run(localplan.run_dir(state, "gated"))  # stops it before any download
+    try:
+        out, err = io.StringIO(), io.StringIO()
+        args = localrun_args(manifest, state_dir=state)
+        assert localrun.run_command(args, out, err) == localrun.EXIT_BAD_INPUT
+    finally:
+        lock.close()
+    assert "is in use by another `kubetune run`" in err.getvalue(), err.getvalue()
+    assert (
+        "model.tokenSecretRef names Secret hf-token of a cluster; a local run downloads with your "
+        "own Hugging Face login (HF_TOKEN or `hf auth login`)\n"
+    ) in out.getvalue()
