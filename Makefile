@@ -8,17 +8,21 @@ export PYTHONSAFEPATH := 1
 VENV := $(shell bash hack/venv.sh)
 PY = $(VENV)/bin/python
 
-.PHONY: help venv crds lint typecheck test test-unit test-cluster test-e2e test-pods k8s-bin images cluster-up cluster-down demo bench
+.PHONY: help venv lock crds lint typecheck test test-unit test-cluster test-e2e test-pods k8s-bin images cluster-up cluster-down demo bench
 
 help:
 	@echo "make demo     - validate, train, serve and chat with the Daoist bot on the tiny model"
 	@echo "make test     - every test tier (unit, cluster, e2e, pods), lint and types"
 	@echo "make crds     - regenerate crds/ and the chart's CRD from kubetune/api"
+	@echo "make lock     - renew the Python lock (hack/requirements/constraints.txt) after a pin changes"
 	@echo "make cluster-up / cluster-down - the kwok test cluster (NODES=real: one real node)"
 	@echo "make images   - the operator image (IMAGES=\"operator trainer server server-cpu\" for all)"
 
 venv:
 	@echo $(VENV)
+
+lock:
+	bash hack/requirements/lock.sh
 
 crds:
 	$(PY) -m kubetune.api.crd

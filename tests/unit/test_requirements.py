@@ -30,7 +30,7 @@ def test_the_lock_satisfies_every_requirement() -> None:
         applies = req.marker is None or req.marker.evaluate()
         if applies and (locked is None or not req.specifier.contains(locked, prereleases=True)):
             unmet.append(f"{req} (lock: {locked or 'missing'})")
-    assert not unmet, f"run hack/requirements/lock.sh: {unmet}"
+    assert not unmet, f"run `make lock`: {unmet}"
 
 
 def test_the_venv_is_the_lock() -> None:
