@@ -157,10 +157,11 @@ def test_snapshot_download_copies_every_file(hub: FakeHub, folder: Path, tmp_pat
     want = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*")
             if p.is_file()}  # fmt: skip
     assert got == want
-    # huggingface_hub 2.x first fetches its agent registry (unauthenticated, once per HF_HOME).
-    routes = [r.route for r in hub.requests if r.route != "agent_harnesses"]
-    assert routes[:2] == ["model_info", "tree"]  # then HEAD+GET per file, LFS GETs on the CDN
-    assert Counter(routes[2:]) == {"resolve": 5, "cdn": 1} and not hub.unexpected
+    # huggingface_hub 2.4 first fetches its agent registry (unauthenticated, once per HF_HOME).
+    routes = [r.route for r in hub.requests]
+    assert routes[:3] == ["agent_harnesses", "model_info", "tree"]
+    # then HEAD+GET per file, the GET of an LFS file on the CDN
+    assert Counter(routes[3:]) == {"resolve": 5, "cdn": 1} and not hub.unexpected
 
 
 def test_gated_repo_refusals_and_access(hub: FakeHub, tmp_path: Path) -> None:
