@@ -247,11 +247,7 @@ def test_a_gated_base_model_the_hub_refuses_is_a_refusal_naming_the_field(
 
 
 def test_a_gated_model_in_the_cache_is_refused_to_a_server_without_access(
-    tmp_path: Path,
-    make_adapter: MakeAdapter,
-    execvpe: Exec,
-    gated_hub: FakeHub,
-    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, make_adapter: MakeAdapter, execvpe: Exec, gated_hub: FakeHub
 ) -> None:
     from huggingface_hub import hf_hub_download
 
