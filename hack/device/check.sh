@@ -34,6 +34,18 @@ import importlib, torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
 if torch.cuda.is_available():
     print("gpu", torch.cuda.get_device_name(0), "bf16", torch.cuda.is_bf16_supported())
+    # The bf16 matrix rate this card reaches, for reading the bench's MFU (data-sheet peak).
+    a, b = (torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    print(f"bf16 matmul 8192^3: {10 * 2 * 8192**3 / (start.elapsed_time(end) / 1e3) / 1e12:.0f} TFLOP/s")
+    del a, b
 for name in ("transformers", "peft", "accelerate", "bitsandbytes", "kubetune"):
     try:
         module = importlib.import_module(name)

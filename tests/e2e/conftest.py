@@ -64,7 +64,12 @@ def launcher_env() -> dict[str, str]:
 
 
 def write_demo_config(
-    work: Path, model: Path, *, gpus: int | None = None, method: str | None = None
+    work: Path,
+    model: Path,
+    *,
+    gpus: int | None = None,
+    method: str | None = None,
+    epochs: int | None = None,
 ) -> Path:
     """``work/trainer.yaml``: the demo job's trainer config (``examples/daoyan-local.yaml``,
     resolved as the operator does) on ``model``, writing to ``work/out``."""
@@ -81,6 +86,9 @@ def write_demo_config(
     )
     if method is not None:
         config = config.model_copy(update={"method": finetunejob.Method(method)})
+    if epochs is not None:
+        hyperparameters = config.hyperparameters.model_copy(update={"epochs": epochs})
+        config = config.model_copy(update={"hyperparameters": hyperparameters})
     path = work / "trainer.yaml"
     path.write_text(config.dump_yaml(), encoding="utf-8")
     return path
