@@ -13,6 +13,8 @@ not timed), and the ratio. Engines:
   per row (the same loss and gradients; see ``kubetune.trainer.packing``), and logits only
   where a label is trained.
 - ``kubetune-noshare`` (ablation): the same without prefix sharing.
+- ``kubetune-per-segment`` (ablation, GPU): packed rows with an attention call per segment,
+  as on CPU, instead of one masked call (``kubetune.trainer.attention``).
 - ``kubetune-padded`` (ablation): kubetune's loss with padded batches, to show what packing
   and target-only logits each contribute.
 - ``trl-packed`` (``--trl``): TRL ``SFTTrainer`` with ``packing=True`` (BFD, padding-free) and
@@ -303,6 +305,14 @@ def measure(
         tps = run_kubetune(model, tokenizer, rows, opts, packing=True, share_prefix=share)
     elif engine_name == "kubetune-noshare":
         tps = run_kubetune(model, tokenizer, rows, opts, packing=True, share_prefix=False)
+    elif engine_name == "kubetune-per-segment":
+        one_call = attention.ONE_CALL_DEVICES
+        attention.ONE_CALL_DEVICES = frozenset()
+        try:
+            share = attn == modelload.PACKED_SDPA
+            tps = run_kubetune(model, tokenizer, rows, opts, packing=True, share_prefix=share)
+        finally:
+            attention.ONE_CALL_DEVICES = one_call
     elif engine_name == "kubetune-padded":
         tps = run_kubetune(model, tokenizer, rows, opts, packing=False, share_prefix=False)
     elif engine_name == "trl-packed":

@@ -21,6 +21,13 @@ it attends to the first ``p`` tokens of the last segment that started at 0, then
 (:func:`kubetune.trainer.packing.pack` with ``share_prefix`` writes that layout and
 :func:`kubetune.trainer.packing.segments` reads it). That layout means nothing to
 flash-attention's varlen path, so the trainer shares prefixes only with this implementation.
+
+On a GPU, a call per segment costs kernel launches (and as many again in the backward pass),
+and an 8B model's packed step was bound by them: 0.37× the real tokens/s of padded batches on
+an H200 (``bench/results/trainer_throughput.json``). There, a row of up to
+:data:`ONE_CALL_MAX_TOKENS` tokens is one SDPA call under the same layout as a boolean
+mask (:func:`layout_mask`): its ``L × L`` work is small next to the projections of such a
+model, while on CPU that work is what the per-segment calls avoid.
 """
 
 from __future__ import annotations
@@ -37,8 +44,16 @@ from kubetune.trainer.packing import Segment, segments
 
 NAME = "kubetune_packed_sdpa"
 
+ONE_CALL_DEVICES: frozenset[str] = frozenset({"cuda"})
+"""Device types on which a packed row's attention is one masked SDPA call."""
+
+ONE_CALL_MAX_TOKENS = 8192
+"""Longer rows take a call per segment on every device: the mask and the attention over the
+whole row grow with the square of its length."""
+
 
 _last: tuple[weakref.ref[torch.Tensor], list[Segment] | None] | None = None
+_last_mask: tuple[weakref.ref[torch.Tensor], torch.Tensor] | None = None
 
 
 def segments_of(position_ids: torch.Tensor) -> list[Segment] | None:
@@ -49,6 +64,33 @@ def segments_of(position_ids: torch.Tensor) -> list[Segment] | None:
     parts = segments(position_ids)
     _last = (weakref.ref(position_ids), parts)
     return parts
+
+
+def layout_mask(parts: list[Segment], device: torch.device) -> torch.Tensor:
+    """``[L, L]``, True where a token of the row may attend to a column: causally within its
+    own segment and, for a continuation, to the first ``shared`` tokens of its leader."""
+    lengths = torch.tensor([part.end - part.start for part in parts], device=device)
+
+    def per_token(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, device=device).repeat_interleave(lengths)[:, None]
+
+    own = per_token([part.start for part in parts])
+    leader = per_token([parts[part.leader].start for part in parts])
+    shared = per_token([part.shared for part in parts])
+    rows = torch.arange(parts[-1].end, device=device)
+    columns = rows[None, :]
+    causal = (columns >= own) & (columns <= rows[:, None])
+    return causal | ((columns >= leader) & (columns < leader + shared))
+
+
+def mask_of(position_ids: torch.Tensor, parts: list[Segment], device: torch.device) -> torch.Tensor:
+    """:func:`layout_mask`, built once per forward pass, as ``[1, 1, L, L]``."""
+    global _last_mask
+    if _last_mask is not None and _last_mask[0]() is position_ids:
+        return _last_mask[1]
+    mask = layout_mask(parts, device)[None, None]
+    _last_mask = (weakref.ref(position_ids), mask)
+    return mask
 
 
 def packed_sdpa_forward(
@@ -72,6 +114,18 @@ def packed_sdpa_forward(
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+
+    assert position_ids is not None
+    if query.device.type in ONE_CALL_DEVICES and query.shape[2] <= ONE_CALL_MAX_TOKENS:
+        output = torch.nn.functional.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=mask_of(position_ids, parts, query.device),
+            dropout_p=dropout,
+            scale=scaling,
+        )
+        return output.transpose(1, 2).contiguous(), None
 
     # One split per tensor, not a slice per segment: a slice's backward writes its gradient
     # into a zeroed tensor of the whole row, which made the backward pass quadratic in the

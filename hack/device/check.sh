@@ -21,6 +21,8 @@ PY="${PYTHON:-python3}"
 OUT="${OUT:-$PWD/build/device-out}"
 BENCH_ARGS="${BENCH_ARGS:---shapes llama3-8b --data mixed --batch-size 16 --steps 12 --warmup 2 --rounds 1}"
 TEST_TIMEOUT="${TEST_TIMEOUT:-270}"
+TEST_EACH_TIMEOUT="${TEST_EACH_TIMEOUT:-200}"  # pytest-timeout: a slow test still leaves a report
+TEST_K="${TEST_K:-not workers}"  # the data-parallel tests need two GPUs
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-210}"
 mkdir -p "$OUT"
 
@@ -57,8 +59,9 @@ PY
 cat "$OUT/env.txt"
 
 echo "== 1. trainer e2e on the GPU"
-timeout "$TEST_TIMEOUT" "$PY" -m pytest tests/e2e/test_trainer.py -m e2e -k "not workers" \
-  -W default -p no:cacheprovider -q -ra --junitxml "$OUT/trainer-e2e.xml" 2>&1 \
+timeout "$TEST_TIMEOUT" "$PY" -m pytest tests/e2e/test_trainer.py -m e2e -k "$TEST_K" \
+  --timeout "$TEST_EACH_TIMEOUT" --durations=0 -W default -p no:cacheprovider -v -ra \
+  --junitxml "$OUT/trainer-e2e.xml" 2>&1 \
   | tee "$OUT/trainer-e2e.log"
 echo "tests exit: ${PIPESTATUS[0]}" | tee -a "$OUT/trainer-e2e.log"
 

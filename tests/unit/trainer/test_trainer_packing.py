@@ -71,8 +71,21 @@ def mean_loss(model: Any, batch: dict[str, Any]) -> float:
     return float(loss_sum / count)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager", attention.NAME])
-def test_packed_loss_equals_unpacked_loss(attn: str) -> None:
+@pytest.fixture(params=["per-segment", "one-call"])
+def packed_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways :data:`attention.NAME` computes a packed row: a call per segment (CPU), and
+    one call under the layout's mask (GPU), here made to run on CPU."""
+    devices = frozenset({"cpu"}) if request.param == "one-call" else frozenset()
+    monkeypatch.setattr(attention, "ONE_CALL_DEVICES", devices)
+    return str(request.param)
+
+
+@pytest.mark.parametrize(
+    ("attn", "packed_path"),
+    [("sdpa", ""), ("eager", ""), (attention.NAME, "per-segment"), (attention.NAME, "one-call")],
+    indirect=["packed_path"],
+)
+def test_packed_loss_equals_unpacked_loss(attn: str, packed_path: str) -> None:
     attention.register()
     model = make_model(attn)
     examples = make_examples()
@@ -166,7 +179,7 @@ def loss_and_grads(model: Any, batch: dict[str, Any]) -> tuple[float, list[torch
     return loss.item(), [p.grad.clone() for p in model.parameters()]
 
 
-def test_shared_prefix_gives_the_loss_and_gradients_of_unpacked_examples() -> None:
+def test_shared_prefix_gives_the_loss_and_gradients_of_unpacked_examples(packed_path: str) -> None:
     attention.register()
     model = make_model(attention.NAME).train()
     examples = make_chat_like()
@@ -185,6 +198,44 @@ def test_shared_prefix_gives_the_loss_and_gradients_of_unpacked_examples() -> No
         if part.shared:
             blind["position_ids"][0, part.start : part.end] -= part.shared
     assert abs(loss_and_grads(model, blind)[0] - padded_loss) > 1e-2
+
+
+def test_layout_mask_is_causal_per_segment_and_lets_continuations_see_their_prefix() -> None:
+    # Example A (4 tokens), B continuing A's first 2 (2 tokens of its own), C alone (2 tokens).
+    parts = packing.segments(torch.tensor([[0, 1, 2, 3, 2, 3, 0, 1]]))
+    assert parts is not None
+    expected = torch.tensor([
+        [1, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 1, 0, 0, 0],
+        [1, 1, 0, 0, 1, 1, 0, 0],
+        [0, 0, 0, 0, 0, 0, 1, 0],
+        [0, 0, 0, 0, 0, 0, 1, 1],
+    ], dtype=torch.bool)  # fmt: skip
+    assert torch.equal(attention.layout_mask(parts, torch.device("cpu")), expected)
+
+
+def test_rows_longer_than_the_one_call_limit_take_a_call_per_segment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    attention.register()
+    monkeypatch.setattr(attention, "ONE_CALL_DEVICES", frozenset({"cpu"}))
+    built: list[int] = []
+    layout_mask = attention.layout_mask
+    monkeypatch.setattr(
+        attention,
+        "layout_mask",
+        lambda parts, device: built.append(1) or layout_mask(parts, device),
+    )
+    model, batch = make_model(attention.NAME), packing.pack(make_examples())
+    expected = mean_loss(model, batch)
+    assert built, "a short row on a one-call device is one masked call"
+    built.clear()
+    monkeypatch.setattr(attention, "ONE_CALL_MAX_TOKENS", batch["input_ids"].shape[1] - 1)
+    assert mean_loss(model, packing.pack(make_examples())) == pytest.approx(expected, rel=1e-5)
+    assert not built
 
 
 def test_collator_switches_on_packing() -> None:
