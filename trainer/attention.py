@@ -23,8 +23,8 @@ it attends to the first ``p`` tokens of the last segment that started at 0, then
 flash-attention's varlen path, so the trainer shares prefixes only with this implementation.
 
 On a GPU, a call per segment costs kernel launches (and as many again in the backward pass),
-and an 8B model's packed step was bound by them: 0.37× the real tokens/s of padded batches on
-an H200 (``bench/results/trainer_throughput.json``). There, a row of up to
+and an 8B model's packed step was bound by them: 0.38× the real tokens/s of padded batches on
+an H200, and 1.28× with one call (``bench/results/trainer_throughput.json``). There, a row of up to
 :data:`ONE_CALL_MAX_TOKENS` tokens is one SDPA call under the same layout as a boolean
 mask (:func:`layout_mask`): its ``L × L`` work is small next to the projections of such a
 model, while on CPU that work is what the per-segment calls avoid.
@@ -53,7 +53,7 @@ whole row grow with the square of its length."""
 
 
 _last: tuple[weakref.ref[torch.Tensor], list[Segment] | None] | None = None
-_last_mask: tuple[weakref.ref[torch.Tensor], torch.Tensor] | None = None
+_last_mask: tuple[list[Segment], torch.Tensor] | None = None
 
 
 def segments_of(position_ids: torch.Tensor) -> list[Segment] | None:
@@ -83,13 +83,14 @@ def layout_mask(parts: list[Segment], device: torch.device) -> torch.Tensor:
     return causal | ((columns >= leader) & (columns < leader + shared))
 
 
-def mask_of(position_ids: torch.Tensor, parts: list[Segment], device: torch.device) -> torch.Tensor:
-    """:func:`layout_mask`, built once per forward pass, as ``[1, 1, L, L]``."""
+def mask_of(parts: list[Segment], device: torch.device) -> torch.Tensor:
+    """:func:`layout_mask` as ``[1, 1, L, L]``, built once per forward pass (every layer gets
+    the same ``parts`` from :func:`segments_of`)."""
     global _last_mask
-    if _last_mask is not None and _last_mask[0]() is position_ids:
+    if _last_mask is not None and _last_mask[0] is parts:
         return _last_mask[1]
     mask = layout_mask(parts, device)[None, None]
-    _last_mask = (weakref.ref(position_ids), mask)
+    _last_mask = (parts, mask)
     return mask
 
 
@@ -115,13 +116,12 @@ def packed_sdpa_forward(
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
 
-    assert position_ids is not None
     if query.device.type in ONE_CALL_DEVICES and query.shape[2] <= ONE_CALL_MAX_TOKENS:
         output = torch.nn.functional.scaled_dot_product_attention(
             query,
             key,
             value,
-            attn_mask=mask_of(position_ids, parts, query.device),
+            attn_mask=mask_of(parts, query.device),
             dropout_p=dropout,
             scale=scaling,
         )
