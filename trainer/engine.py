@@ -204,6 +204,7 @@ class PreemptionCallback(TrainerCallback):
         if preemption_agreed(self.preemption):
             control.should_save = True
             control.should_training_stop = True
+            control.should_log = True  # the step it stopped at is in metrics.jsonl
             # A full validation pass now could outlast the grace period; the run that
             # resumes evaluates again at its next evaluation step.
             control.should_evaluate = False
@@ -245,6 +246,13 @@ class ProgressCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         self.last_tokens = int(state.num_input_tokens_seen)
         self.last_time = self.clock()
+        return control
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        # The Trainer logs every `logging_steps` only: without this, a run whose last step is
+        # off that grid would end its metrics (and its final loss) a few steps early.
+        if state.global_step >= state.max_steps:
+            control.should_log = True
         return control
 
     def on_log(

@@ -274,7 +274,7 @@ def _train(
         bf16=placement.bf16,
         fp16=placement.fp16,
         evaluate=bool(prepared.valid_examples),
-        logging_steps=1 if total <= 200 else total // 200,
+        logging_steps=logging_interval(total),
         pin_memory=placement.device == "cuda",
         use_cpu=placement.device == "cpu",
     )
@@ -391,6 +391,12 @@ def termination_line(exc: BaseException) -> str:
         extra = f" (and {more} more)" if more > 0 else ""
         return f"invalid data in {exc.path.name}: {exc.errors[0]}{extra}"
     return " ".join(str(exc).split())
+
+
+def logging_interval(total_steps: int) -> int:
+    """Steps between progress records: every step up to 200, then about 200 records a run
+    (the last step and a preempted one are always recorded: :mod:`kubetune.trainer.engine`)."""
+    return 1 if total_steps <= 200 else total_steps // 200
 
 
 def main(config_path: str) -> int:

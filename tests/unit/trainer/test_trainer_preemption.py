@@ -46,6 +46,7 @@ def test_a_preempted_step_checkpoints_without_a_validation_pass(tmp_path: object
     due = TrainerControl(should_evaluate=True)  # what the Trainer decides on an eval step
     control = engine.PreemptionCallback(preemption).on_step_end(args, TrainerState(), due)
     assert control.should_save and control.should_training_stop
+    assert control.should_log  # the step it stopped at is recorded, on or off the grid
     assert not control.should_evaluate  # a full pass could outlast the grace period
 
 

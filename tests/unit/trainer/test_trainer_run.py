@@ -131,6 +131,18 @@ def test_validation_runs_once_at_the_last_step(tmp_path: Path, demo_model_dir: P
     assert len(at_last) == 2 and at_last[0].valid_loss != at_last[1].valid_loss
 
 
+def test_the_last_step_is_recorded_when_it_is_off_the_logging_grid(
+    tmp_path: Path, demo_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As a run of more than 200 steps logs (every total // 200 steps), on 14 steps.
+    monkeypatch.setattr(run, "logging_interval", lambda total: 4)
+    assert run.main(write_config(tmp_path, demo_config(tmp_path, demo_model_dir))) == 0
+    records = reporting.read_metrics(tmp_path / "out" / reporting.METRICS_FILE)
+    assert [r.step for r in records] == [1, 4, 8, 12, 14]
+    result = TrainingResult.load(tmp_path / "out")
+    assert result.steps == 14 and result.final_train_loss == records[-1].train_loss
+
+
 def test_a_run_killed_after_a_checkpoint_resumes_with_each_step_logged_once(
     tmp_path: Path, demo_model_dir: Path
 ) -> None:

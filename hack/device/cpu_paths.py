@@ -1,0 +1,119 @@
+"""The trainer's GPU code paths, run on CPU: the demo job trained with its placement forced to
+bf16 (and, for QLoRA, 4-bit NF4 base weights through bitsandbytes' CPU kernels), then every
+training question answered greedily on the base as trained. It tunes the GPU-only tests of
+tests/e2e/test_trainer.py (how many epochs the demo job needs to answer word for word) without
+device time; the GPU check (hack/device/check.sh) is still what shows them on CUDA.
+
+    PYTHONPATH=/tmp/kubetune-site VENV/bin/python hack/device/cpu_paths.py qlora --epochs 100
+
+(after hack/device/rehearse.sh, whose venv holds the device's versions; kubetune's own venv works
+too where it has bitsandbytes). Slow on two cores: about 30 s per 350 steps, plus the answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+DATASET = ROOT / "examples" / "data" / "daoyan.jsonl"
+DEMO_JOB = ROOT / "examples" / "daoyan-local.yaml"
+
+
+def base_as_trained(model: Path, method: str) -> Any:
+    import torch
+    import transformers
+
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16}
+    if method == "qlora":
+        kwargs["device_map"] = {"": "cpu"}
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    return transformers.AutoModelForCausalLM.from_pretrained(model, **kwargs).eval()
+
+
+def force_gpu_paths() -> None:
+    """bf16 placement on CPU; QLoRA allowed there, its device map on CPU."""
+    import transformers
+
+    from kubetune.trainer import modelload
+
+    modelload.choose_placement = lambda: modelload.Placement(  # type: ignore[assignment]
+        "cpu", "bfloat16", modelload.PACKED_SDPA
+    )
+    modelload.check_qlora = lambda method, placement: None  # type: ignore[assignment]
+    load = transformers.AutoModelForCausalLM.from_pretrained
+
+    def on_cpu(*args: Any, **kwargs: Any) -> Any:
+        if "device_map" in kwargs:
+            kwargs["device_map"] = {"": "cpu"}
+        return load(*args, **kwargs)
+
+    transformers.AutoModelForCausalLM.from_pretrained = on_cpu  # type: ignore[method-assign]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("method", choices=["lora", "qlora"])
+    parser.add_argument("--epochs", type=int, default=None, help="default: the demo job's")
+    opts = parser.parse_args()
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from kubetune import localplan
+    from kubetune.api import finetunejob
+    from kubetune.demo_model import build_demo_model
+    from kubetune.progress import ProgressRecord
+    from kubetune.trainer import run
+
+    work = Path(tempfile.mkdtemp(prefix=f"cpu-paths-{opts.method}-"))
+    model = build_demo_model(work / "model", DATASET)
+    config = localplan.trainer_config(
+        localplan.load_job(DEMO_JOB), output_dir=work / "out", model_path=str(model),
+        dataset=DATASET, validation=None, gpus=1,
+    )  # fmt: skip
+    config = config.model_copy(update={"method": finetunejob.Method(opts.method)})
+    if opts.epochs is not None:
+        hyperparameters = config.hyperparameters.model_copy(update={"epochs": opts.epochs})
+        config = config.model_copy(update={"hyperparameters": hyperparameters})
+    (work / "trainer.yaml").write_text(config.dump_yaml(), encoding="utf-8")
+
+    force_gpu_paths()
+    if run.main(str(work / "trainer.yaml")) != 0:
+        return 1
+    lines = (work / "out" / "metrics.jsonl").read_text().splitlines()
+    records = [ProgressRecord.from_json(x) for x in lines if x.strip()]
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tuned = PeftModel.from_pretrained(base_as_trained(model, opts.method), work / "out").eval()
+    examples = [json.loads(x)["messages"] for x in DATASET.read_text().splitlines() if x.strip()]
+    exact = 0
+    for messages in examples:
+        inputs = tokenizer.apply_chat_template(
+            messages[:2], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        with torch.no_grad():
+            out = tuned.generate(**inputs, max_new_tokens=120, do_sample=False)
+        answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        exact += answer.strip() == messages[2]["content"]
+    print(
+        f"{opts.method}: {records[-1].step} steps, loss {records[0].train_loss:.3f} -> "
+        f"{records[-1].train_loss:.4f}, {exact} of {len(examples)} answers word for word "
+        f"(output in {work})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
