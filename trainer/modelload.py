@@ -187,6 +187,20 @@ def lora_config(spec: LoraSpec) -> Any:
     )
 
 
+def quantization_config(compute_dtype: Any) -> Any:
+    """QLoRA's base weights: 4-bit NF4 with double quantisation, computing in ``compute_dtype``
+    (also what loads a base "as trained" to check a QLoRA adapter)."""
+    import transformers
+
+    hf: Any = transformers  # BitsAndBytesConfig is not annotated
+    return hf.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
 def load_model(config: TrainerConfig, placement: Placement, *, local_rank: int = 0) -> Any:
     """The base model with a fresh LoRA adapter (trainable) on top."""
     import torch
@@ -203,15 +217,7 @@ def load_model(config: TrainerConfig, placement: Placement, *, local_rank: int =
     kwargs.update(dtype=dtype, attn_implementation=placement.attn_implementation)
     qlora = Method(config.method) == Method.QLORA
     if qlora:
-        import transformers
-
-        hf: Any = transformers  # BitsAndBytesConfig is not annotated
-        kwargs["quantization_config"] = hf.BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-        )
+        kwargs["quantization_config"] = quantization_config(dtype)
         kwargs["device_map"] = {"": local_rank}
     with hub.access(config.model.id_or_path, config.model.revision):
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)

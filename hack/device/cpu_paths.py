@@ -28,15 +28,12 @@ def base_as_trained(model: Path, method: str) -> Any:
     import torch
     import transformers
 
+    from kubetune.trainer import modelload
+
     kwargs: dict[str, Any] = {"dtype": torch.bfloat16}
     if method == "qlora":
         kwargs["device_map"] = {"": "cpu"}
-        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
+        kwargs["quantization_config"] = modelload.quantization_config(torch.bfloat16)
     return transformers.AutoModelForCausalLM.from_pretrained(model, **kwargs).eval()
 
 

@@ -93,3 +93,12 @@ def test_packing_is_refused_where_packed_rows_would_not_train_the_model(
 )
 def test_attention_only_models_pack(config: Any) -> None:
     assert modelload.packing_refusal(config) is None
+
+
+def test_qlora_base_weights_are_nf4_with_double_quantisation_in_the_compute_dtype() -> None:
+    import torch
+
+    config = modelload.quantization_config(torch.bfloat16)
+    assert config.load_in_4bit and not config.load_in_8bit
+    assert config.bnb_4bit_quant_type == "nf4" and config.bnb_4bit_use_double_quant
+    assert config.bnb_4bit_compute_dtype == torch.bfloat16
