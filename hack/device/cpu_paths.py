@@ -2,7 +2,8 @@
 bf16 (and, for QLoRA, 4-bit NF4 base weights through bitsandbytes' CPU kernels), then every
 training question answered greedily on the base as trained. It tunes the GPU-only tests of
 tests/e2e/test_trainer.py (how many epochs the demo job needs to answer word for word) without
-device time; the GPU check (hack/device/check.sh) is still what shows them on CUDA.
+device time; the GPU check (hack/device/check.sh) is still what shows them on CUDA. It trains
+the config the GPU test writes and decodes as that test does (tests/e2e), so the two cannot drift.
 
     PYTHONPATH=/tmp/kubetune-site VENV/bin/python hack/device/cpu_paths.py qlora --epochs 100
 
@@ -15,13 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-DATASET = ROOT / "examples" / "data" / "daoyan.jsonl"
-DEMO_JOB = ROOT / "examples" / "daoyan-local.yaml"
+sys.path.insert(0, str(ROOT / "tests"))  # the GPU test's own config and decoding, not copies
 
 
 def base_as_trained(model: Path, method: str) -> Any:
@@ -64,49 +65,33 @@ def main() -> int:
     opts = parser.parse_args()
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    import torch
+    from e2e.conftest import DATASET, write_demo_config
+    from e2e.test_trainer import answers, greedy, metrics
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from kubetune import localplan
-    from kubetune.api import finetunejob
     from kubetune.demo_model import build_demo_model
-    from kubetune.progress import ProgressRecord
     from kubetune.trainer import run
 
     work = Path(tempfile.mkdtemp(prefix=f"cpu-paths-{opts.method}-"))
     model = build_demo_model(work / "model", DATASET)
-    config = localplan.trainer_config(
-        localplan.load_job(DEMO_JOB), output_dir=work / "out", model_path=str(model),
-        dataset=DATASET, validation=None, gpus=1,
-    )  # fmt: skip
-    config = config.model_copy(update={"method": finetunejob.Method(opts.method)})
-    if opts.epochs is not None:
-        hyperparameters = config.hyperparameters.model_copy(update={"epochs": opts.epochs})
-        config = config.model_copy(update={"hyperparameters": hyperparameters})
-    (work / "trainer.yaml").write_text(config.dump_yaml(), encoding="utf-8")
-
+    config = write_demo_config(work, model, gpus=1, method=opts.method, epochs=opts.epochs)
     force_gpu_paths()
-    if run.main(str(work / "trainer.yaml")) != 0:
+    if run.main(str(config)) != 0:
         return 1
-    lines = (work / "out" / "metrics.jsonl").read_text().splitlines()
-    records = [ProgressRecord.from_json(x) for x in lines if x.strip()]
+    records = metrics(work / "out")
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     tuned = PeftModel.from_pretrained(base_as_trained(model, opts.method), work / "out").eval()
-    examples = [json.loads(x)["messages"] for x in DATASET.read_text().splitlines() if x.strip()]
-    exact = 0
-    for messages in examples:
-        inputs = tokenizer.apply_chat_template(
-            messages[:2], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
-        with torch.no_grad():
-            out = tuned.generate(**inputs, max_new_tokens=120, do_sample=False)
-        answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        exact += answer.strip() == messages[2]["content"]
+    lines = DATASET.read_text(encoding="utf-8").splitlines()
+    by_question = answers([json.loads(line)["messages"] for line in lines if line.strip()])
+    exact = sum(
+        greedy(tuned, tokenizer, prompt).strip() == answer
+        for prompt, answer in by_question.values()
+    )
     print(
         f"{opts.method}: {records[-1].step} steps, loss {records[0].train_loss:.3f} -> "
-        f"{records[-1].train_loss:.4f}, {exact} of {len(examples)} answers word for word "
+        f"{records[-1].train_loss:.4f}, {exact} of {len(by_question)} answers word for word "
         f"(output in {work})"
     )
     return 0
